@@ -1,0 +1,310 @@
+"""Stage configs: typed dataclasses, YAML files, dotted command-line overrides, validation.
+
+Everything here runs before any model or data is touched, so a typo costs a second, not a model load.
+A config is built in three steps: the YAML file (or the dataclass defaults), then `key.sub=value`
+overrides, then `build()` which checks every key, type and value and names the offending key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .errors import ConfigError
+
+
+def opt(default: Any, help: str, check: typing.Callable[[Any], bool] | None = None, why: str = "") -> Any:
+    """A config field with its help text and an optional value check (`why` says what the check wants)."""
+    meta = {"help": help, "check": check, "why": why}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _positive(v: Any) -> bool:
+    return v > 0
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str | None = opt(
+        None, "base model: a local HF directory, a hub id, or a .gguf file; empty = the embedded SmolLM2-135M-Instruct")
+    gguf_file: str | None = opt(None, "GGUF file name inside name_or_path, when it is a directory holding one")
+    quantization: Literal["auto", "nf4", "none"] = opt(
+        "auto", "auto = NF4 4-bit (double quant, bf16 compute) on CUDA, unquantized on CPU")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt(
+        "auto", "weights/compute dtype of the unquantized parts; auto = bfloat16 on CUDA, float32 on CPU")
+    trust_remote_code: bool = opt(False, "run code shipped with a hub model (off unless you trust its author)")
+
+
+@dataclass
+class LoraConfig:
+    r: int = opt(16, "LoRA rank", _positive, "must be >= 1")
+    alpha: float = opt(32.0, "LoRA alpha (scale = alpha / r)", _positive, "must be > 0")
+    dropout: float = opt(0.05, "dropout on the LoRA input", lambda v: 0 <= v < 1, "must be in [0, 1)")
+    target_modules: str | list[str] = opt(
+        "all-linear", "modules that get adapters: 'all-linear' or a list of module names like [q_proj, v_proj]")
+
+
+@dataclass
+class DataConfig:
+    train: str = opt("reward_data/sft/train.jsonl",
+                     "training data: .jsonl/.json/.parquet/.csv file, a saved HF dataset directory, or a hub dataset id")
+    eval: str | None = opt("reward_data/sft/eval.jsonl", "held-out data in the same formats; empty = none")
+    split: str = opt("train", "split to read when `train` is a hub dataset id or a DatasetDict directory")
+    max_length: int = opt(512, "tokens per example (prompt + answer); longer answers are cut at the end",
+                          lambda v: v >= 8, "must be >= 8")
+    max_reject_share: float = opt(0.01, "fail when more than this share of rows is rejected (0.01 = 1%)",
+                                  lambda v: 0 <= v <= 1, "must be in [0, 1]")
+    completion_only: bool = opt(True, "train only on answer tokens (prompt tokens masked) for chat and prompt/completion rows")
+    limit: int | None = opt(None, "use only the first N valid training rows (quick runs); empty = all",
+                            lambda v: v is None or v >= 1, "must be >= 1 or empty")
+
+
+@dataclass
+class TrainingConfig:
+    learning_rate: float = opt(2e-4, "peak learning rate", _positive, "must be > 0")
+    epochs: float = opt(1.0, "passes over the training data (ignored when max_steps > 0)", _positive, "must be > 0")
+    max_steps: int = opt(-1, "optimizer steps; -1 = derive from epochs", lambda v: v == -1 or v >= 1,
+                         "must be -1 or >= 1")
+    batch_size: int = opt(8, "examples per device per forward pass", _positive, "must be >= 1")
+    grad_accum: int = opt(1, "forward passes per optimizer step", _positive, "must be >= 1")
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = opt("cosine", "learning-rate schedule")
+    warmup_ratio: float = opt(0.05, "share of steps spent warming up", lambda v: 0 <= v < 1, "must be in [0, 1)")
+    weight_decay: float = opt(0.0, "AdamW weight decay", lambda v: v >= 0, "must be >= 0")
+    max_grad_norm: float = opt(1.0, "gradient-norm clip", _positive, "must be > 0")
+    gradient_checkpointing: bool | None = opt(None, "recompute activations to save memory; empty = on with CUDA, off on CPU")
+    seed: int = opt(42, "seed for data order, LoRA init and dropout")
+    logging_steps: int = opt(5, "log metrics every N steps", _positive, "must be >= 1")
+    save_steps: int = opt(50, "checkpoint every N steps (resume continues from the newest)", _positive, "must be >= 1")
+    save_total_limit: int = opt(2, "checkpoints kept while training", _positive, "must be >= 1")
+    eval_steps: int | None = opt(None, "evaluate every N steps; empty = only before and after training",
+                                 lambda v: v is None or v >= 1, "must be >= 1 or empty")
+    report_to: list[str] = opt([], "trackers for transformers' report_to, e.g. [tensorboard] or [wandb]")
+
+
+@dataclass
+class StageConfig:
+    """The parts every stage shares. A stage writes into `<runs_dir>/<run>/<stage>/`."""
+
+    run: str = opt("demo", "run name: the stage writes into <runs_dir>/<run>/<stage>/",
+                   lambda v: bool(v) and "/" not in v and v not in {".", ".."}, "must be a non-empty name without '/'")
+    runs_dir: str = opt("runs", "directory holding all runs")
+    overwrite: bool = opt(False, "replace a finished stage output of the same run (otherwise it is refused)")
+    resume: bool = opt(True, "continue an interrupted run from its newest checkpoint")
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "base model"})
+    lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "LoRA adapter"})
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "data"})
+    training: TrainingConfig = field(default_factory=TrainingConfig, metadata={"help": "optimisation"})
+
+
+@dataclass
+class SFTConfig(StageConfig):
+    stage: typing.ClassVar[str] = "sft"
+    samples: int = opt(2, "held-out prompts answered by the base and by base + adapter after training (0 = none)",
+                       lambda v: v >= 0, "must be >= 0")
+
+
+STAGES: dict[str, type[StageConfig]] = {"sft": SFTConfig}
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def load_config(cls: type, path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Any:
+    """YAML file (optional) + dotted overrides -> a validated config of type `cls`."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        raw = _read_yaml(Path(path))
+    for item in overrides:
+        _apply_override(raw, item, cls)
+    return build(cls, raw)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def _apply_override(raw: dict[str, Any], item: str, cls: type) -> None:
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"override {item!r} is not of the form key=value (e.g. training.learning_rate=1e-4)")
+    _check_key_path(cls, key)
+    value = yaml.safe_load(text) if text.strip() else None
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {item!r}: '{part}' holds a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def all_keys(cls: type, prefix: str = "") -> list[str]:
+    """Every dotted key a config class accepts, sections included."""
+    keys = []
+    for f in dataclasses.fields(cls):
+        key = prefix + f.name
+        keys.append(key)
+        sub = _hints(cls)[f.name]
+        if dataclasses.is_dataclass(sub):
+            keys.extend(all_keys(sub, key + "."))
+    return keys
+
+
+def _check_key_path(cls: type, key: str) -> None:
+    if key not in all_keys(cls):
+        raise ConfigError(f"unknown config key '{key}'{_nearest(key, all_keys(cls))}")
+
+
+def _nearest(key: str, candidates: list[str]) -> str:
+    leaf = key.rsplit(".", 1)[-1]
+    close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.5)
+    if not close:  # a right name in the wrong section: match on the last part
+        by_leaf = {c.rsplit(".", 1)[-1]: c for c in candidates}
+        close = [by_leaf[m] for m in difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.6)]
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def build(cls: type, raw: Any, prefix: str = "") -> Any:
+    """Check a nested mapping against `cls` and build the dataclass; errors name the dotted key."""
+    where = prefix.rstrip(".") or "the config"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"'{where}' must be a mapping of keys, got {type(raw).__name__}: {raw!r}")
+    hints = _hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in raw:
+        if key not in names:
+            full = prefix + str(key)
+            raise ConfigError(f"unknown config key '{full}'{_nearest(full, all_keys(cls, prefix))}")
+    values = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in raw:
+            continue
+        key = prefix + f.name
+        value = _convert(key, raw[f.name], hints[f.name])
+        check = f.metadata.get("check")
+        if check is not None and value is not None and not check(value):
+            raise ConfigError(f"config key '{key}' = {value!r}: {f.metadata['why']}")
+        values[f.name] = value
+    return cls(**values)
+
+
+def _convert(key: str, value: Any, tp: Any) -> Any:
+    if dataclasses.is_dataclass(tp):
+        return build(tp, {} if value is None else value, key + ".")
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _convert(key, value, option)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0] if len(errors) == 1 else ConfigError(
+            f"config key '{key}' = {value!r}: expected {_type_name(tp)}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            near = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+            hint = f" (did you mean '{near[0]}'?)" if near else ""
+            raise ConfigError(f"config key '{key}' = {value!r}: must be one of {', '.join(map(str, choices))}{hint}")
+        return value
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}' = {value!r}: expected {_type_name(tp)}")
+        return [_convert(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
+    return _scalar(key, value, tp)
+
+
+def _scalar(key: str, value: Any, tp: Any) -> Any:
+    bad = ConfigError(f"config key '{key}' = {value!r}: expected {_type_name(tp)}, got {type(value).__name__}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise bad
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise bad from None
+        raise bad
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise bad
+    raise bad
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
+    if origin is list:
+        item = typing.get_args(tp)[0]
+        return "a list of " + {str: "strings", int: "integers", float: "numbers"}.get(item, _type_name(item))
+    if origin is Literal:
+        return "one of " + ", ".join(map(str, typing.get_args(tp)))
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+
+
+# ---------------------------------------------------------------------------------------------- output
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)
+
+
+def describe(cls: type, prefix: str = "") -> list[str]:
+    """One help line per key: `key = default  (type) help` — shown by `align <stage> --help`."""
+    lines = []
+    defaults = cls()
+    for f in dataclasses.fields(cls):
+        tp = _hints(cls)[f.name]
+        if dataclasses.is_dataclass(tp):
+            lines.extend(describe(tp, prefix + f.name + "."))
+            continue
+        default = getattr(defaults, f.name)
+        shown = "" if default is None else yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("\n...")
+        lines.append(f"  {prefix + f.name} = {shown}\n      {_type_name(tp)}; {f.metadata.get('help', '')}")
+    return lines

