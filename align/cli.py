@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from .config import STAGES, describe, load_config, to_yaml
@@ -84,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.quiet)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # raised inside peft/trl on every run, about an API they call, not one a user can change
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     try:
         if args.verb in STAGES:
             return _run_stage(args.verb, args)

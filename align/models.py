@@ -168,9 +168,26 @@ def load_base(path: str, cfg: ModelConfig):
         raise ModelError(f"could not load model {path!r}: {e}") from e
     if device().type == "cuda" and "quantization_config" not in kwargs:
         model.to(device())
+    if "quantization_config" in kwargs and device().type == "cpu":
+        _keep_nf4_trainable_on_cpu(model)
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+def _keep_nf4_trainable_on_cpu(model) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights for CPU inference.
+
+    On CPUs with AVX512-BF16, the first no-grad forward in eval mode (an evaluation, a sample) repacks each
+    Linear4bit weight into an inference-only layout for good; later training forwards then run a kernel with no
+    backward, and the gradient through the frozen base is silently lost. Keeping the training layout costs a
+    little inference speed on CPU and keeps every gradient.
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def attach_lora(model, cfg: LoraConfig, quantized: bool, gradient_checkpointing: bool):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 import math
 import time
@@ -20,11 +21,12 @@ from typing import Any
 from datasets import Dataset
 
 from .config import SFTConfig, to_yaml
-from .generate import compare_with_base
+from .errors import OutputError
 from .data import Loaded, check_reject_share, load_sft_data, resolve_path, write_rejects
+from .generate import compare_with_base
 from .models import ResolvedModel, attach_lora, load_base, load_tokenizer, resolve_model, resolve_quantization
-from .runs import make_manifest, sha256_path
-from .stage import StagePaths, prepare_output, save_stage, trainer_args, use_cuda_defaults
+from .runs import is_nonempty_dir, make_manifest, sha256_path
+from .stage import StagePaths, prepare_output, save_stage, trainer_args, up_to_date, use_cuda_defaults
 
 log = logging.getLogger(__name__)
 STAGE = "sft"
@@ -56,11 +58,14 @@ def _load_split(cfg: SFTConfig, paths: StagePaths, tokenizer, spec: str, split: 
 def setup(cfg: SFTConfig) -> Prepared:
     """Everything that can fail on user input, before a model is loaded."""
     paths = StagePaths.of(cfg, STAGE)
+    if is_nonempty_dir(paths.out) and not cfg.overwrite and not (paths.out / "manifest.json").is_file():
+        raise OutputError(f"{paths.out} exists and is not an align stage output; choose another run or runs_dir")
     model_ref = resolve_model(cfg.model)
     tokenizer = load_tokenizer(model_ref.path, cfg.model.trust_remote_code)
     train = _load_split(cfg, paths, tokenizer, cfg.data.train, "train", cfg.data.limit)
     evals = _load_split(cfg, paths, tokenizer, cfg.data.eval, "eval", None) if cfg.data.eval else None
-    inputs = {"train_data": _hash(cfg.data.train), "config": _config_hash(cfg)}
+    inputs = {"base_model": _json_hash(model_ref.description), "train_data": _hash(cfg.data.train),
+              "config": _config_hash(cfg)}
     if cfg.data.eval:
         inputs["eval_data"] = _hash(cfg.data.eval)
     return Prepared(cfg, paths, model_ref, tokenizer, train, evals, inputs)
@@ -69,6 +74,10 @@ def setup(cfg: SFTConfig) -> Prepared:
 def _hash(spec: str) -> str:
     path = resolve_path(spec)
     return sha256_path(path) if path is not None else f"hub:{spec}"
+
+
+def _json_hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
 
 def _config_hash(cfg: SFTConfig) -> str:
@@ -104,6 +113,10 @@ def build_trainer(prep: Prepared):
 
 def train(prep: Prepared) -> Path:
     cfg = prep.cfg
+    if up_to_date(cfg, prep.paths, prep.inputs):
+        log.info("%s is up to date (same base model, data and config); nothing to train. Use overwrite=true to "
+                 "train it again", prep.paths.out)
+        return prep.paths.out
     ckpt = prepare_output(cfg, prep.paths, prep.inputs)
     trainer = build_trainer(prep)
     has_eval = trainer.eval_dataset is not None

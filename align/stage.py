@@ -50,14 +50,25 @@ def newest_checkpoint(work: Path) -> Path | None:
     return max(found)[1] if found else None
 
 
+def up_to_date(cfg: StageConfig, paths: StagePaths, inputs: dict[str, str]) -> bool:
+    """True when the finished output was made from exactly these inputs (so there is nothing to do).
+
+    A finished output made from other inputs is never replaced without `overwrite=true`.
+    """
+    if not is_nonempty_dir(paths.out) or cfg.overwrite:
+        return False
+    manifest = paths.out / "manifest.json"
+    if manifest.is_file() and json.loads(manifest.read_text()).get("inputs") == inputs:
+        return True
+    raise OutputError(f"{paths.out} already holds a finished stage made from other inputs (data, config or base "
+                      "model). Use another run name (run=NAME) or overwrite=true to replace it")
+
+
 def prepare_output(cfg: StageConfig, paths: StagePaths, inputs: dict[str, str]) -> Path | None:
-    """Refuse to clobber a finished stage; return the checkpoint to resume from, if any.
+    """Make the work directory; return the checkpoint to resume from, if any.
 
     A checkpoint is only resumed when it was made from the same inputs (data and config hashes).
     """
-    if is_nonempty_dir(paths.out) and not cfg.overwrite:
-        raise OutputError(f"{paths.out} already holds a finished stage. Use another run name (run=NAME) or "
-                          "overwrite=true to replace it")
     inputs_file = paths.work / "inputs.json"
     ckpt = newest_checkpoint(paths.work) if paths.work.is_dir() else None
     if ckpt is not None and cfg.resume:
@@ -81,6 +92,8 @@ def use_cuda_defaults(cfg: StageConfig) -> dict[str, Any]:
     gc = cfg.training.gradient_checkpointing
     return {
         "bf16": cuda and torch.cuda.is_bf16_supported(),
+        # set under its new name too: TRL's default for the old name would trigger a deprecation warning
+        "activation_checkpointing": cuda if gc is None else gc,
         "gradient_checkpointing": cuda if gc is None else gc,
         "use_cpu": not cuda,
     }

@@ -83,3 +83,30 @@ def test_embedded_model_converts_loads_and_answers(tmp_path):
     mtime = (out / "model.safetensors").stat().st_mtime_ns
     assert models.convert_gguf(models.embedded_gguf_path(), out=out) == out
     assert (out / "model.safetensors").stat().st_mtime_ns == mtime
+
+
+def test_nf4_gradients_survive_an_evaluation_on_cpu(tiny_model_dir):
+    # bitsandbytes repacks 4-bit weights for CPU inference after an eval-mode forward; training afterwards must
+    # still get the same gradients as without that forward.
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6]])
+
+    def grads(evaluate_first: bool):
+        torch.manual_seed(0)
+        base = models.load_base(str(tiny_model_dir), ModelConfig(quantization="nf4"))
+        model = models.attach_lora(base, LoraConfig(r=4, dropout=0.0), True, False)
+        for n, p in model.named_parameters():
+            if "lora_B" in n:  # non-zero B so lora_A (below the frozen weight) gets a gradient too
+                torch.nn.init.normal_(p, std=0.1, generator=torch.Generator().manual_seed(1))
+        if evaluate_first:
+            model.eval()
+            with torch.no_grad():
+                model(input_ids=ids)
+        model.train()
+        model(input_ids=ids, labels=ids).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain, after_eval = grads(False), grads(True)
+    first_layer = [n for n in plain if "layers.0." in n and "lora_A" in n]
+    assert first_layer and plain.keys() == after_eval.keys()
+    for n in plain:
+        torch.testing.assert_close(after_eval[n], plain[n], rtol=1e-4, atol=1e-6, msg=n)

@@ -57,7 +57,7 @@ def test_run_writes_a_complete_artifact_and_lowers_the_loss(tmp_path, tiny_model
     assert len(metrics["samples"]) == 1 and set(metrics["samples"][0]) == {"prompt", "base", "adapter"}
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["stage"] == "sft" and manifest["base_model"]["name"] == str(tiny_model_dir)
-    assert set(manifest["inputs"]) == {"train_data", "eval_data", "config"} and len(manifest["inputs"]["train_data"]) == 64
+    assert set(manifest["inputs"]) == {"base_model", "train_data", "eval_data", "config"} and len(manifest["inputs"]["train_data"]) == 64
     assert {"torch", "transformers", "trl", "peft"} <= set(manifest["libraries"])
     assert load_config(SFTConfig, out / "config.yaml") == cfg
 
@@ -83,12 +83,15 @@ print("MAXDIFF", (model(ids).logits - ref).abs().max().item())
     assert diff > 1e-3  # the trained adapter changes the model's output
 
 
-def test_finished_output_is_not_overwritten_without_the_flag(tmp_path, tiny_model_dir, data):
+def test_finished_output_is_not_overwritten_without_the_flag(tmp_path, tiny_model_dir, data, monkeypatch):
     cfg = make_cfg(tmp_path, tiny_model_dir, data, "training.max_steps=2")
     out = sft.run(cfg)
     first = (out / "adapter_model.safetensors").read_bytes()
-    with pytest.raises(OutputError, match="already holds a finished stage"):
-        sft.run(cfg)
+    with monkeypatch.context() as m:  # same inputs: nothing to do, and no model is loaded to find that out
+        m.setattr(sft, "load_base", lambda *a, **k: pytest.fail("re-ran an up-to-date stage"))
+        assert sft.run(cfg) == out
+    with pytest.raises(OutputError, match="already holds a finished stage made from other inputs"):
+        sft.run(make_cfg(tmp_path, tiny_model_dir, data, "training.max_steps=3"))
     assert (out / "adapter_model.safetensors").read_bytes() == first
     sft.run(make_cfg(tmp_path, tiny_model_dir, data, "training.max_steps=2", "overwrite=true",
                      "training.seed=7"))
@@ -147,9 +150,11 @@ def test_valid_rows_train_when_rejects_are_under_the_threshold(tmp_path, tiny_mo
     assert metrics["n_train"] == len(PAIRS) and metrics["n_train_rejected"] == 1
 
 
-def test_nf4_path_trains_on_cpu(tmp_path, tiny_model_dir, data):
-    out = sft.run(make_cfg(tmp_path, tiny_model_dir, data, "model.quantization=nf4", "training.max_steps=3"))
+def test_nf4_path_trains_on_cpu_with_gradient_checkpointing(tmp_path, tiny_model_dir, data):
+    out = sft.run(make_cfg(tmp_path, tiny_model_dir, data, "model.quantization=nf4", "training.max_steps=3",
+                           "training.gradient_checkpointing=true"))
     metrics = json.loads((out / "metrics.json").read_text())
     manifest = json.loads((out / "manifest.json").read_text())
     assert metrics["quantization"] == "nf4" and manifest["quantization"] == "nf4"
+    assert metrics["eval_loss_after"] < metrics["eval_loss_before"]
     assert (out / "adapter_model.safetensors").stat().st_size > 0
