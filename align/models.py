@@ -60,12 +60,15 @@ def embedded_gguf_path() -> Path:
     return path
 
 
-def convert_gguf(gguf: Path, out: Path | None = None, name: str | None = None) -> Path:
-    """Dequantize a GGUF model once into a cached safetensors HF directory; later calls reuse it."""
+def convert_gguf(gguf: Path, out: Path | None = None) -> Path:
+    """Dequantize a GGUF model once into a cached safetensors HF directory; later calls reuse it.
+
+    The cache is keyed by the file's content, so the same GGUF named by two paths is converted once.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     digest = sha256_file(gguf)
-    out = out or cache_dir() / "models" / f"{name or gguf.stem}-{digest[:12]}"
+    out = out or cache_dir() / "models" / f"gguf-{digest[:16]}"
     if (out / SOURCE_FILE).is_file():
         return out
     log.info("converting %s to a safetensors model in %s (once)", gguf.name, out)
@@ -94,7 +97,7 @@ def resolve_model(cfg: ModelConfig) -> ResolvedModel:
     """Turn `model.name_or_path` (or its absence) into a loadable path plus a manifest description."""
     if not cfg.name_or_path:
         gguf = embedded_gguf_path()
-        path = convert_gguf(gguf, name=EMBEDDED_NAME)
+        path = convert_gguf(gguf)
         return ResolvedModel(str(path), {"name": f"embedded:{EMBEDDED_NAME}", "gguf_sha256": _source(path)})
     target = Path(cfg.name_or_path).expanduser()
     if target.is_file() and target.suffix == ".gguf":

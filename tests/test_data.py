@@ -71,6 +71,11 @@ def test_missing_file_and_unknown_suffix(tokenizer, tmp_path):
         list(read_rows(str(other)))
 
 
+def test_unreachable_hub_dataset_is_a_clear_error():
+    with pytest.raises(DataError, match="'someorg/no-such-data' is neither a local file nor a dataset the hub"):
+        list(read_rows("someorg/no-such-data"))
+
+
 def test_prompt_completion_forms(tokenizer, tmp_path):
     rows = [
         {"prompt": "What is 2 + 2?", "completion": "4"},

@@ -1,6 +1,7 @@
 """Model resolution, the quantization policy, LoRA attachment and the embedded default model."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -30,6 +31,14 @@ def test_missing_model_paths_are_clear_errors(tmp_path):
 def test_hub_ids_pass_through_unresolved():
     ref = models.resolve_model(ModelConfig(name_or_path="someorg/some-model"))
     assert ref.path == "someorg/some-model" and ref.description["hub"]
+
+
+def test_a_gguf_file_path_is_converted_once_and_shared(embedded_dir):
+    gguf = models.embedded_gguf_path()
+    by_file = models.resolve_model(ModelConfig(name_or_path=str(gguf)))
+    by_dir = models.resolve_model(ModelConfig(name_or_path=str(gguf.parent), gguf_file=gguf.name))
+    assert Path(by_file.path) == Path(by_dir.path) == embedded_dir
+    assert by_file.description["gguf_sha256"] == models.sha256_file(gguf)
 
 
 def test_missing_embedded_package_says_how_to_install(monkeypatch):
