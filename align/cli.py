@@ -68,8 +68,11 @@ def _print_summary(stage: str, out: Path, metrics: dict) -> None:
     print(f"\n{stage} finished: {out}")
     for k, v in shown.items():
         print(f"  {k:<24} {v:.4g}" if isinstance(v, float) else f"  {k:<24} {v}")
+    indent = "\n" + " " * 18
     for s in metrics.get("samples", []):
-        print(f"\n  prompt:         {s['prompt']}\n  base:           {s['base']}\n  base + adapter: {s['adapter']}")
+        print()
+        for label, key in (("prompt:", "prompt"), ("base:", "base"), ("base + adapter:", "adapter")):
+            print(f"  {label:<16}{s[key].replace(chr(10), indent)}")
 
 
 def _model(args: argparse.Namespace) -> int:

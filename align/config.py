@@ -56,14 +56,14 @@ class LoraConfig:
 @dataclass
 class DataConfig:
     train: str = opt("reward_data/sft/train.jsonl",
-                     "training data: .jsonl/.json/.parquet/.csv file, a saved HF dataset directory, or a hub dataset id")
+                     "training data: .jsonl/.json/.parquet/.csv file, a saved HF dataset dir, or a hub dataset id")
     eval: str | None = opt("reward_data/sft/eval.jsonl", "held-out data in the same formats; empty = none")
     split: str = opt("train", "split to read when `train` is a hub dataset id or a DatasetDict directory")
     max_length: int = opt(512, "tokens per example (prompt + answer); longer answers are cut at the end",
                           lambda v: v >= 8, "must be >= 8")
     max_reject_share: float = opt(0.01, "fail when more than this share of rows is rejected (0.01 = 1%)",
                                   lambda v: 0 <= v <= 1, "must be in [0, 1]")
-    completion_only: bool = opt(True, "train only on answer tokens (prompt tokens masked) for chat and prompt/completion rows")
+    completion_only: bool = opt(True, "train only on answer tokens (prompt masked) for chat and prompt/completion rows")
     limit: int | None = opt(None, "use only the first N valid training rows (quick runs); empty = all",
                             lambda v: v is None or v >= 1, "must be >= 1 or empty")
 
@@ -76,11 +76,11 @@ class TrainingConfig:
                          "must be -1 or >= 1")
     batch_size: int = opt(8, "examples per device per forward pass", _positive, "must be >= 1")
     grad_accum: int = opt(1, "forward passes per optimizer step", _positive, "must be >= 1")
-    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = opt("cosine", "learning-rate schedule")
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = opt("cosine", "learning-rate curve")
     warmup_ratio: float = opt(0.05, "share of steps spent warming up", lambda v: 0 <= v < 1, "must be in [0, 1)")
     weight_decay: float = opt(0.0, "AdamW weight decay", lambda v: v >= 0, "must be >= 0")
     max_grad_norm: float = opt(1.0, "gradient-norm clip", _positive, "must be > 0")
-    gradient_checkpointing: bool | None = opt(None, "recompute activations to save memory; empty = on with CUDA, off on CPU")
+    gradient_checkpointing: bool | None = opt(None, "recompute activations to save memory; empty = on CUDA only")
     seed: int = opt(42, "seed for data order, LoRA init and dropout")
     logging_steps: int = opt(5, "log metrics every N steps", _positive, "must be >= 1")
     save_steps: int = opt(50, "checkpoint every N steps (resume continues from the newest)", _positive, "must be >= 1")
@@ -305,6 +305,7 @@ def describe(cls: type, prefix: str = "") -> list[str]:
             lines.extend(describe(tp, prefix + f.name + "."))
             continue
         default = getattr(defaults, f.name)
-        shown = "" if default is None else yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("\n...")
+        shown = "" if default is None else yaml.safe_dump(default, default_flow_style=True).strip()
+        shown = shown.removesuffix("\n...")
         lines.append(f"  {prefix + f.name} = {shown}\n      {_type_name(tp)}; {f.metadata.get('help', '')}")
     return lines

@@ -17,7 +17,7 @@ from typing import Any
 
 from .errors import DataError
 from .formatting import Encoded, FormatError, Messages, encode
-from .runs import atomic_write_text
+from .runs import atomic_write_text, sha256_path
 
 ROLES = ("system", "user", "assistant")
 SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
@@ -60,6 +60,12 @@ def resolve_path(spec: str) -> Path | None:
     if not p.is_absolute() and (PROJECT_ROOT / p).exists():
         return PROJECT_ROOT / p
     return None
+
+
+def data_hash(spec: str) -> str:
+    """Content hash of local data; a hub dataset is identified by its name only."""
+    path = resolve_path(spec)
+    return sha256_path(path) if path is not None else f"hub:{spec}"
 
 
 def read_rows(spec: str, split: str = "train") -> Iterator[tuple[str, int, Any]]:

@@ -109,7 +109,8 @@ def resolve_model(cfg: ModelConfig) -> ResolvedModel:
             return ResolvedModel(str(path), {"name": str(target / cfg.gguf_file), "gguf_sha256": _source(path)})
         if not (target / "config.json").is_file():
             raise ModelError(f"model directory {target} has no config.json; is it a Hugging Face model directory?")
-        return ResolvedModel(str(target.resolve()), {"name": str(target.resolve()), "config_sha256": sha256_file(target / "config.json")})
+        return ResolvedModel(str(target.resolve()), {"name": str(target.resolve()),
+                                                     "config_sha256": sha256_file(target / "config.json")})
     if target.exists() or cfg.name_or_path.startswith((".", "/", "~")) or cfg.name_or_path.count("/") > 1:
         raise ModelError(f"model.name_or_path={cfg.name_or_path!r}: no such model directory or .gguf file")
     return ResolvedModel(cfg.name_or_path, {"name": cfg.name_or_path, "hub": True})

@@ -8,9 +8,6 @@ SFTTrainer on sequences built by align's one formatting path → save `runs/<run
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 import logging
 import math
 import time
@@ -20,13 +17,13 @@ from typing import Any
 
 from datasets import Dataset
 
-from .config import SFTConfig, to_yaml
+from .config import SFTConfig
+from .data import Loaded, check_reject_share, data_hash, load_sft_data, write_rejects
 from .errors import OutputError
-from .data import Loaded, check_reject_share, load_sft_data, resolve_path, write_rejects
 from .generate import compare_with_base
 from .models import ResolvedModel, attach_lora, load_base, load_tokenizer, resolve_model, resolve_quantization
-from .runs import is_nonempty_dir, make_manifest, sha256_path
-from .stage import StagePaths, prepare_output, save_stage, trainer_args, up_to_date, use_cuda_defaults
+from .runs import is_nonempty_dir, json_hash, make_manifest
+from .stage import StagePaths, config_hash, prepare_output, save_stage, trainer_args, up_to_date, use_cuda_defaults
 
 log = logging.getLogger(__name__)
 STAGE = "sft"
@@ -64,26 +61,11 @@ def setup(cfg: SFTConfig) -> Prepared:
     tokenizer = load_tokenizer(model_ref.path, cfg.model.trust_remote_code)
     train = _load_split(cfg, paths, tokenizer, cfg.data.train, "train", cfg.data.limit)
     evals = _load_split(cfg, paths, tokenizer, cfg.data.eval, "eval", None) if cfg.data.eval else None
-    inputs = {"base_model": _json_hash(model_ref.description), "train_data": _hash(cfg.data.train),
-              "config": _config_hash(cfg)}
+    inputs = {"base_model": json_hash(model_ref.description), "train_data": data_hash(cfg.data.train),
+              "config": config_hash(cfg)}
     if cfg.data.eval:
-        inputs["eval_data"] = _hash(cfg.data.eval)
+        inputs["eval_data"] = data_hash(cfg.data.eval)
     return Prepared(cfg, paths, model_ref, tokenizer, train, evals, inputs)
-
-
-def _hash(spec: str) -> str:
-    path = resolve_path(spec)
-    return sha256_path(path) if path is not None else f"hub:{spec}"
-
-
-def _json_hash(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
-
-
-def _config_hash(cfg: SFTConfig) -> str:
-    # overwrite/resume say how to treat old output, not what is trained: they may change between attempts
-    resumable = to_yaml(dataclasses.replace(cfg, overwrite=False, resume=True))
-    return hashlib.sha256(resumable.encode()).hexdigest()
 
 
 def _dataset(loaded: Loaded) -> Dataset:

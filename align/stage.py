@@ -8,6 +8,7 @@ Layout of one stage of one run:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -20,7 +21,7 @@ import torch
 
 from .config import StageConfig, to_yaml
 from .errors import OutputError
-from .runs import atomic_dir, atomic_write_json, atomic_write_text, is_nonempty_dir
+from .runs import atomic_dir, atomic_write_json, atomic_write_text, is_nonempty_dir, json_hash
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,11 @@ class StagePaths:
 
     def rejects(self, stage: str, split: str) -> Path:
         return self.run_dir / "rejects" / f"{stage}-{split}.jsonl"
+
+
+def config_hash(cfg: StageConfig) -> str:
+    # overwrite/resume say how to treat old output, not what is trained: they may change between attempts
+    return json_hash(to_yaml(dataclasses.replace(cfg, overwrite=False, resume=True)))
 
 
 def newest_checkpoint(work: Path) -> Path | None:

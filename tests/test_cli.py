@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, chat, write_jsonl
 
 ALIGN = Path(sys.executable).parent / "align"
@@ -56,7 +55,7 @@ def test_recipe_script_as_a_user_runs_it(tmp_path, tiny_model_dir):
                 "run=recipe"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = tmp_path / "runs" / "recipe" / "sft"  # runs_dir is relative to where the user stands
-    assert f"sft finished: runs/recipe/sft" in proc.stdout and "eval_loss_after" in proc.stdout
+    assert "sft finished: runs/recipe/sft" in proc.stdout and "eval_loss_after" in proc.stdout
     cfg = (out / "config.yaml").read_text()
     assert "max_steps: 3" in cfg and "learning_rate: 0.0003" in cfg  # override + the recipe's own YAML
     assert json.loads((out / "metrics.json").read_text())["steps"] == 3

@@ -1,10 +1,10 @@
 """Config parsing and every kind of config error — all before any model is loaded."""
 
 import pytest
+from conftest import ROOT
 
 from align.config import SFTConfig, all_keys, describe, load_config, to_yaml
 from align.errors import ConfigError
-from conftest import ROOT
 
 
 def test_yaml_then_overrides(tmp_path):

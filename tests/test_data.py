@@ -3,10 +3,10 @@
 import json
 
 import pytest
+from conftest import chat, write_jsonl
 
 from align.data import check_reject_share, load_sft_data, read_rows, write_rejects
 from align.errors import DataError
-from conftest import chat, write_jsonl
 
 GOOD = chat("What is 1 + 1?", "1 + 1 = 2. The answer is 2.")
 

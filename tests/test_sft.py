@@ -6,14 +6,15 @@ import sys
 
 import pytest
 import torch
+from conftest import chat, write_jsonl
 from transformers import TrainerCallback
 
 from align import sft
 from align.config import SFTConfig, load_config
 from align.errors import DataError, OutputError
-from conftest import chat, write_jsonl
 
-PAIRS = [chat(f"What is {a} + {b}?", f"{a} + {b} = {a + b}. The answer is {a + b}.") for a in range(2, 6) for b in (3, 7)]
+PAIRS = [chat(f"What is {a} + {b}?", f"{a} + {b} = {a + b}. The answer is {a + b}.")
+         for a in range(2, 6) for b in (3, 7)]
 
 
 @pytest.fixture
@@ -29,8 +30,10 @@ def make_cfg(tmp_path, tiny_model_dir, data, *overrides):
         "samples=1", *overrides])
 
 
-def test_trains_lora_weights_and_leaves_base_untouched(tmp_path, tiny_model_dir, data):
-    cfg = make_cfg(tmp_path, tiny_model_dir, data, "training.max_steps=4")
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_trains_lora_weights_and_leaves_base_untouched(tmp_path, tiny_model_dir, data, checkpointing):
+    cfg = make_cfg(tmp_path, tiny_model_dir, data, "training.max_steps=4",
+                   f"training.gradient_checkpointing={str(checkpointing).lower()}")
     prep = sft.setup(cfg)
     trainer = sft.build_trainer(prep)
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
@@ -57,7 +60,8 @@ def test_run_writes_a_complete_artifact_and_lowers_the_loss(tmp_path, tiny_model
     assert len(metrics["samples"]) == 1 and set(metrics["samples"][0]) == {"prompt", "base", "adapter"}
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["stage"] == "sft" and manifest["base_model"]["name"] == str(tiny_model_dir)
-    assert set(manifest["inputs"]) == {"base_model", "train_data", "eval_data", "config"} and len(manifest["inputs"]["train_data"]) == 64
+    assert set(manifest["inputs"]) == {"base_model", "train_data", "eval_data", "config"}
+    assert len(manifest["inputs"]["train_data"]) == 64  # a sha256 of the file
     assert {"torch", "transformers", "trl", "peft"} <= set(manifest["libraries"])
     assert load_config(SFTConfig, out / "config.yaml") == cfg
 
