@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -241,6 +242,69 @@ def parse_row(row: Any) -> tuple[Messages | None, Messages | None, str | None]:
         return None, None, _text(row, "text")
     keys = ", ".join(map(str, row)) or "none"
     raise RowError(f"missing key: a row needs 'messages', 'prompt' + 'completion', or 'text' (found: {keys})")
+
+
+def parse_pair(row: Any) -> tuple[Messages, Messages, Messages]:
+    """(prompt, chosen, rejected) of one preference row, or RowError.
+
+    With a 'prompt', chosen/rejected are answers (strings or one assistant message). Without one, they are whole
+    conversations (message lists, or "\\n\\nHuman: ... \\n\\nAssistant: ..." text) and their shared beginning
+    is the prompt.
+    """
+    if not isinstance(row, dict):
+        raise RowError(f"a row must be a JSON object, got {type(row).__name__}")
+    for key in ("chosen", "rejected"):
+        if key not in row:
+            raise RowError(f"missing key '{key}' (a preference row needs 'chosen' and 'rejected', and may have "
+                           "'prompt')")
+    if "prompt" in row:
+        prompt = _as_messages(row["prompt"], "prompt", "user")
+        if prompt[-1]["role"] != "user":
+            raise RowError("'prompt' must end with a user message")
+        chosen, rejected = (_answer(row[k], k) for k in ("chosen", "rejected"))
+    else:
+        prompt, chosen, rejected = _split_shared_prompt(row["chosen"], row["rejected"])
+    if chosen[0]["content"].strip() == rejected[0]["content"].strip():
+        raise RowError(IDENTICAL)
+    return prompt, chosen, rejected
+
+
+def _answer(value: Any, key: str) -> Messages:
+    answer = _as_messages(value, key, "assistant", ordered=False)
+    if [m["role"] for m in answer] != ["assistant"]:
+        raise RowError(f"'{key}' must be one assistant answer (a string or one assistant message)")
+    return answer
+
+
+IDENTICAL = "'chosen' and 'rejected' are identical: the pair teaches nothing"
+_HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
+
+
+def _conversation(value: Any, key: str) -> Messages:
+    if isinstance(value, str) and value.startswith("\n\nHuman: "):
+        parts = _HH_TURN.split(value)[1:]  # [role, text, role, text, ...]
+        value = [{"role": "user" if r == "Human" else "assistant", "content": t.strip()}
+                 for r, t in zip(parts[::2], parts[1::2])]
+    elif not isinstance(value, list):
+        raise RowError(f"without 'prompt', '{key}' must be a whole conversation (a message list or "
+                       "'\\n\\nHuman: ... \\n\\nAssistant: ...' text) sharing its beginning with the other side")
+    return check_messages(value, key)
+
+
+def _split_shared_prompt(chosen_raw: Any, rejected_raw: Any) -> tuple[Messages, Messages, Messages]:
+    chosen, rejected = _conversation(chosen_raw, "chosen"), _conversation(rejected_raw, "rejected")
+    if chosen == rejected:
+        raise RowError(IDENTICAL)
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    prompt, chosen_tail, rejected_tail = chosen[:n], chosen[n:], rejected[n:]
+    if not prompt or prompt[-1]["role"] != "user":
+        raise RowError("'chosen' and 'rejected' do not share a prompt ending in a user message; add a 'prompt' key")
+    for key, tail in (("chosen", chosen_tail), ("rejected", rejected_tail)):
+        if [m["role"] for m in tail] != ["assistant"]:
+            raise RowError(f"after the shared prompt, '{key}' must be exactly one assistant message")
+    return prompt, chosen_tail, rejected_tail
 
 
 def _as_messages(value: Any, key: str, role: str, ordered: bool = True) -> Messages:
