@@ -16,6 +16,7 @@ Rules, each guarding against a failure seen in other tools:
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 IGNORE = -100
@@ -38,17 +39,18 @@ class Encoded:
         return self.input_ids[self.prompt_len:]
 
 
-def _bos_ids(tokenizer) -> list[int]:
-    """[BOS] when the tokenizer adds one on its own (so the model was trained with it), else []."""
+@functools.lru_cache(maxsize=8)
+def _bos_ids(tokenizer) -> tuple[int, ...]:
+    """(BOS,) when the tokenizer adds one on its own (so the model was trained with it), else ()."""
     bos = tokenizer.bos_token_id
     if bos is None:
-        return []
+        return ()
     probe = tokenizer("a").input_ids
-    return [bos] if probe and probe[0] == bos else []
+    return (bos,) if probe and probe[0] == bos else ()
 
 
 def _with_bos(tokenizer, ids: list[int]) -> list[int]:
-    bos = _bos_ids(tokenizer)
+    bos = list(_bos_ids(tokenizer))
     if bos and ids[:1] != bos:
         ids = bos + ids
     while bos and ids[:2] == bos * 2:  # a template that writes BOS into a tokenizer that adds one
