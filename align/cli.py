@@ -11,7 +11,7 @@ import warnings
 from pathlib import Path
 
 from .config import STAGES, describe, load_config, to_yaml
-from .errors import AlignError
+from .errors import AlignError, ConfigError
 
 CONFIG_HELP = """\
 configuration:
@@ -37,9 +37,107 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     _stage_parser(sub, "sft", "supervised fine-tuning of a LoRA adapter on chat / prompt-completion / text data")
+    _stage_parser(sub, "reward", "train a reward model (LoRA adapter + score head) on preference pairs")
+    _score_parser(sub)
+    _serve_parser(sub)
     m = sub.add_parser("model", help="prepare a base model (converts the embedded default once) and print its path")
     m.add_argument("name_or_path", nargs="?", help="model dir, hub id or .gguf (default: embedded SmolLM2)")
     return parser
+
+
+SCORE_EPILOG = """\
+input rows (JSONL, JSON, CSV, Parquet, a saved dataset; '-' = JSONL on stdin):
+  {"prompt": "...", "response": "..."}                      -> {"row": N, "score": s}
+  {"messages": [..., {"role": "assistant", ...}]}           -> {"row": N, "score": s}  (last answer scored)
+  {"prompt": "...", "chosen": "...", "rejected": "..."}     -> {"row": N, "chosen_score", "rejected_score",
+                                                                "margin", "correct"}
+  a bad row                                                 -> {"row": N, "error": "why"}
+One output row per input row, in input order (JSONL on stdout by default; --output F.jsonl|.csv|.parquet).
+Scoring uses the model's own tokenizer, chat template, EOS and max length: a training row gets the score it
+had in training.
+
+exit status: 0 all rows scored; 1 some rows failed (their error rows say why); 2 bad arguments or model.
+"""
+
+SERVE_EPILOG = """\
+  POST /score  {"items": [{"prompt": "...", "response": "..."}, ...]}  ->  {"scores": [s, ...]}
+               (pair items {"prompt", "chosen", "rejected"} get {"chosen_score", "rejected_score", "margin",
+               "correct"}; messages items as in `align score`)
+  GET  /health ->  {"status": "ok", ...}
+Errors: 400 malformed JSON, 401 API key, 413 body or item count over the limit, 422 a bad item.
+Listening beyond loopback needs an API key in $ALIGN_API_KEY; clients send "Authorization: Bearer <key>".
+"""
+
+
+def _model_args(p) -> None:
+    p.add_argument("--model", required=True, metavar="DIR",
+                   help="a reward run (runs/<run>/reward) or a merged reward model directory")
+    p.add_argument("--batch-size", type=int, default=8, metavar="N", help="sequences per forward pass (default 8)")
+    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N")
+    p.add_argument("--max-length", type=int, metavar="N",
+                   help="tokens per prompt + answer (default: the length the model was trained with)")
+
+
+def _score_parser(sub) -> None:
+    p = sub.add_parser("score", help="score responses or pairs with a trained reward model",
+                       description="Score (prompt, response) rows or preference pairs with a trained reward model.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=SCORE_EPILOG)
+    _model_args(p)
+    p.add_argument("--input", required=True, metavar="FILE", help="rows to score; '-' reads JSONL from stdin")
+    p.add_argument("--output", default="-", metavar="FILE",
+                   help="where to write one result per row: .jsonl, .csv or .parquet; '-' = stdout (default)")
+
+
+def _serve_parser(sub) -> None:
+    p = sub.add_parser("serve-rm", help="serve a trained reward model over HTTP (POST /score, GET /health)",
+                       description="Serve a trained reward model over HTTP.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=SERVE_EPILOG)
+    _model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--max-items", type=int, default=64, metavar="N", help="items per request (default 64)")
+    p.add_argument("--max-body-bytes", type=int, default=2 * 1024 * 1024, metavar="N",
+                   help="request body limit in bytes (default 2 MB)")
+
+
+def _positive_args(args: argparse.Namespace, names: list[str]) -> None:
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+
+
+def _score(args: argparse.Namespace) -> int:
+    from .score import load_reward_model, read_input, score_rows, summarize, write_output
+
+    _positive_args(args, ["batch_size", "max_length"])
+    rows = read_input(args.input)
+    rm = load_reward_model(args.model, args.device)
+    results = score_rows(rm, rows, args.batch_size, args.max_length, progress=True)
+    write_output(results, args.output)
+    s = summarize(results)
+    line = f"scored {s.rows - s.failed} of {s.rows} rows"
+    if s.pairs:
+        line += f"; {s.pairs} pairs: accuracy {s.accuracy:.3f}, mean margin {s.mean_margin:.3f}"
+    print(line, file=sys.stderr)
+    for r in [r for r in results if "error" in r][:5]:
+        print(f"  row {r['row']}: {r['error']}", file=sys.stderr)
+    if s.failed:
+        print(f"{s.failed} rows failed (see their error rows)", file=sys.stderr)
+    return 1 if s.failed else 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .score import load_reward_model
+    from .serve import API_KEY_ENV, Limits, check_bind, make_server
+
+    _positive_args(args, ["batch_size", "max_length", "max_items", "max_body_bytes"])
+    api_key = os.environ.get(API_KEY_ENV) or None
+    check_bind(args.host, api_key)  # before the minutes of model loading
+    rm = load_reward_model(args.model, args.device)
+    limits = Limits(args.max_body_bytes, args.max_items, args.batch_size, args.max_length)
+    make_server(rm, args.host, args.port, limits, api_key).run()
+    return 0
 
 
 def _setup_logging(quiet: bool) -> None:
@@ -48,6 +146,8 @@ def _setup_logging(quiet: bool) -> None:
     # the libraries below are chatty at INFO; their warnings still show
     for name in ("transformers", "datasets", "peft", "trl", "accelerate", "bitsandbytes", "httpx", "urllib3"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # on CPU, bitsandbytes warns at import that an optional kernels package is missing: nothing to act on
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
 def _run_stage(stage: str, args: argparse.Namespace) -> int:
@@ -55,9 +155,9 @@ def _run_stage(stage: str, args: argparse.Namespace) -> int:
     if args.print_config:
         print(to_yaml(cfg), end="")
         return 0
-    from . import sft
+    from . import reward, sft
 
-    out = {"sft": sft.run}[stage](cfg)
+    out = {"sft": sft.run, "reward": reward.run}[stage](cfg)
     metrics = json.loads((Path(out) / "metrics.json").read_text())
     _print_summary(stage, out, metrics)
     return 0
@@ -93,13 +193,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.verb in STAGES:
             return _run_stage(args.verb, args)
-        return _model(args)
+        return {"score": _score, "serve-rm": _serve, "model": _model}[args.verb](args)
     except AlignError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; run the same command again to resume from the newest checkpoint", file=sys.stderr)
         return 130
+
+
+def recipe(stage: str, script: str, argv: list[str] | None = None) -> int:
+    """Entry of recipes/<stage>.py: the stage, with the YAML next to the script unless --config is given."""
+    args = sys.argv[1:] if argv is None else argv
+    if "--config" not in args and not any(a.startswith("--config=") for a in args):
+        args = ["--config", str(Path(script).resolve().parent / "configs" / f"{stage}.yaml"), *args]
+    return main([stage, *args])
 
 
 if __name__ == "__main__":

@@ -59,11 +59,13 @@ class DataConfig:
                      "training data: .jsonl/.json/.parquet/.csv file, a saved HF dataset dir, or a hub dataset id")
     eval: str | None = opt("reward_data/sft/eval.jsonl", "held-out data in the same formats; empty = none")
     split: str = opt("train", "split to read when `train` is a hub dataset id or a DatasetDict directory")
-    max_length: int = opt(512, "tokens per example (prompt + answer); longer answers are cut at the end",
+    max_length: int = opt(512, "tokens per example (prompt + answer); SFT cuts longer answers at the end, "
+                          "the reward stage rejects pairs whose answers do not fit whole",
                           lambda v: v >= 8, "must be >= 8")
     max_reject_share: float = opt(0.01, "fail when more than this share of rows is rejected (0.01 = 1%)",
                                   lambda v: 0 <= v <= 1, "must be in [0, 1]")
-    completion_only: bool = opt(True, "train only on answer tokens (prompt masked) for chat and prompt/completion rows")
+    completion_only: bool = opt(True, "SFT: train only on answer tokens (prompt masked) for chat and "
+                                  "prompt/completion rows")
     limit: int | None = opt(None, "use only the first N valid training rows (quick runs); empty = all",
                             lambda v: v is None or v >= 1, "must be >= 1 or empty")
 
@@ -112,7 +114,24 @@ class SFTConfig(StageConfig):
                        lambda v: v >= 0, "must be >= 0")
 
 
-STAGES: dict[str, type[StageConfig]] = {"sft": SFTConfig}
+def _pref_data() -> DataConfig:
+    return DataConfig(train="reward_data/prefs/train.jsonl", eval="reward_data/prefs/eval.jsonl")
+
+
+@dataclass
+class RewardConfig(StageConfig):
+    stage: typing.ClassVar[str] = "reward"
+    data: DataConfig = field(default_factory=_pref_data, metadata={"help": "preference data"})
+    init_from_sft: str | None = opt(
+        None, "SFT stage output (e.g. runs/demo/sft) whose LoRA weights start the reward adapter (its r, alpha and "
+        "target modules are used); empty = a fresh adapter on the base")
+    margin: float = opt(0.0, "constant margin in the loss -log σ(r_chosen - r_rejected - margin); a row's own "
+                        "numeric 'margin' field is added to it", lambda v: v >= 0, "must be >= 0")
+    histogram_bins: int = opt(20, "bins of the held-out score histogram in metrics.json", lambda v: v >= 2,
+                              "must be >= 2")
+
+
+STAGES: dict[str, type[StageConfig]] = {"sft": SFTConfig, "reward": RewardConfig}
 
 
 # ---------------------------------------------------------------------------------------------- loading

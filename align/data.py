@@ -8,13 +8,13 @@ stage before any model is loaded.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
-import re
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from .errors import DataError
 from .formatting import Encoded, FormatError, Messages, encode
@@ -93,18 +93,23 @@ def read_rows(spec: str, split: str = "train") -> Iterator[tuple[str, int, Any]]
 
 def _read_jsonl(path: Path) -> Iterator[tuple[str, int, Any]]:
     with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                yield str(path), lineno, RowError(f"not valid UTF-8 (byte {e.start}); re-save the file as UTF-8")
-                continue
-            if not line.strip():
-                continue
-            try:
-                yield str(path), lineno, json.loads(line)
-            except json.JSONDecodeError as e:
-                yield str(path), lineno, RowError(f"broken JSON line: {e.msg} at column {e.colno}")
+        yield from jsonl_rows(f, str(path))
+
+
+def jsonl_rows(stream: IO[bytes], source: str) -> Iterator[tuple[str, int, Any]]:
+    """(source, line number, row or RowError) for each non-blank line of a binary JSONL stream."""
+    for lineno, raw in enumerate(stream, start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            yield source, lineno, RowError(f"not valid UTF-8 (byte {e.start}); re-save the file as UTF-8")
+            continue
+        if not line.strip():
+            continue
+        try:
+            yield source, lineno, json.loads(line)
+        except json.JSONDecodeError as e:
+            yield source, lineno, RowError(f"broken JSON line: {e.msg} at column {e.colno}")
 
 
 def _read_json(path: Path) -> Iterator[tuple[str, int, Any]]:
@@ -244,69 +249,6 @@ def parse_row(row: Any) -> tuple[Messages | None, Messages | None, str | None]:
     raise RowError(f"missing key: a row needs 'messages', 'prompt' + 'completion', or 'text' (found: {keys})")
 
 
-def parse_pair(row: Any) -> tuple[Messages, Messages, Messages]:
-    """(prompt, chosen, rejected) of one preference row, or RowError.
-
-    With a 'prompt', chosen/rejected are answers (strings or one assistant message). Without one, they are whole
-    conversations (message lists, or "\\n\\nHuman: ... \\n\\nAssistant: ..." text) and their shared beginning
-    is the prompt.
-    """
-    if not isinstance(row, dict):
-        raise RowError(f"a row must be a JSON object, got {type(row).__name__}")
-    for key in ("chosen", "rejected"):
-        if key not in row:
-            raise RowError(f"missing key '{key}' (a preference row needs 'chosen' and 'rejected', and may have "
-                           "'prompt')")
-    if "prompt" in row:
-        prompt = _as_messages(row["prompt"], "prompt", "user")
-        if prompt[-1]["role"] != "user":
-            raise RowError("'prompt' must end with a user message")
-        chosen, rejected = (_answer(row[k], k) for k in ("chosen", "rejected"))
-    else:
-        prompt, chosen, rejected = _split_shared_prompt(row["chosen"], row["rejected"])
-    if chosen[0]["content"].strip() == rejected[0]["content"].strip():
-        raise RowError(IDENTICAL)
-    return prompt, chosen, rejected
-
-
-def _answer(value: Any, key: str) -> Messages:
-    answer = _as_messages(value, key, "assistant", ordered=False)
-    if [m["role"] for m in answer] != ["assistant"]:
-        raise RowError(f"'{key}' must be one assistant answer (a string or one assistant message)")
-    return answer
-
-
-IDENTICAL = "'chosen' and 'rejected' are identical: the pair teaches nothing"
-_HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
-
-
-def _conversation(value: Any, key: str) -> Messages:
-    if isinstance(value, str) and value.startswith("\n\nHuman: "):
-        parts = _HH_TURN.split(value)[1:]  # [role, text, role, text, ...]
-        value = [{"role": "user" if r == "Human" else "assistant", "content": t.strip()}
-                 for r, t in zip(parts[::2], parts[1::2])]
-    elif not isinstance(value, list):
-        raise RowError(f"without 'prompt', '{key}' must be a whole conversation (a message list or "
-                       "'\\n\\nHuman: ... \\n\\nAssistant: ...' text) sharing its beginning with the other side")
-    return check_messages(value, key)
-
-
-def _split_shared_prompt(chosen_raw: Any, rejected_raw: Any) -> tuple[Messages, Messages, Messages]:
-    chosen, rejected = _conversation(chosen_raw, "chosen"), _conversation(rejected_raw, "rejected")
-    if chosen == rejected:
-        raise RowError(IDENTICAL)
-    n = 0
-    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
-        n += 1
-    prompt, chosen_tail, rejected_tail = chosen[:n], chosen[n:], rejected[n:]
-    if not prompt or prompt[-1]["role"] != "user":
-        raise RowError("'chosen' and 'rejected' do not share a prompt ending in a user message; add a 'prompt' key")
-    for key, tail in (("chosen", chosen_tail), ("rejected", rejected_tail)):
-        if [m["role"] for m in tail] != ["assistant"]:
-            raise RowError(f"after the shared prompt, '{key}' must be exactly one assistant message")
-    return prompt, chosen_tail, rejected_tail
-
-
 def _as_messages(value: Any, key: str, role: str, ordered: bool = True) -> Messages:
     if isinstance(value, str) or value is None:
         return [{"role": role, "content": _text({key: value}, key)}]
@@ -318,15 +260,15 @@ def _as_messages(value: Any, key: str, role: str, ordered: bool = True) -> Messa
 
 @dataclass
 class Loaded:
-    encoded: list[Encoded]
-    examples: list[Example]
+    encoded: list[Any]
+    examples: list[Any]
     rejects: list[Reject]
     total: int
 
 
-def load_sft_data(spec: str, tokenizer, max_length: int, completion_only: bool, split: str = "train",
-                  limit: int | None = None) -> Loaded:
-    """Read, validate and tokenize every row (through the one formatting path)."""
+def load_rows(spec: str, convert: Callable[[Any], tuple[Any, Any]], split: str = "train",
+              limit: int | None = None) -> Loaded:
+    """Read every row and convert it (parse + encode); a RowError or FormatError rejects the row with its reason."""
     encoded, examples, rejects, total = [], [], [], 0
     for source, row_no, raw in read_rows(spec, split):
         if limit is not None and len(encoded) >= limit:
@@ -335,16 +277,26 @@ def load_sft_data(spec: str, tokenizer, max_length: int, completion_only: bool, 
         try:
             if isinstance(raw, RowError):
                 raise raw
-            prompt, completion, text = parse_row(raw)
-            enc = encode(tokenizer, prompt, completion, text, max_length, completion_only)
+            enc, example = convert(raw)
         except (RowError, FormatError) as e:
             rejects.append(Reject(source, row_no, str(e), _preview(raw)))
             continue
         encoded.append(enc)
-        examples.append(Example(prompt, completion, text, source, row_no))
+        examples.append(dataclasses.replace(example, source=source, row=row_no))
     if total == 0:
         raise DataError(f"{spec}: no rows (the file is empty)")
     return Loaded(encoded, examples, rejects, total)
+
+
+def load_sft_data(spec: str, tokenizer, max_length: int, completion_only: bool, split: str = "train",
+                  limit: int | None = None) -> Loaded:
+    """Read, validate and tokenize every row (through the one formatting path)."""
+    def convert(raw: Any) -> tuple[Encoded, Example]:
+        prompt, completion, text = parse_row(raw)
+        enc = encode(tokenizer, prompt, completion, text, max_length, completion_only)
+        return enc, Example(prompt, completion, text, "", 0)
+
+    return load_rows(spec, convert, split, limit)
 
 
 def _preview(raw: Any, limit: int = 200) -> str:

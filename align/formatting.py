@@ -121,3 +121,23 @@ def encode(tokenizer, prompt: Messages | None, completion: Messages | None, text
     ids = prompt_ids + answer_ids
     labels = ([IGNORE] * len(prompt_ids) + answer_ids) if completion_only else list(ids)
     return Encoded(ids, labels, len(prompt_ids), truncated)
+
+
+def encode_scored(tokenizer, prompt: Messages, completion: Messages, max_length: int = 512) -> list[int]:
+    """Token ids of a whole (prompt, answer) for a reward model: exactly `encode`'s tokens, but never truncated.
+
+    A reward model reads its score at the answer's final EOS; a cut answer would be scored at some middle token
+    as if it were complete, so an answer that does not fit is an error, not a truncation.
+    """
+    if not prompt or not completion:
+        raise FormatError("a scored example needs a prompt and an answer")
+    check_special_tokens(tokenizer, [m["content"] for m in prompt + completion])
+    prompt_ids, answer_ids = _answer_ids(tokenizer, prompt, completion)
+    if len(prompt_ids) >= max_length:
+        raise FormatError(f"nothing left of the answer after truncation: the prompt alone is {len(prompt_ids)} "
+                          f"tokens and the max length is {max_length}")
+    n = len(prompt_ids) + len(answer_ids)
+    if n > max_length:
+        raise FormatError(f"prompt + answer is {n} tokens, over the max length {max_length}; the score is read at "
+                          "the answer's final EOS, so the whole answer must fit: raise the max length or shorten it")
+    return prompt_ids + answer_ids

@@ -7,6 +7,7 @@ converted once into a plain safetensors directory under the cache (`$ALIGN_CACHE
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
@@ -155,20 +156,29 @@ def resolve_dtype(cfg: ModelConfig) -> torch.dtype:
     return getattr(torch, cfg.dtype)
 
 
-def load_base(path: str, cfg: ModelConfig):
-    """Load the base causal LM under the quantization policy; it stays frozen (adapters train)."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+def load_base(path: str, cfg: ModelConfig, task: str = "causal", pad_token_id: int | None = None):
+    """Load the base under the quantization policy; it stays frozen (adapters and heads train).
+
+    task "causal": a causal LM (SFT, DPO, PPO policy). task "score": the same weights as a
+    …ForSequenceClassification with one output — a reward model; its fresh `score` head is trained with the adapter.
+    """
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, BitsAndBytesConfig
 
     dtype = resolve_dtype(cfg)
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code}
+    auto = AutoModelForCausalLM
+    if task == "score":
+        auto = AutoModelForSequenceClassification
+        kwargs.update(num_labels=1, pad_token_id=pad_token_id)
     if resolve_quantization(cfg) == "nf4":
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype)
         kwargs["device_map"] = {"": device().index or 0} if device().type == "cuda" else {"": "cpu"}
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except OSError as e:
+        with _quiet_new_head() if task == "score" else contextlib.nullcontext():
+            model = auto.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as e:
         raise ModelError(f"could not load model {path!r}: {e}") from e
     if device().type == "cuda" and "quantization_config" not in kwargs:
         model.to(device())
@@ -194,18 +204,63 @@ def _keep_nf4_trainable_on_cpu(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def attach_lora(model, cfg: LoraConfig, quantized: bool, gradient_checkpointing: bool):
-    """Wrap the frozen base in a fresh trainable LoRA adapter (PEFT)."""
+@contextlib.contextmanager
+def _quiet_new_head():
+    """transformers warns that the score head is newly initialised; for a reward model about to train, it must be."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def attach_lora(model, cfg: LoraConfig, quantized: bool, gradient_checkpointing: bool, task: str = "causal"):
+    """Wrap the frozen base in a fresh trainable LoRA adapter (PEFT); a score head trains and saves with it."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     if quantized:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     peft_cfg = PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                              target_modules=cfg.target_modules, task_type="CAUSAL_LM", bias="none")
+                              target_modules=cfg.target_modules, bias="none",
+                              task_type="SEQ_CLS" if task == "score" else "CAUSAL_LM",
+                              modules_to_save=["score"] if task == "score" else None)
     try:
         return get_peft_model(model, peft_cfg)
     except ValueError as e:
         names = sorted({re.sub(r"^.*\.", "", n) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
         raise ModelError(f"lora.target_modules={cfg.target_modules!r}: {e}. Linear modules in this model: "
                          f"{', '.join(names)}") from e
+
+
+def read_adapter_config(adapter_dir: Path) -> dict[str, Any]:
+    path = adapter_dir / "adapter_config.json"
+    if not path.is_file():
+        raise ModelError(f"{adapter_dir} is not a LoRA adapter directory (no adapter_config.json)")
+    return json.loads(path.read_text())
+
+
+def load_adapter_weights(model, adapter_dir: Path) -> int:
+    """Copy a saved adapter's LoRA weights into `model`'s active adapter of the same shape; returns the count.
+
+    Used to start one stage's adapter from another's (the reward model and the DPO/PPO policy from SFT). Weights
+    come from safetensors only.
+    """
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    path = adapter_dir / "adapter_model.safetensors"
+    if not path.is_file():
+        raise ModelError(f"{adapter_dir}: no adapter_model.safetensors (align only loads safetensors weights)")
+    state = {k: v for k, v in load_file(path).items() if "lora_" in k}
+    try:
+        result = set_peft_model_state_dict(model, state)
+    except RuntimeError as e:
+        raise ModelError(f"the adapter in {adapter_dir} does not fit this model: {e}") from None
+    if result.unexpected_keys:
+        raise ModelError(f"the adapter in {adapter_dir} has weights this model lacks, e.g. "
+                         f"{result.unexpected_keys[0]}; was it trained on another base?")
+    return len(state)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,12 +17,11 @@ from typing import Any
 from datasets import Dataset
 
 from .config import SFTConfig
-from .data import Loaded, check_reject_share, data_hash, load_sft_data, write_rejects
-from .errors import OutputError
+from .data import Loaded, load_sft_data
 from .generate import compare_with_base
 from .models import ResolvedModel, attach_lora, load_base, load_tokenizer, resolve_model, resolve_quantization
-from .runs import is_nonempty_dir, json_hash, make_manifest
-from .stage import StagePaths, config_hash, prepare_output, save_stage, trainer_args, up_to_date, use_cuda_defaults
+from .runs import make_manifest
+from .stage import StagePaths, check_new_output, fit, inputs_of, load_split, save_stage, trainer_args, use_cuda_defaults
 
 log = logging.getLogger(__name__)
 STAGE = "sft"
@@ -40,32 +38,20 @@ class Prepared:
     inputs: dict[str, str]
 
 
-def _load_split(cfg: SFTConfig, paths: StagePaths, tokenizer, spec: str, split: str, limit: int | None) -> Loaded:
-    d = cfg.data
-    loaded = load_sft_data(spec, tokenizer, d.max_length, d.completion_only, d.split, limit)
-    rejects = paths.rejects(STAGE, split)
-    if loaded.rejects:
-        write_rejects(rejects, loaded.rejects)
-        log.warning("%s data: %d of %d rows rejected; reasons in %s", split, len(loaded.rejects), loaded.total,
-                    rejects)
-    check_reject_share(loaded, d.max_reject_share, rejects, f"{split} data {spec}")
-    return loaded
-
-
 def setup(cfg: SFTConfig) -> Prepared:
     """Everything that can fail on user input, before a model is loaded."""
     paths = StagePaths.of(cfg, STAGE)
-    if is_nonempty_dir(paths.out) and not cfg.overwrite and not (paths.out / "manifest.json").is_file():
-        raise OutputError(f"{paths.out} exists and is not an align stage output; choose another run or runs_dir")
+    check_new_output(cfg, paths)
     model_ref = resolve_model(cfg.model)
     tokenizer = load_tokenizer(model_ref.path, cfg.model.trust_remote_code)
-    train = _load_split(cfg, paths, tokenizer, cfg.data.train, "train", cfg.data.limit)
-    evals = _load_split(cfg, paths, tokenizer, cfg.data.eval, "eval", None) if cfg.data.eval else None
-    inputs = {"base_model": json_hash(model_ref.description), "train_data": data_hash(cfg.data.train),
-              "config": config_hash(cfg)}
-    if cfg.data.eval:
-        inputs["eval_data"] = data_hash(cfg.data.eval)
-    return Prepared(cfg, paths, model_ref, tokenizer, train, evals, inputs)
+    d = cfg.data
+
+    def loader(spec: str, split: str, limit: int | None) -> Loaded:
+        return load_sft_data(spec, tokenizer, d.max_length, d.completion_only, d.split, limit)
+
+    train = load_split(STAGE, cfg, paths, d.train, "train", d.limit, loader)
+    evals = load_split(STAGE, cfg, paths, d.eval, "eval", None, loader) if d.eval else None
+    return Prepared(cfg, paths, model_ref, tokenizer, train, evals, inputs_of(cfg, model_ref))
 
 
 def _dataset(loaded: Loaded) -> Dataset:
@@ -95,32 +81,25 @@ def build_trainer(prep: Prepared):
 
 def train(prep: Prepared) -> Path:
     cfg = prep.cfg
-    if up_to_date(cfg, prep.paths, prep.inputs):
-        log.info("%s is up to date (same base model, data and config); nothing to train. Use overwrite=true to "
-                 "train it again", prep.paths.out)
+
+    def metrics_after(trainer) -> dict[str, Any]:
+        metrics: dict[str, Any] = {}
+        if trainer.eval_dataset is not None:
+            metrics["eval_loss_after"] = trainer.evaluate()["eval_loss"]
+            metrics["eval_perplexity_after"] = math.exp(min(metrics["eval_loss_after"], 50))
+        if prep.eval and cfg.samples:
+            prompts = [e.prompt for e in prep.eval.examples if e.prompt][: cfg.samples]
+            metrics["samples"] = compare_with_base(trainer.model, prep.tokenizer, prompts)
+        return metrics
+
+    quantization = resolve_quantization(cfg.model)
+    done = fit(cfg, prep.paths, prep.inputs, lambda: build_trainer(prep), prep.train, prep.eval, metrics_after,
+               quantization)
+    if done is None:
         return prep.paths.out
-    ckpt = prepare_output(cfg, prep.paths, prep.inputs)
-    trainer = build_trainer(prep)
-    has_eval = trainer.eval_dataset is not None
-    metrics: dict[str, Any] = {
-        "n_train": len(prep.train.encoded), "n_train_rejected": len(prep.train.rejects),
-        "n_eval": len(prep.eval.encoded) if prep.eval else 0,
-        "trainable_params": trainer.model.get_nb_trainable_parameters()[0],
-        "quantization": resolve_quantization(cfg.model), "resumed_from": ckpt.name if ckpt else None}
-    if has_eval and ckpt is None:
-        metrics["eval_loss_before"] = trainer.evaluate()["eval_loss"]
-    start = time.time()
-    result = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
-    metrics.update(train_loss=result.training_loss, steps=result.global_step, train_seconds=time.time() - start)
-    if has_eval:
-        metrics["eval_loss_after"] = trainer.evaluate()["eval_loss"]
-        metrics["eval_perplexity_after"] = math.exp(min(metrics["eval_loss_after"], 50))
-    metrics["log_history"] = trainer.state.log_history
-    if prep.eval and cfg.samples:
-        prompts = [e.prompt for e in prep.eval.examples if e.prompt][: cfg.samples]
-        metrics["samples"] = compare_with_base(trainer.model, prep.tokenizer, prompts)
+    trainer, metrics = done
     manifest = make_manifest(STAGE, cfg.run, prep.inputs, prep.model_ref.description, parent=None,
-                             extra={"quantization": metrics["quantization"]})
+                             extra={"quantization": quantization})
     return save_stage(cfg, prep.paths, trainer.model, prep.tokenizer, metrics, manifest)
 
 

@@ -13,6 +13,8 @@ import json
 import logging
 import re
 import shutil
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ from typing import Any
 import torch
 
 from .config import StageConfig, to_yaml
+from .data import Loaded, check_reject_share, data_hash, write_rejects
 from .errors import OutputError
 from .runs import atomic_dir, atomic_write_json, atomic_write_text, is_nonempty_dir, json_hash
 
@@ -44,6 +47,33 @@ class StagePaths:
 def config_hash(cfg: StageConfig) -> str:
     # overwrite/resume say how to treat old output, not what is trained: they may change between attempts
     return json_hash(to_yaml(dataclasses.replace(cfg, overwrite=False, resume=True)))
+
+
+def check_new_output(cfg: StageConfig, paths: StagePaths) -> None:
+    if is_nonempty_dir(paths.out) and not cfg.overwrite and not (paths.out / "manifest.json").is_file():
+        raise OutputError(f"{paths.out} exists and is not an align stage output; choose another run or runs_dir")
+
+
+def inputs_of(cfg: StageConfig, model_ref) -> dict[str, str]:
+    """Content hashes of what a stage is made from: a finished stage with the same ones is not trained again."""
+    inputs = {"base_model": json_hash(model_ref.description), "train_data": data_hash(cfg.data.train),
+              "config": config_hash(cfg)}
+    if cfg.data.eval:
+        inputs["eval_data"] = data_hash(cfg.data.eval)
+    return inputs
+
+
+def load_split(stage: str, cfg: StageConfig, paths: StagePaths, spec: str, split: str, limit: int | None,
+               loader: Callable[[str, str, int | None], Loaded]) -> Loaded:
+    """Load one split; write its rejects next to the run and stop when there are too many."""
+    loaded = loader(spec, split, limit)
+    rejects = paths.rejects(stage, split)
+    if loaded.rejects:
+        write_rejects(rejects, loaded.rejects)
+        log.warning("%s data: %d of %d rows rejected; reasons in %s", split, len(loaded.rejects), loaded.total,
+                    rejects)
+    check_reject_share(loaded, cfg.data.max_reject_share, rejects, f"{split} data {spec}")
+    return loaded
 
 
 def newest_checkpoint(work: Path) -> Path | None:
@@ -132,6 +162,31 @@ def trainer_args(cfg: StageConfig, work: Path) -> dict[str, Any]:
         "dataloader_num_workers": 0,
         **use_cuda_defaults(cfg),
     }
+
+
+def fit(cfg: StageConfig, paths: StagePaths, inputs: dict[str, str], make_trainer: Callable[[], Any],
+        train: Loaded, evals: Loaded | None, after: Callable[[Any], dict[str, Any]], quantization: str,
+        loss_before: bool = True) -> tuple[Any, dict[str, Any]] | None:
+    """Train (or resume) a transformers/TRL trainer; None when the finished output is already up to date."""
+    if up_to_date(cfg, paths, inputs):
+        log.info("%s is up to date (same base model, data and config); nothing to train. Use overwrite=true to "
+                 "train it again", paths.out)
+        return None
+    ckpt = prepare_output(cfg, paths, inputs)
+    trainer = make_trainer()
+    metrics: dict[str, Any] = {
+        "n_train": len(train.encoded), "n_train_rejected": len(train.rejects),
+        "n_eval": len(evals.encoded) if evals else 0,
+        "trainable_params": trainer.model.get_nb_trainable_parameters()[0],
+        "quantization": quantization, "resumed_from": ckpt.name if ckpt else None}
+    if loss_before and trainer.eval_dataset is not None and ckpt is None:
+        metrics["eval_loss_before"] = trainer.evaluate()["eval_loss"]
+    start = time.time()
+    result = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+    metrics.update(train_loss=result.training_loss, steps=result.global_step, train_seconds=time.time() - start)
+    metrics.update(after(trainer))
+    metrics["log_history"] = trainer.state.log_history
+    return trainer, metrics
 
 
 def save_stage(cfg: StageConfig, paths: StagePaths, model, tokenizer, metrics: dict[str, Any],

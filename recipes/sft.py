@@ -10,12 +10,8 @@ manifest). Run it again after an interruption and it resumes from the newest che
 """
 
 import sys
-from pathlib import Path
 
-from align.cli import main
+from align.cli import recipe
 
 if __name__ == "__main__":
-    args = sys.argv[1:]
-    if "--config" not in args and not any(a.startswith("--config=") for a in args):
-        args = ["--config", str(Path(__file__).parent / "configs" / "sft.yaml"), *args]
-    sys.exit(main(["sft", *args]))
+    sys.exit(recipe("sft", __file__))

@@ -2,7 +2,8 @@
 
 import pytest
 
-from align.data import RowError, parse_pair
+from align.data import RowError
+from align.pairs import parse_pair
 
 U = {"role": "user", "content": "What is 2 + 3?"}
 GOOD = {"role": "assistant", "content": "2 + 3 = 5. The answer is 5."}

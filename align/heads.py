@@ -1,0 +1,80 @@
+"""Scalar heads (reward, later value): one number per sequence, read at its last real token.
+
+The score is read where the formatting path put the answer's EOS — never at padding, whatever the padding side,
+and never at "the last token that is not the pad id" (with pad == EOS, as in many chat tokenizers, that rule
+reads the token before the EOS).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import ModelError
+from .losses import last_token_index
+
+
+def unwrap(model):
+    """The transformers model under DDP/accelerate and PEFT wrappers (LoRA layers stay injected in it)."""
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def score_head(model) -> torch.nn.Module:
+    head = getattr(unwrap(model), "score", None)
+    if not isinstance(head, torch.nn.Module):
+        raise ModelError(f"{type(unwrap(model)).__name__} has no 'score' head; a reward model is a "
+                         "…ForSequenceClassification model with num_labels=1")
+    return head
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that count real tokens only, so a left-padded row sees the same positions as a right-padded one."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) batch → (B,) float32 scores at each row's last real token.
+
+    The model's own forward runs (so DDP and gradient checkpointing see a normal call); the head's per-position
+    output is captured with a hook and gathered at last_token_index, instead of trusting the model's pooling.
+    """
+    captured: list[torch.Tensor] = []
+    hook = score_head(model).register_forward_hook(lambda _m, _i, out: captured.append(out))
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
+              use_cache=False)
+    finally:
+        hook.remove()
+    per_token = captured[-1]
+    if per_token.dim() != 3 or per_token.shape[-1] != 1:
+        raise ModelError(f"the score head gives shape {tuple(per_token.shape)}, expected (batch, time, 1): a reward "
+                         "model needs num_labels=1")
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+    return per_token[rows, last_token_index(attention_mask).to(input_ids.device), 0].float()
+
+
+def pad_batch(seqs: list[list[int]], pad_id: int, side: str = "right", device: torch.device | str = "cpu"
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists → (input_ids, attention_mask), padded on `side` with `pad_id`."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        sl = slice(0, len(s)) if side == "right" else slice(width - len(s), width)
+        ids[i, sl] = torch.tensor(s, dtype=torch.long)
+        mask[i, sl] = 1
+    return ids.to(device), mask.to(device)
+
+
+def scoring_pad_id(tokenizer) -> int:
+    """A pad id that is not the EOS, when the tokenizer has one to spare.
+
+    With pad != EOS, plain transformers' own pooling (last token that is not pad) lands on the EOS too, so a reward
+    model loaded without align scores like align does. Only tokens the chat template never emits qualify.
+    """
+    eos, bos = tokenizer.eos_token_id, tokenizer.bos_token_id
+    for token_id in (tokenizer.pad_token_id, tokenizer.unk_token_id):
+        if token_id is not None and token_id not in (eos, bos):
+            return token_id
+    return tokenizer.pad_token_id

@@ -1,0 +1,130 @@
+"""Preference pairs: every accepted row form, a reason for every bad pair, and encoding for the reward model.
+
+Accepted rows: {"prompt", "chosen", "rejected"} with strings or message lists, and implicit-prompt pairs where
+chosen and rejected are whole conversations (message lists or HH-RLHF "\\n\\nHuman: … \\n\\nAssistant: …" text)
+whose shared beginning is the prompt. An optional numeric "margin" asks for a larger score gap on that pair.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from .data import Loaded, RowError, _as_messages, check_messages, load_rows
+from .formatting import Messages, encode_scored
+
+IDENTICAL = "'chosen' and 'rejected' are identical: the pair teaches nothing"
+_HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
+
+
+@dataclass
+class Pair:
+    prompt: Messages
+    chosen: Messages
+    rejected: Messages
+    margin: float = 0.0
+    source: str = ""
+    row: int = 0
+
+
+@dataclass
+class EncodedPair:
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+    margin: float
+
+
+def parse_pair(row: Any) -> tuple[Messages, Messages, Messages]:
+    """(prompt, chosen, rejected) of one preference row, or RowError.
+
+    With a 'prompt', chosen/rejected are answers (strings or one assistant message). Without one, they are whole
+    conversations (message lists, or "\\n\\nHuman: ... \\n\\nAssistant: ..." text) and their shared beginning
+    is the prompt.
+    """
+    if not isinstance(row, dict):
+        raise RowError(f"a row must be a JSON object, got {type(row).__name__}")
+    for key in ("chosen", "rejected"):
+        if key not in row:
+            raise RowError(f"missing key '{key}' (a preference row needs 'chosen' and 'rejected', and may have "
+                           "'prompt')")
+    if "prompt" in row:
+        prompt = _as_messages(row["prompt"], "prompt", "user")
+        if prompt[-1]["role"] != "user":
+            raise RowError("'prompt' must end with a user message")
+        chosen, rejected = (_answer(row[k], k) for k in ("chosen", "rejected"))
+    else:
+        prompt, chosen, rejected = _split_shared_prompt(row["chosen"], row["rejected"])
+    if chosen[0]["content"].strip() == rejected[0]["content"].strip():
+        raise RowError(IDENTICAL)
+    return prompt, chosen, rejected
+
+
+def _answer(value: Any, key: str) -> Messages:
+    answer = _as_messages(value, key, "assistant", ordered=False)
+    if [m["role"] for m in answer] != ["assistant"]:
+        raise RowError(f"'{key}' must be one assistant answer (a string or one assistant message)")
+    return answer
+
+
+IDENTICAL = "'chosen' and 'rejected' are identical: the pair teaches nothing"
+_HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
+
+
+def _conversation(value: Any, key: str) -> Messages:
+    if isinstance(value, str) and value.startswith("\n\nHuman: "):
+        parts = _HH_TURN.split(value)[1:]  # [role, text, role, text, ...]
+        value = [{"role": "user" if r == "Human" else "assistant", "content": t.strip()}
+                 for r, t in zip(parts[::2], parts[1::2])]
+    elif not isinstance(value, list):
+        raise RowError(f"without 'prompt', '{key}' must be a whole conversation (a message list or "
+                       "'\\n\\nHuman: ... \\n\\nAssistant: ...' text) sharing its beginning with the other side")
+    return check_messages(value, key)
+
+
+def _split_shared_prompt(chosen_raw: Any, rejected_raw: Any) -> tuple[Messages, Messages, Messages]:
+    chosen, rejected = _conversation(chosen_raw, "chosen"), _conversation(rejected_raw, "rejected")
+    if chosen == rejected:
+        raise RowError(IDENTICAL)
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    prompt, chosen_tail, rejected_tail = chosen[:n], chosen[n:], rejected[n:]
+    if not prompt or prompt[-1]["role"] != "user":
+        raise RowError("'chosen' and 'rejected' do not share a prompt ending in a user message; add a 'prompt' key")
+    for key, tail in (("chosen", chosen_tail), ("rejected", rejected_tail)):
+        if [m["role"] for m in tail] != ["assistant"]:
+            raise RowError(f"after the shared prompt, '{key}' must be exactly one assistant message")
+    return prompt, chosen_tail, rejected_tail
+
+
+def row_margin(row: dict) -> float:
+    value = row.get("margin", 0.0)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise RowError(f"'margin' must be a finite number, got {value!r}")
+    return float(value)
+
+
+def encode_pair(tokenizer, prompt: Messages, chosen: Messages, rejected: Messages, max_length: int
+                ) -> tuple[list[int], list[int]]:
+    """Both sides through the one formatting path; an answer that does not fit whole rejects the pair."""
+    ids = []
+    for key, answer in (("chosen", chosen), ("rejected", rejected)):
+        try:
+            ids.append(encode_scored(tokenizer, prompt, answer, max_length))
+        except ValueError as e:
+            raise RowError(f"'{key}': {e}") from None
+    return ids[0], ids[1]
+
+
+def load_pair_data(spec: str, tokenizer, max_length: int, split: str = "train", limit: int | None = None
+                   ) -> Loaded:
+    """Read, validate and tokenize preference rows; `encoded` holds EncodedPair, `examples` Pair."""
+    def convert(raw: Any) -> tuple[EncodedPair, Pair]:
+        prompt, chosen, rejected = parse_pair(raw)
+        margin = row_margin(raw)
+        chosen_ids, rejected_ids = encode_pair(tokenizer, prompt, chosen, rejected, max_length)
+        return EncodedPair(chosen_ids, rejected_ids, margin), Pair(prompt, chosen, rejected, margin)
+
+    return load_rows(spec, convert, split, limit)

@@ -1,0 +1,233 @@
+"""Reward model: a one-output score head on the base, trained with a LoRA adapter on preference pairs.
+
+    align reward --config recipes/configs/reward.yaml init_from_sft=runs/demo/sft
+
+setup (config → model path → tokenizer → pairs, all checked before the model loads) → train with TRL's
+RewardTrainer on pairs built by align's one formatting path, Bradley–Terry loss, the score read at each answer's
+final EOS (align.heads) → held-out accuracy, mean margin, calibration, score histogram → save
+`runs/<run>/reward/` atomically: the adapter with its score head, tokenizer, config, metrics, manifest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset
+
+from .config import RewardConfig
+from .data import Loaded
+from .errors import ConfigError
+from .heads import scoring_pad_id, sequence_scores
+from .losses import expected_calibration_error, pairwise_reward_loss
+from .models import (
+    ResolvedModel,
+    attach_lora,
+    load_adapter_weights,
+    load_base,
+    load_tokenizer,
+    read_adapter_config,
+    resolve_model,
+    resolve_quantization,
+)
+from .pairs import load_pair_data
+from .runs import make_manifest, read_manifest, sha256_path
+from .score import score_sequences
+from .stage import StagePaths, check_new_output, fit, inputs_of, load_split, save_stage, trainer_args, use_cuda_defaults
+
+log = logging.getLogger(__name__)
+STAGE = "reward"
+
+
+@dataclass
+class Prepared:
+    cfg: RewardConfig
+    paths: StagePaths
+    model_ref: ResolvedModel
+    tokenizer: Any
+    train: Loaded
+    eval: Loaded | None
+    inputs: dict[str, str]
+    sft: Path | None
+
+
+def _check_sft(cfg: RewardConfig, model_ref: ResolvedModel) -> Path | None:
+    """The SFT output to start from: it must exist, be finished, and be trained on this same base."""
+    if not cfg.init_from_sft:
+        return None
+    sft = Path(cfg.init_from_sft)
+    if not (sft / "manifest.json").is_file():
+        raise ConfigError(f"init_from_sft={cfg.init_from_sft}: no finished SFT stage there (no manifest.json). "
+                          "Run `align sft` first, or set init_from_sft= (empty) for a fresh adapter")
+    manifest = read_manifest(sft)
+    if manifest.get("base_model") != model_ref.description:
+        raise ConfigError(f"init_from_sft={cfg.init_from_sft} was trained on {manifest.get('base_model')}, but this "
+                          f"stage's base is {model_ref.description}; set model.name_or_path to the SFT base")
+    read_adapter_config(sft)
+    return sft
+
+
+def setup(cfg: RewardConfig) -> Prepared:
+    """Everything that can fail on user input, before a model is loaded."""
+    paths = StagePaths.of(cfg, STAGE)
+    check_new_output(cfg, paths)
+    model_ref = resolve_model(cfg.model)
+    sft = _check_sft(cfg, model_ref)
+    tokenizer = load_tokenizer(model_ref.path, cfg.model.trust_remote_code)
+    # pad with a token that is not the EOS where possible, so plain transformers pools at the EOS too
+    tokenizer.pad_token = tokenizer.convert_ids_to_tokens(scoring_pad_id(tokenizer))
+    d = cfg.data
+
+    def loader(spec: str, split: str, limit: int | None) -> Loaded:
+        return load_pair_data(spec, tokenizer, d.max_length, d.split, limit)
+
+    train = load_split(STAGE, cfg, paths, d.train, "train", d.limit, loader)
+    evals = load_split(STAGE, cfg, paths, d.eval, "eval", None, loader) if d.eval else None
+    inputs = inputs_of(cfg, model_ref)
+    if sft is not None:
+        inputs["parent_adapter"] = sha256_path(sft / "adapter_model.safetensors")
+    return Prepared(cfg, paths, model_ref, tokenizer, train, evals, inputs, sft)
+
+
+def _dataset(loaded: Loaded) -> Dataset:
+    return Dataset.from_dict({"chosen_ids": [p.chosen_ids for p in loaded.encoded],
+                              "rejected_ids": [p.rejected_ids for p in loaded.encoded],
+                              "margin": [p.margin for p in loaded.encoded]})
+
+
+def build_model(prep: Prepared):
+    """The base (once) as a one-output sequence classifier + a LoRA adapter, from SFT's weights when asked."""
+    cfg = prep.cfg
+    quantized = resolve_quantization(cfg.model) == "nf4"
+    lora = cfg.lora
+    if prep.sft is not None:
+        shape = read_adapter_config(prep.sft)
+        targets = shape["target_modules"]
+        lora = dataclasses.replace(lora, r=shape["r"], alpha=shape["lora_alpha"],
+                                   target_modules=targets if isinstance(targets, str) else sorted(targets))
+        log.info("reward adapter starts from %s (r=%d, alpha=%d)", prep.sft, lora.r, lora.alpha)
+    torch.manual_seed(cfg.training.seed)  # the fresh score head's initial weights
+    base = load_base(prep.model_ref.path, cfg.model, task="score", pad_token_id=prep.tokenizer.pad_token_id)
+    model = attach_lora(base, lora, quantized, use_cuda_defaults(cfg)["gradient_checkpointing"], task="score")
+    if prep.sft is not None:
+        n = load_adapter_weights(model, prep.sft)
+        log.info("copied %d LoRA tensors from the SFT adapter; the score head is new", n)
+    return model
+
+
+def build_trainer(prep: Prepared):
+    from trl import RewardConfig as TRLRewardConfig
+
+    # pairs arrive tokenized by align's formatting path: no second truncation (max_length=None)
+    args = TRLRewardConfig(**trainer_args(prep.cfg, prep.paths.work), max_length=None)
+    return _trainer_class()(
+        model=build_model(prep), args=args, train_dataset=_dataset(prep.train),
+        eval_dataset=_dataset(prep.eval) if prep.eval else None, processing_class=prep.tokenizer,
+        constant_margin=prep.cfg.margin)
+
+
+def _trainer_class():
+    from trl import RewardTrainer
+
+    class AlignRewardTrainer(RewardTrainer):
+        """TRL's RewardTrainer with the score read at each answer's EOS and align's loss (same maths + margin)."""
+
+        def __init__(self, *args, constant_margin: float = 0.0, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.constant_margin = constant_margin
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            mode = "train" if self.model.training else "eval"
+            scores = sequence_scores(model, inputs["input_ids"], inputs["attention_mask"])
+            chosen, rejected = scores.chunk(2)
+            margin = inputs.get("margin", torch.zeros_like(chosen)) + self.constant_margin
+            loss, metrics = pairwise_reward_loss(chosen, rejected, margin)
+            for key, value in metrics.items():
+                self._metrics[mode][key].append(self.accelerator.gather_for_metrics(value).mean().item())
+            self._metrics[mode]["mean_reward"].append(scores.mean().item())
+            return (loss, {"scores": torch.stack([chosen, rejected], 1)}) if return_outputs else loss
+
+    return AlignRewardTrainer
+
+
+def preference_metrics(chosen: torch.Tensor, rejected: torch.Tensor, bins: int = 20) -> dict[str, Any]:
+    """Held-out quality of a reward model from its scores of (chosen, rejected) pairs.
+
+    accuracy: share of pairs with chosen scored strictly higher; mean_margin: mean r_chosen - r_rejected;
+    ece: calibration of σ(margin) as the probability that chosen is better (over the model's picks);
+    histogram: score counts of chosen and rejected answers over shared bin edges.
+    """
+    gap = chosen - rejected
+    pick_prob = torch.sigmoid(gap.abs())
+    ece = expected_calibration_error(pick_prob, gap > 0)
+    both = torch.cat([chosen, rejected])
+    lo, hi = both.min().item(), both.max().item()
+    if hi <= lo:
+        hi = lo + 1e-6
+    edges = torch.linspace(lo, hi, bins + 1)
+    return {
+        "accuracy": (gap > 0).float().mean().item(),
+        "mean_margin": gap.mean().item(),
+        "ece": ece,
+        "score_mean": both.mean().item(),
+        "score_std": both.std().item() if both.numel() > 1 else 0.0,
+        "histogram": {"edges": edges.tolist(),
+                      "chosen": torch.histc(chosen, bins, lo, hi).long().tolist(),
+                      "rejected": torch.histc(rejected, bins, lo, hi).long().tolist()},
+    }
+
+
+def evaluate_pairs(model, tokenizer, loaded: Loaded, batch_size: int, bins: int) -> dict[str, Any]:
+    seqs = [p.chosen_ids for p in loaded.encoded] + [p.rejected_ids for p in loaded.encoded]
+    scores = torch.tensor(score_sequences(model, seqs, tokenizer.pad_token_id, batch_size, desc="held-out pairs"))
+    n = len(loaded.encoded)
+    return preference_metrics(scores[:n], scores[n:], bins)
+
+
+def training_probe(trainer, loaded: Loaded, k: int = 4) -> list[dict[str, Any]]:
+    """Scores of the first k training pairs exactly as training computed them (its collator, padding and model),
+    kept in metrics.json so scoring the same rows later (`align score`) can be checked against them."""
+    pairs, examples = loaded.encoded[:k], loaded.examples[:k]
+    batch = trainer.data_collator([{"chosen_ids": p.chosen_ids, "rejected_ids": p.rejected_ids, "margin": p.margin}
+                                   for p in pairs])
+    model = trainer.model
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        chosen, rejected = sequence_scores(model, batch["input_ids"].to(device),
+                                           batch["attention_mask"].to(device)).chunk(2)
+    model.train(was_training)
+    return [{"source": e.source, "row": e.row, "chosen_score": c, "rejected_score": r}
+            for e, c, r in zip(examples, chosen.tolist(), rejected.tolist())]
+
+
+def train(prep: Prepared) -> Path:
+    cfg = prep.cfg
+
+    def metrics_after(trainer) -> dict[str, Any]:
+        metrics: dict[str, Any] = {"train_probe": training_probe(trainer, prep.train)}
+        if prep.eval is not None:
+            held_out = evaluate_pairs(trainer.model, prep.tokenizer, prep.eval, cfg.training.batch_size,
+                                      cfg.histogram_bins)
+            metrics.update({f"eval_{k}": v for k, v in held_out.items()})
+        return metrics
+
+    quantization = resolve_quantization(cfg.model)
+    done = fit(cfg, prep.paths, prep.inputs, lambda: build_trainer(prep), prep.train, prep.eval, metrics_after,
+               quantization, loss_before=False)
+    if done is None:
+        return prep.paths.out
+    trainer, metrics = done
+    parent = str(prep.sft.resolve()) if prep.sft is not None else None
+    manifest = make_manifest(STAGE, cfg.run, prep.inputs, prep.model_ref.description, parent=parent,
+                             extra={"quantization": quantization, "pad_token": prep.tokenizer.pad_token})
+    return save_stage(cfg, prep.paths, trainer.model, prep.tokenizer, metrics, manifest)
+
+
+def run(cfg: RewardConfig) -> Path:
+    return train(setup(cfg))
