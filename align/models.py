@@ -249,18 +249,22 @@ def load_adapter_weights(model, adapter_dir: Path) -> int:
     Used to start one stage's adapter from another's (the reward model and the DPO/PPO policy from SFT). Weights
     come from safetensors only.
     """
-    from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
     path = adapter_dir / "adapter_model.safetensors"
     if not path.is_file():
         raise ModelError(f"{adapter_dir}: no adapter_model.safetensors (align only loads safetensors weights)")
-    state = {k: v for k, v in load_file(path).items() if "lora_" in k}
+    adapter = model.active_adapter
+    # saved keys name no adapter ("…q_proj.lora_A.weight"); live parameters do ("…q_proj.lora_A.default.weight")
+    state = {re.sub(r"\.(lora_[AB])\.weight$", rf".\1.{adapter}.weight", k): v
+             for k, v in load_file(path).items() if re.search(r"\.lora_[AB]\.weight$", k)}
+    wanted = {n for n, _ in model.named_parameters() if re.search(rf"\.lora_[AB]\.{adapter}\.weight$", n)}
+    if set(state) != wanted:
+        odd = sorted(set(state) ^ wanted)
+        raise ModelError(f"the adapter in {adapter_dir} does not match this model's LoRA layers (e.g. {odd[0]}); "
+                         "was it trained on another base or with other target modules?")
     try:
-        result = set_peft_model_state_dict(model, state)
+        model.load_state_dict(state, strict=False)
     except RuntimeError as e:
         raise ModelError(f"the adapter in {adapter_dir} does not fit this model: {e}") from None
-    if result.unexpected_keys:
-        raise ModelError(f"the adapter in {adapter_dir} has weights this model lacks, e.g. "
-                         f"{result.unexpected_keys[0]}; was it trained on another base?")
     return len(state)

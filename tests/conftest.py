@@ -63,3 +63,37 @@ def write_jsonl(path: Path, rows) -> Path:
 
 def chat(q: str, a: str) -> dict:
     return {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+
+
+def pair_rows(numbers, start: int = 0) -> list[dict]:
+    """An easily separable preference: a worked answer beats an unsure wrong one."""
+    return [{"prompt": f"What is {a} + {b}?", "chosen": f"{a} + {b} = {a + b}. The answer is {a + b}.",
+             "rejected": f"Maybe {a * b + start}? I am not sure at all, sorry."} for a, b in numbers]
+
+
+TRAIN_NUMBERS = [(a, b) for a in range(2, 12) for b in (3, 7)]
+EVAL_NUMBERS = [(a, b) for a in range(13, 21) for b in (4, 9)]
+
+
+def reward_overrides(tmp: Path, tiny: Path, train: Path, evals: Path) -> list[str]:
+    return [f"model.name_or_path={tiny}", f"runs_dir={tmp / 'runs'}", "run=t", f"data.train={train}",
+            f"data.eval={evals}", "training.learning_rate=5e-3", "training.batch_size=4", "training.max_steps=10",
+            "training.logging_steps=2", "training.save_steps=5", "lora.r=8", "lora.dropout=0"]
+
+
+@pytest.fixture(scope="session")
+def reward_data_files(tmp_path_factory) -> tuple[Path, Path]:
+    d = tmp_path_factory.mktemp("prefs")
+    return (write_jsonl(d / "train.jsonl", pair_rows(TRAIN_NUMBERS)),
+            write_jsonl(d / "eval.jsonl", pair_rows(EVAL_NUMBERS, start=1)))
+
+
+@pytest.fixture(scope="session")
+def tiny_reward_run(tmp_path_factory, tiny_model_dir, reward_data_files) -> Path:
+    """A reward run on the tiny Llama, trained once per session (about 10 s)."""
+    from align import reward
+    from align.config import RewardConfig, load_config
+
+    tmp = tmp_path_factory.mktemp("rm")
+    cfg = load_config(RewardConfig, None, reward_overrides(tmp, tiny_model_dir, *reward_data_files))
+    return reward.run(cfg)
