@@ -77,6 +77,9 @@ def parse_score_row(raw: Any) -> ScoreRow:
                            "'prompt' + 'chosen' + 'rejected')")
         raw = {"prompt": raw["prompt"], "completion": raw["response"]}
     elif isinstance(raw, dict) and not ({"messages", "prompt", "completion"} & raw.keys()):
+        if "text" in raw:
+            raise RowError("a reward model scores an answer to a prompt, not a plain 'text'; give 'prompt' + "
+                           "'response' or 'messages'")
         keys = ", ".join(map(str, raw)) or "none"
         raise RowError(f"missing key: a row to score needs 'prompt' + 'response', 'messages', or 'prompt' + "
                        f"'chosen' + 'rejected' (found: {keys})")

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, EVAL_NUMBERS, pair_rows, reward_overrides, write_jsonl
+from conftest import EVAL_NUMBERS, ROOT, pair_rows, reward_overrides, write_jsonl
 from safetensors.torch import load_file
 
 from align import reward, sft
