@@ -40,18 +40,27 @@ def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     output is captured with a hook and gathered at last_token_index, instead of trusting the model's pooling.
     """
     captured: list[torch.Tensor] = []
-    hook = score_head(model).register_forward_hook(lambda _m, _i, out: captured.append(out))
+    head = score_head(model)
+    hooks = [head.register_forward_hook(lambda _m, _i, out: captured.append(out))]
+    # The head may hold another dtype than the hidden states (TRL keeps trainable weights in bf16 over a 4-bit
+    # base whose compute dtype can be fp32): each linear layer of the head takes its input in its own dtype.
+    hooks += [m.register_forward_pre_hook(_to_weight_dtype) for m in head.modules() if isinstance(m, torch.nn.Linear)]
     try:
         model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
               use_cache=False)
     finally:
-        hook.remove()
+        for hook in hooks:
+            hook.remove()
     per_token = captured[-1]
     if per_token.dim() != 3 or per_token.shape[-1] != 1:
         raise ModelError(f"the score head gives shape {tuple(per_token.shape)}, expected (batch, time, 1): a reward "
                          "model needs num_labels=1")
     rows = torch.arange(input_ids.shape[0], device=input_ids.device)
     return per_token[rows, last_token_index(attention_mask).to(input_ids.device), 0].float()
+
+
+def _to_weight_dtype(module: torch.nn.Linear, args: tuple) -> tuple:
+    return (args[0].to(module.weight.dtype), *args[1:])
 
 
 def pad_batch(seqs: list[list[int]], pad_id: int, side: str = "right", device: torch.device | str = "cpu"

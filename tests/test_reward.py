@@ -151,3 +151,17 @@ def test_recipe_script_runs_as_a_user_runs_it(tmp_path, tiny_model_dir, reward_d
     assert out.returncode == 0, out.stderr
     assert "reward finished" in out.stdout and "eval_accuracy" in out.stdout
     assert (tmp_path / "runs" / "t" / "reward" / "manifest.json").is_file()
+
+
+def test_nf4_base_with_checkpointing_trains_and_scores(tmp_path, tiny_model_dir, reward_data_files):
+    # the GPU default (4-bit base, bf16 adapter and head from TRL) on bitsandbytes' CPU backend
+    cfg = load_config(RewardConfig, None, reward_overrides(tmp_path, tiny_model_dir, *reward_data_files)
+                      + ["model.quantization=nf4", "training.gradient_checkpointing=true", "training.max_steps=3"])
+    prep = reward.setup(cfg)
+    trainer = reward.build_trainer(prep)
+    head = [p for n, p in trainer.model.named_parameters() if "score" in n and p.requires_grad]
+    before = [p.detach().clone() for p in head]
+    trainer.train()
+    assert head and all(not torch.equal(b, p) for b, p in zip(before, head))
+    held_out = reward.evaluate_pairs(trainer.model, prep.tokenizer, prep.eval, 8, 4)
+    assert math.isfinite(held_out["mean_margin"])
