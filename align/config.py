@@ -314,14 +314,14 @@ def to_yaml(cfg: Any) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)
 
 
-def describe(cls: type, prefix: str = "") -> list[str]:
+def describe(cls: type, prefix: str = "", defaults: Any = None) -> list[str]:
     """One help line per key: `key = default  (type) help` — shown by `align <stage> --help`."""
     lines = []
-    defaults = cls()
+    defaults = cls() if defaults is None else defaults  # a stage may default a section differently
     for f in dataclasses.fields(cls):
         tp = _hints(cls)[f.name]
         if dataclasses.is_dataclass(tp):
-            lines.extend(describe(tp, prefix + f.name + "."))
+            lines.extend(describe(tp, prefix + f.name + ".", getattr(defaults, f.name)))
             continue
         default = getattr(defaults, f.name)
         shown = "" if default is None else yaml.safe_dump(default, default_flow_style=True).strip()

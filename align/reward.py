@@ -122,8 +122,9 @@ def build_model(prep: Prepared):
 def build_trainer(prep: Prepared):
     from trl import RewardConfig as TRLRewardConfig
 
-    # pairs arrive tokenized by align's formatting path: no second truncation (max_length=None)
-    args = TRLRewardConfig(**trainer_args(prep.cfg, prep.paths.work), max_length=None)
+    # Pairs arrive tokenized by align's formatting path: no second truncation (max_length=None). Dropout is off
+    # so that both answers of a pair are scored by the same network (the loss compares them).
+    args = TRLRewardConfig(**trainer_args(prep.cfg, prep.paths.work), max_length=None, disable_dropout=True)
     return _trainer_class()(
         model=build_model(prep), args=args, train_dataset=_dataset(prep.train),
         eval_dataset=_dataset(prep.eval) if prep.eval else None, processing_class=prep.tokenizer,

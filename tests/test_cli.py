@@ -22,6 +22,20 @@ def test_help_explains_every_config_key(tmp_path):
     assert proc.returncode == 0
     for text in ("training.learning_rate = 0.0002", "model.quantization = auto", "KEY=VALUE", "--print-config"):
         assert text in proc.stdout, text
+    proc = run([str(ALIGN), "reward", "--help"], tmp_path)
+    for text in ("init_from_sft =", "margin = 0.0", "data.train = reward_data/prefs/train.jsonl"):
+        assert text in proc.stdout, text
+
+
+@pytest.mark.parametrize("verb, texts", [
+    ("score", ["--input", "--output", "--batch-size", "--max-length", "exit status", '"chosen_score"']),
+    ("serve-rm", ["--host", "--port", "ALIGN_API_KEY", "413", "POST /score"]),
+])
+def test_scoring_commands_explain_themselves(tmp_path, verb, texts):
+    proc = run([str(ALIGN), verb, "--help"], tmp_path)
+    assert proc.returncode == 0
+    for text in texts:
+        assert text in proc.stdout, text
 
 
 def test_config_error_is_one_message_without_traceback(tmp_path):
@@ -62,8 +76,9 @@ def test_recipe_script_as_a_user_runs_it(tmp_path, tiny_model_dir):
 
 
 @pytest.mark.embedded
-def test_demo_command_on_the_embedded_model(tmp_path):
-    """The README's main job, shortened: SFT on the embedded SmolLM2 with the shipped data."""
+def test_demo_commands_on_the_embedded_model(tmp_path):
+    """The README's main job, shortened: SFT, then the reward model from it, then scoring with it — on the
+    embedded SmolLM2 with the shipped data."""
     proc = run([str(ALIGN), "sft", "--config", str(ROOT / "recipes/configs/sft.yaml"), "data.limit=16",
                 "training.max_steps=2", "training.batch_size=4", "samples=1"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -71,3 +86,18 @@ def test_demo_command_on_the_embedded_model(tmp_path):
     metrics = json.loads((tmp_path / "runs/demo/sft/metrics.json").read_text())
     assert metrics["n_train"] == 16 and metrics["n_eval"] == 100
     assert metrics["eval_loss_after"] < metrics["eval_loss_before"]
+
+    held_out = (ROOT / "reward_data/prefs/eval.jsonl").read_text().splitlines()[:12]
+    (tmp_path / "eval.jsonl").write_text("\n".join(held_out) + "\n")
+    proc = run([str(ALIGN), "reward", "--config", str(ROOT / "recipes/configs/reward.yaml"), "data.limit=16",
+                "data.eval=eval.jsonl", "training.max_steps=2", "training.batch_size=4"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "reward finished: runs/demo/reward" in proc.stdout and "eval_accuracy" in proc.stdout
+    manifest = json.loads((tmp_path / "runs/demo/reward/manifest.json").read_text())
+    assert manifest["parent"] == str((tmp_path / "runs/demo/sft").resolve())
+
+    proc = run([str(ALIGN), "score", "--model", "runs/demo/reward", "--input", "eval.jsonl"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert len(rows) == 12 and all("margin" in r for r in rows)
+    assert "12 pairs: accuracy" in proc.stderr

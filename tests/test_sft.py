@@ -12,6 +12,7 @@ from transformers import TrainerCallback
 from align import sft
 from align.config import SFTConfig, load_config
 from align.errors import DataError, OutputError
+from align.stage import prepare_output
 
 PAIRS = [chat(f"What is {a} + {b}?", f"{a} + {b} = {a + b}. The answer is {a + b}.")
          for a in range(2, 6) for b in (3, 7)]
@@ -111,7 +112,7 @@ class _Interrupt(TrainerCallback):
 def test_interrupted_run_resumes_from_its_newest_checkpoint(tmp_path, tiny_model_dir, data):
     cfg = make_cfg(tmp_path, tiny_model_dir, data)
     prep = sft.setup(cfg)
-    sft.prepare_output(cfg, prep.paths, prep.inputs)
+    prepare_output(cfg, prep.paths, prep.inputs)
     trainer = sft.build_trainer(prep)
     trainer.add_callback(_Interrupt())
     with pytest.raises(KeyboardInterrupt):
@@ -127,7 +128,7 @@ def test_interrupted_run_resumes_from_its_newest_checkpoint(tmp_path, tiny_model
 def test_resume_refuses_checkpoints_from_other_data(tmp_path, tiny_model_dir, data):
     cfg = make_cfg(tmp_path, tiny_model_dir, data)
     prep = sft.setup(cfg)
-    sft.prepare_output(cfg, prep.paths, prep.inputs)
+    prepare_output(cfg, prep.paths, prep.inputs)
     (prep.paths.work / "checkpoint-4").mkdir()
     (prep.paths.work / "checkpoint-4" / "trainer_state.json").write_text("{}")
     write_jsonl(data, PAIRS)  # the data changes under the interrupted run
