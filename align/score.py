@@ -130,18 +130,19 @@ def load_reward_model(path: str | Path, device: str = "auto") -> RewardModel:
 
     path = Path(path)
     dev = _pick_device(device)
-    if (path / "adapter_config.json").is_file():
-        model, max_length = _load_reward_run(path, dev)
-    elif (path / "config.json").is_file():
-        model, max_length = _load_merged(path, dev)
-    else:
+    is_run, is_merged = (path / "adapter_config.json").is_file(), (path / "config.json").is_file()
+    if not (is_run or is_merged):
         raise ModelError(f"{path} is neither a reward run (runs/<run>/reward/ with adapter_config.json) nor a "
                          "merged reward model directory (config.json)")
-    tokenizer = load_tokenizer(str(path))
+    tokenizer = load_tokenizer(str(path))  # saved with the model: its chat template and pad token
+    if is_run:
+        model, max_length = _load_reward_run(path, dev, tokenizer.pad_token_id)
+    else:
+        model, max_length = _load_merged(path, dev)
     return RewardModel(model, tokenizer, max_length, str(path))
 
 
-def _load_reward_run(path: Path, dev: torch.device):
+def _load_reward_run(path: Path, dev: torch.device, pad_token_id: int | None):
     from peft import PeftModel
 
     from .models import load_base, resolve_model
@@ -161,18 +162,11 @@ def _load_reward_run(path: Path, dev: torch.device):
     model_cfg = ModelConfig(name_or_path=cfg.model.name_or_path, gguf_file=cfg.model.gguf_file,
                             quantization=quantization, dtype=cfg.model.dtype,
                             trust_remote_code=cfg.model.trust_remote_code)
-    tokenizer_pad = _saved_pad_id(path)
-    base = load_base(ref.path, model_cfg, task="score", pad_token_id=tokenizer_pad)
+    base = load_base(ref.path, model_cfg, task="score", pad_token_id=pad_token_id)
     model = PeftModel.from_pretrained(base, str(path))
     if quantization == "none":
         model.to(dev)
     return model.eval(), cfg.data.max_length
-
-
-def _saved_pad_id(path: Path) -> int | None:
-    from .models import load_tokenizer
-
-    return load_tokenizer(str(path)).pad_token_id
 
 
 def _load_merged(path: Path, dev: torch.device):
