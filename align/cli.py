@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     _stage_parser(sub, "sft", "supervised fine-tuning of a LoRA adapter on chat / prompt-completion / text data")
     _stage_parser(sub, "reward", "train a reward model (LoRA adapter + score head) on preference pairs")
+    _stage_parser(sub, "dpo", "direct preference optimisation of a policy adapter against the frozen SFT adapter")
     _score_parser(sub)
     _serve_parser(sub)
     m = sub.add_parser("model", help="prepare a base model (converts the embedded default once) and print its path")
@@ -155,9 +156,9 @@ def _run_stage(stage: str, args: argparse.Namespace) -> int:
     if args.print_config:
         print(to_yaml(cfg), end="")
         return 0
-    from . import reward, sft
+    from . import dpo, reward, sft
 
-    out = {"sft": sft.run, "reward": reward.run}[stage](cfg)
+    out = {"sft": sft.run, "reward": reward.run, "dpo": dpo.run}[stage](cfg)
     metrics = json.loads((Path(out) / "metrics.json").read_text())
     _print_summary(stage, out, metrics)
     return 0

@@ -131,7 +131,32 @@ class RewardConfig(StageConfig):
                               "must be >= 2")
 
 
-STAGES: dict[str, type[StageConfig]] = {"sft": SFTConfig, "reward": RewardConfig}
+@dataclass
+class DPOConfig(StageConfig):
+    stage: typing.ClassVar[str] = "dpo"
+    data: DataConfig = field(default_factory=_pref_data, metadata={"help": "preference data"})
+    init_from_sft: str | None = opt(
+        None, "SFT stage output (e.g. runs/demo/sft): the policy starts from its weights and the frozen SFT adapter "
+        "is the reference; empty = a fresh adapter, and the base (adapters off) is the reference")
+    loss: Literal["sigmoid", "ipo", "hinge", "simpo"] = opt(
+        "sigmoid", "sigmoid = DPO; ipo = IPO (bounded, less overfitting); hinge = SLiC-style margin; "
+        "simpo = reference-free, length-normalised (SimPO)")
+    beta: float = opt(0.1, "strength of the pull toward the reference (higher = stay closer); for simpo, the "
+                      "reward scale", _positive, "must be > 0")
+    label_smoothing: float = opt(0.0, "sigmoid loss only: assumed share of flipped labels (conservative DPO)",
+                                 lambda v: 0 <= v < 0.5, "must be in [0, 0.5)")
+    simpo_gamma: float = opt(0.5, "simpo only: target reward margin", lambda v: v >= 0, "must be >= 0")
+    cache_reference: bool = opt(True, "keep the reference log-probs in <runs_dir>/<run>/cache/, keyed by the data's "
+                                "and the reference adapter's content hashes, and reuse them")
+    eval_prompts: str | None = opt(
+        "reward_data/prefs/prompts.jsonl", "held-out prompts answered by the DPO and the reference policy after "
+        "training; rows with an integer 'answer' are also judged by the gold judge; empty = no win-rate")
+    eval_limit: int = opt(64, "how many eval_prompts to answer", _positive, "must be >= 1")
+    reward_model: str | None = opt(None, "a reward run (e.g. runs/demo/reward) that also judges the win-rate")
+    max_new_tokens: int = opt(64, "longest generated answer in the win-rate evaluation", _positive, "must be >= 1")
+
+
+STAGES: dict[str, type[StageConfig]] = {"sft": SFTConfig, "reward": RewardConfig, "dpo": DPOConfig}
 
 
 # ---------------------------------------------------------------------------------------------- loading

@@ -123,11 +123,11 @@ def encode(tokenizer, prompt: Messages | None, completion: Messages | None, text
     return Encoded(ids, labels, len(prompt_ids), truncated)
 
 
-def encode_scored(tokenizer, prompt: Messages, completion: Messages, max_length: int = 512) -> list[int]:
-    """Token ids of a whole (prompt, answer) for a reward model: exactly `encode`'s tokens, but never truncated.
+def encode_whole(tokenizer, prompt: Messages, completion: Messages, max_length: int = 512) -> Encoded:
+    """A whole (prompt, answer) as `encode` makes it (prompt masked in labels), but never truncated.
 
-    A reward model reads its score at the answer's final EOS; a cut answer would be scored at some middle token
-    as if it were complete, so an answer that does not fit is an error, not a truncation.
+    A reward model reads its score at the answer's final EOS, and DPO compares whole answers; a cut answer
+    would be judged as if it were complete, so an answer that does not fit is an error, not a truncation.
     """
     if not prompt or not completion:
         raise FormatError("a scored example needs a prompt and an answer")
@@ -140,4 +140,9 @@ def encode_scored(tokenizer, prompt: Messages, completion: Messages, max_length:
     if n > max_length:
         raise FormatError(f"prompt + answer is {n} tokens, over the max length {max_length}; the score is read at "
                           "the answer's final EOS, so the whole answer must fit: raise the max length or shorten it")
-    return prompt_ids + answer_ids
+    return Encoded(prompt_ids + answer_ids, [IGNORE] * len(prompt_ids) + answer_ids, len(prompt_ids), False)
+
+
+def encode_scored(tokenizer, prompt: Messages, completion: Messages, max_length: int = 512) -> list[int]:
+    """Token ids of a whole (prompt, answer) for a reward model (see encode_whole)."""
+    return encode_whole(tokenizer, prompt, completion, max_length).input_ids

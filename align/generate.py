@@ -28,3 +28,31 @@ def compare_with_base(peft_model, tokenizer, prompts: list[Messages], max_new_to
         rows.append({"prompt": prompt[-1]["content"], "base": base, "adapter": tuned})
     peft_model.train(was_training)
     return rows
+
+
+@torch.no_grad()
+def answer_batch(model, tokenizer, prompts: list[Messages], max_new_tokens: int = 64, batch_size: int = 16
+                 ) -> list[tuple[str, list[int]]]:
+    """Greedy answers to many prompts, batched with left padding: (text, answer token ids ending at the EOS if
+    the model produced one), in prompt order."""
+    from .heads import pad_batch
+
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    encoded = [encode_prompt(tokenizer, p) for p in prompts]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    out: list[tuple[str, list[int]]] = [("", [])] * len(encoded)
+    eos = tokenizer.eos_token_id
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        ids, mask = pad_batch([encoded[i] for i in idx], tokenizer.pad_token_id, side="left", device=device)
+        gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                             eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
+        for row, i in enumerate(idx):
+            tokens = gen[row, ids.shape[1]:].tolist()
+            if eos in tokens:
+                tokens = tokens[: tokens.index(eos) + 1]
+            out[i] = (tokenizer.decode(tokens, skip_special_tokens=True).strip(), tokens)
+    model.train(was_training)
+    return out

@@ -48,3 +48,54 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
         raise ValueError("a row of the batch has no real token")
     t = attention_mask.shape[1]
     return t - 1 - attention_mask.long().flip(1).argmax(dim=1)
+
+
+DPO_LOSSES = ("sigmoid", "ipo", "hinge", "simpo")
+
+
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T, V) logits, (B, T) labels → (B,) summed log-probs of the labelled tokens, and (B,) their count.
+
+    Position t's logits predict token t+1, so logits and labels are shifted against each other here.
+    """
+    logits, labels = logits[:, :-1], labels[:, 1:]
+    mask = labels != ignore_index
+    safe = torch.where(mask, labels, 0)
+    token_logps = torch.gather(logits.float().log_softmax(-1), 2, safe.unsqueeze(-1)).squeeze(-1)
+    return (token_logps * mask).sum(-1), mask.sum(-1)
+
+
+def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+             ref_rejected: torch.Tensor, beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
+             chosen_len: torch.Tensor | None = None, rejected_len: torch.Tensor | None = None,
+             simpo_gamma: float = 0.5) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Direct preference optimisation losses on (B,) summed answer log-probs.
+
+    h = (π_c − ρ_c) − (π_r − ρ_r), the policy's log-ratio gain on chosen over rejected (π policy, ρ reference):
+      sigmoid  −(1−ε)·log σ(βh) − ε·log σ(−βh)   DPO; ε = label_smoothing (conservative DPO, noisy labels)
+      ipo      (h − 1/(2β))²                     IPO: regresses h to a target instead of pushing it up forever
+      hinge    max(0, 1 − βh)                    SLiC-style: stops caring once a pair is separated by 1/β
+      simpo    −log σ(β(π_c/|c| − π_r/|r|) − γ)  SimPO: reference-free, length-normalised; γ = simpo_gamma
+    Metrics: implicit rewards β(π − ρ) of each side (for simpo β·mean log-prob), their accuracy and margin.
+    """
+    if loss_type == "simpo":
+        if chosen_len is None or rejected_len is None:
+            raise ValueError("simpo needs the answer lengths (chosen_len, rejected_len)")
+        reward_c, reward_r = beta * policy_chosen / chosen_len, beta * policy_rejected / rejected_len
+        losses = -F.logsigmoid(reward_c - reward_r - simpo_gamma)
+    else:
+        reward_c, reward_r = beta * (policy_chosen - ref_chosen), beta * (policy_rejected - ref_rejected)
+        h = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
+        if loss_type == "sigmoid":
+            losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+        elif loss_type == "ipo":
+            losses = (h - 1 / (2 * beta)) ** 2
+        elif loss_type == "hinge":
+            losses = torch.relu(1 - beta * h)
+        else:
+            raise ValueError(f"unknown DPO loss {loss_type!r}; one of {', '.join(DPO_LOSSES)}")
+    gap = (reward_c - reward_r).detach()
+    metrics = {"rewards_chosen": reward_c.detach().mean(), "rewards_rejected": reward_r.detach().mean(),
+               "accuracy": (gap > 0).float().mean(), "margin": gap.mean()}
+    return losses.mean(), metrics

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .data import Loaded, RowError, _as_messages, check_messages, load_rows
-from .formatting import Messages, encode_scored
+from .formatting import Messages, encode_whole
 
 IDENTICAL = "'chosen' and 'rejected' are identical: the pair teaches nothing"
 _HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
@@ -34,6 +34,7 @@ class EncodedPair:
     chosen_ids: list[int]
     rejected_ids: list[int]
     margin: float
+    prompt_len: int = 0  # tokens of the shared prompt at the start of both
 
 
 def parse_pair(row: Any) -> tuple[Messages, Messages, Messages]:
@@ -106,16 +107,16 @@ def row_margin(row: dict) -> float:
     return float(value)
 
 
-def encode_pair(tokenizer, prompt: Messages, chosen: Messages, rejected: Messages, max_length: int
-                ) -> tuple[list[int], list[int]]:
+def encode_pair(tokenizer, prompt: Messages, chosen: Messages, rejected: Messages, max_length: int,
+                margin: float = 0.0) -> EncodedPair:
     """Both sides through the one formatting path; an answer that does not fit whole rejects the pair."""
-    ids = []
+    encoded = []
     for key, answer in (("chosen", chosen), ("rejected", rejected)):
         try:
-            ids.append(encode_scored(tokenizer, prompt, answer, max_length))
+            encoded.append(encode_whole(tokenizer, prompt, answer, max_length))
         except ValueError as e:
             raise RowError(f"'{key}': {e}") from None
-    return ids[0], ids[1]
+    return EncodedPair(encoded[0].input_ids, encoded[1].input_ids, margin, encoded[0].prompt_len)
 
 
 def load_pair_data(spec: str, tokenizer, max_length: int, split: str = "train", limit: int | None = None
@@ -124,7 +125,7 @@ def load_pair_data(spec: str, tokenizer, max_length: int, split: str = "train", 
     def convert(raw: Any) -> tuple[EncodedPair, Pair]:
         prompt, chosen, rejected = parse_pair(raw)
         margin = row_margin(raw)
-        chosen_ids, rejected_ids = encode_pair(tokenizer, prompt, chosen, rejected, max_length)
-        return EncodedPair(chosen_ids, rejected_ids, margin), Pair(prompt, chosen, rejected, margin)
+        return encode_pair(tokenizer, prompt, chosen, rejected, max_length, margin), Pair(prompt, chosen, rejected,
+                                                                                            margin)
 
     return load_rows(spec, convert, split, limit)

@@ -21,7 +21,6 @@ from datasets import Dataset
 
 from .config import RewardConfig
 from .data import Loaded
-from .errors import ConfigError
 from .heads import scoring_pad_id, sequence_scores
 from .losses import expected_calibration_error, pairwise_reward_loss
 from .models import (
@@ -35,9 +34,19 @@ from .models import (
     resolve_quantization,
 )
 from .pairs import load_pair_data
-from .runs import make_manifest, read_manifest, sha256_path
+from .runs import make_manifest, sha256_path
 from .score import score_sequences
-from .stage import StagePaths, check_new_output, fit, inputs_of, load_split, save_stage, trainer_args, use_cuda_defaults
+from .stage import (
+    StagePaths,
+    check_new_output,
+    fit,
+    inputs_of,
+    load_split,
+    save_stage,
+    sft_parent,
+    trainer_args,
+    use_cuda_defaults,
+)
 
 log = logging.getLogger(__name__)
 STAGE = "reward"
@@ -55,28 +64,12 @@ class Prepared:
     sft: Path | None
 
 
-def _check_sft(cfg: RewardConfig, model_ref: ResolvedModel) -> Path | None:
-    """The SFT output to start from: it must exist, be finished, and be trained on this same base."""
-    if not cfg.init_from_sft:
-        return None
-    sft = Path(cfg.init_from_sft)
-    if not (sft / "manifest.json").is_file():
-        raise ConfigError(f"init_from_sft={cfg.init_from_sft}: no finished SFT stage there (no manifest.json). "
-                          "Run `align sft` first, or set init_from_sft= (empty) for a fresh adapter")
-    manifest = read_manifest(sft)
-    if manifest.get("base_model") != model_ref.description:
-        raise ConfigError(f"init_from_sft={cfg.init_from_sft} was trained on {manifest.get('base_model')}, but this "
-                          f"stage's base is {model_ref.description}; set model.name_or_path to the SFT base")
-    read_adapter_config(sft)
-    return sft
-
-
 def setup(cfg: RewardConfig) -> Prepared:
     """Everything that can fail on user input, before a model is loaded."""
     paths = StagePaths.of(cfg, STAGE)
     check_new_output(cfg, paths)
     model_ref = resolve_model(cfg.model)
-    sft = _check_sft(cfg, model_ref)
+    sft = sft_parent(cfg.init_from_sft, model_ref)
     tokenizer = load_tokenizer(model_ref.path, cfg.model.trust_remote_code)
     # pad with a token that is not the EOS where possible, so plain transformers pools at the EOS too
     tokenizer.pad_token = tokenizer.convert_ids_to_tokens(scoring_pad_id(tokenizer))

@@ -23,8 +23,8 @@ import torch
 
 from .config import StageConfig, to_yaml
 from .data import Loaded, check_reject_share, data_hash, write_rejects
-from .errors import OutputError
-from .runs import atomic_dir, atomic_write_json, atomic_write_text, is_nonempty_dir, json_hash
+from .errors import ConfigError, OutputError
+from .runs import atomic_dir, atomic_write_json, atomic_write_text, is_nonempty_dir, json_hash, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,23 @@ def load_split(stage: str, cfg: StageConfig, paths: StagePaths, spec: str, split
                     rejects)
     check_reject_share(loaded, cfg.data.max_reject_share, rejects, f"{split} data {spec}")
     return loaded
+
+
+def sft_parent(init_from_sft: str | None, model_ref) -> Path | None:
+    """The SFT output to start from: it must exist, be finished, and be trained on this same base."""
+    if not init_from_sft:
+        return None
+    sft = Path(init_from_sft)
+    if not (sft / "manifest.json").is_file():
+        raise ConfigError(f"init_from_sft={init_from_sft}: no finished SFT stage there (no manifest.json). "
+                          "Run `align sft` first, or set init_from_sft= (empty) for a fresh adapter")
+    manifest = read_manifest(sft)
+    if manifest.get("base_model") != model_ref.description:
+        raise ConfigError(f"init_from_sft={init_from_sft} was trained on {manifest.get('base_model')}, but this "
+                          f"stage's base is {model_ref.description}; set model.name_or_path to the SFT base")
+    if not (sft / "adapter_config.json").is_file():
+        raise ConfigError(f"init_from_sft={init_from_sft}: no adapter_config.json; is it an SFT stage output?")
+    return sft
 
 
 def newest_checkpoint(work: Path) -> Path | None:
@@ -190,10 +207,13 @@ def fit(cfg: StageConfig, paths: StagePaths, inputs: dict[str, str], make_traine
 
 
 def save_stage(cfg: StageConfig, paths: StagePaths, model, tokenizer, metrics: dict[str, Any],
-               manifest: dict[str, Any]) -> Path:
-    """Write adapter, tokenizer (with chat template), resolved config, metrics and manifest — atomically."""
+               manifest: dict[str, Any], adapters: list[str] | None = None) -> Path:
+    """Write adapter, tokenizer (with chat template), resolved config, metrics and manifest — atomically.
+
+    `adapters` picks which adapters to save (e.g. the policy, not the frozen reference it was trained against).
+    """
     with atomic_dir(paths.out, overwrite=cfg.overwrite) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, selected_adapters=adapters)
         tokenizer.save_pretrained(tmp)
         atomic_write_text(tmp / "config.yaml", to_yaml(cfg))
         atomic_write_json(tmp / "metrics.json", metrics)

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from align.losses import expected_calibration_error, last_token_index, pairwise_reward_loss
+from align.losses import (dpo_loss, expected_calibration_error, last_token_index, pairwise_reward_loss,
+                          sequence_logps)
 
 
 def test_pairwise_loss_by_hand():
@@ -63,3 +64,62 @@ def test_last_token_index_right_and_left_padding():
     assert last_token_index(left).tolist() == [3, 3]
     with pytest.raises(ValueError, match="no real token"):
         last_token_index(torch.tensor([[1, 1], [0, 0]]))
+
+
+# one pair: π_c = -4, π_r = -6, ρ_c = -5, ρ_r = -5  →  h = (-4 + 5) - (-6 + 5) = 1 + 1 = 2
+PAIR = dict(policy_chosen=torch.tensor([-4.0]), policy_rejected=torch.tensor([-6.0]),
+            ref_chosen=torch.tensor([-5.0]), ref_rejected=torch.tensor([-5.0]))
+
+
+def test_dpo_sigmoid_by_hand():
+    # β = 0.5: βh = 1; -log σ(1) = log(1 + e^-1) = 0.313262
+    loss, m = dpo_loss(**PAIR, beta=0.5)
+    assert loss.item() == pytest.approx(0.313262, abs=1e-6)
+    # implicit rewards: 0.5·(−4 − −5) = 0.5 and 0.5·(−6 − −5) = −0.5 → margin 1, accuracy 1
+    assert m["rewards_chosen"].item() == pytest.approx(0.5) and m["rewards_rejected"].item() == pytest.approx(-0.5)
+    assert m["margin"].item() == pytest.approx(1.0) and m["accuracy"].item() == 1.0
+
+
+def test_dpo_label_smoothing_by_hand():
+    # ε = 0.1: 0.9·log(1 + e^-1) + 0.1·log(1 + e^1) = 0.9·0.313262 + 0.1·1.313262 = 0.281936 + 0.131326 = 0.413262
+    loss, _ = dpo_loss(**PAIR, beta=0.5, label_smoothing=0.1)
+    assert loss.item() == pytest.approx(0.413262, abs=1e-6)
+
+
+def test_ipo_by_hand():
+    # β = 0.5: target 1/(2β) = 1; (h − 1)² = (2 − 1)² = 1.  β = 0.25: target 2; (2 − 2)² = 0
+    assert dpo_loss(**PAIR, beta=0.5, loss_type="ipo")[0].item() == pytest.approx(1.0)
+    assert dpo_loss(**PAIR, beta=0.25, loss_type="ipo")[0].item() == pytest.approx(0.0)
+
+
+def test_hinge_by_hand():
+    # β = 0.25: max(0, 1 − 0.5) = 0.5;  β = 1: max(0, 1 − 2) = 0
+    assert dpo_loss(**PAIR, beta=0.25, loss_type="hinge")[0].item() == pytest.approx(0.5)
+    assert dpo_loss(**PAIR, beta=1.0, loss_type="hinge")[0].item() == pytest.approx(0.0)
+
+
+def test_simpo_is_reference_free_and_length_normalised():
+    # lengths 2 and 3: mean log-probs −4/2 = −2 and −6/3 = −2; β = 2, γ = 0.5: -log σ(2·0 − 0.5) = log(1 + e^0.5)
+    #   = log(2.648721) = 0.974077
+    args = dict(beta=2.0, loss_type="simpo", chosen_len=torch.tensor([2.0]), rejected_len=torch.tensor([3.0]))
+    loss, m = dpo_loss(**PAIR, **args)
+    assert loss.item() == pytest.approx(0.974077, abs=1e-6)
+    other_ref = {**PAIR, "ref_chosen": torch.tensor([0.0]), "ref_rejected": torch.tensor([-100.0])}
+    assert dpo_loss(**other_ref, **args)[0].item() == pytest.approx(loss.item())
+    assert m["margin"].item() == pytest.approx(0.0)
+
+
+def test_unknown_dpo_loss_is_named():
+    with pytest.raises(ValueError, match="unknown DPO loss 'kto'"):
+        dpo_loss(**PAIR, loss_type="kto")
+
+
+def test_sequence_logps_by_hand():
+    # vocab 2, uniform logits → every token log(1/2) = −0.693147; labels: prompt masked, 2 answer tokens
+    logits = torch.zeros(1, 4, 2)
+    labels = torch.tensor([[-100, -100, 1, 0]])
+    logps, n = sequence_logps(logits, labels)
+    assert n.item() == 2 and logps.item() == pytest.approx(2 * math.log(0.5), abs=1e-6)
+    # make position 1 sure of token 1 (the label at position 2): its log-prob becomes ≈ 0
+    logits[0, 1] = torch.tensor([-30.0, 30.0])
+    assert sequence_logps(logits, labels)[0].item() == pytest.approx(math.log(0.5), abs=1e-6)

@@ -1,0 +1,294 @@
+"""DPO: the policy adapter learns the preference pairs directly, against a frozen reference on the same base.
+
+    align dpo --config recipes/configs/dpo.yaml init_from_sft=runs/demo/sft
+
+One base in memory: the policy is a trainable LoRA adapter started from the SFT adapter's weights; the
+reference is the SFT adapter loaded frozen under the name "reference" on that same base (or the base with
+adapters off when there is no SFT stage). The reference's log-probs of every pair are computed once before
+training (and optionally cached in the run directory, keyed by the data's and the reference's content hashes),
+so no reference forward pass happens during training. The losses are align.losses.dpo_loss (pure, tested by
+hand); the trainer is transformers' Trainer with that loss — TRL's DPOTrainer re-tokenizes and owns its loss
+maths, while here the tokens come from align's one formatting path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset
+
+from .config import DPOConfig
+from .data import Loaded
+from .formatting import IGNORE
+from .heads import pad_batch
+from .losses import dpo_loss, sequence_logps
+from .models import (
+    ResolvedModel,
+    attach_lora,
+    load_adapter_weights,
+    load_base,
+    load_tokenizer,
+    read_adapter_config,
+    resolve_model,
+    resolve_quantization,
+)
+from .pairs import EncodedPair, load_pair_data
+from .runs import json_hash, make_manifest, sha256_path
+from .stage import (
+    StagePaths,
+    check_new_output,
+    fit,
+    inputs_of,
+    load_split,
+    save_stage,
+    sft_parent,
+    trainer_args,
+    use_cuda_defaults,
+)
+from .winrate import win_rate_report
+
+log = logging.getLogger(__name__)
+STAGE = "dpo"
+REFERENCE = "reference"
+
+
+@dataclass
+class Prepared:
+    cfg: DPOConfig
+    paths: StagePaths
+    model_ref: ResolvedModel
+    tokenizer: Any
+    train: Loaded
+    eval: Loaded | None
+    inputs: dict[str, str]
+    sft: Path | None
+
+
+def setup(cfg: DPOConfig) -> Prepared:
+    """Everything that can fail on user input, before a model is loaded."""
+    paths = StagePaths.of(cfg, STAGE)
+    check_new_output(cfg, paths)
+    model_ref = resolve_model(cfg.model)
+    sft = sft_parent(cfg.init_from_sft, model_ref)
+    tokenizer = load_tokenizer(model_ref.path, cfg.model.trust_remote_code)
+    d = cfg.data
+
+    def loader(spec: str, split: str, limit: int | None) -> Loaded:
+        return load_pair_data(spec, tokenizer, d.max_length, d.split, limit)
+
+    train = load_split(STAGE, cfg, paths, d.train, "train", d.limit, loader)
+    evals = load_split(STAGE, cfg, paths, d.eval, "eval", None, loader) if d.eval else None
+    inputs = inputs_of(cfg, model_ref)
+    if sft is not None:
+        inputs["parent_adapter"] = sha256_path(sft / "adapter_model.safetensors")
+    return Prepared(cfg, paths, model_ref, tokenizer, train, evals, inputs, sft)
+
+
+# ---------------------------------------------------------------------------------------------- model
+
+
+def build_model(prep: Prepared):
+    """One base; the policy adapter ("default", trainable) and, from SFT, the frozen "reference" adapter."""
+    cfg = prep.cfg
+    quantized = resolve_quantization(cfg.model) == "nf4"
+    lora = cfg.lora
+    if prep.sft is not None:
+        shape = read_adapter_config(prep.sft)
+        targets = shape["target_modules"]
+        lora = dataclasses.replace(lora, r=shape["r"], alpha=shape["lora_alpha"],
+                                   target_modules=targets if isinstance(targets, str) else sorted(targets))
+    base = load_base(prep.model_ref.path, cfg.model)
+    model = attach_lora(base, lora, quantized, use_cuda_defaults(cfg)["gradient_checkpointing"])
+    if prep.sft is not None:
+        load_adapter_weights(model, prep.sft)
+        model.load_adapter(str(prep.sft), adapter_name=REFERENCE, is_trainable=False)
+        model.set_adapter("default")
+        for name, p in model.named_parameters():
+            if f".{REFERENCE}." in name:
+                p.requires_grad_(False)
+        log.info("policy adapter starts from %s; the same SFT adapter, frozen, is the reference", prep.sft)
+    else:
+        log.info("no SFT stage: the reference is the base model (adapters off)")
+    return model
+
+
+@contextlib.contextmanager
+def reference(model):
+    """Run the model as the reference: the frozen SFT adapter, or the base with adapters off. No weights copied."""
+    if REFERENCE in getattr(model, "peft_config", {}):
+        active = model.active_adapter
+        model.base_model.set_adapter(REFERENCE)
+        try:
+            yield model
+        finally:
+            model.base_model.set_adapter(active)
+            for name, p in model.named_parameters():  # set_adapter marks the active adapter trainable
+                if f".{REFERENCE}." in name:
+                    p.requires_grad_(False)
+    else:
+        with model.disable_adapter():
+            yield model
+
+
+def _batch(pairs: list[EncodedPair], pad_id: int, device) -> dict[str, torch.Tensor]:
+    """Chosen then rejected, right-padded; labels keep only answer tokens (prompt and padding are IGNORE)."""
+    seqs = [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs]
+    prompt_lens = [p.prompt_len for p in pairs] * 2
+    ids, mask = pad_batch(seqs, pad_id, device=device)
+    labels = ids.clone()
+    labels[mask == 0] = IGNORE
+    for i, n in enumerate(prompt_lens):
+        labels[i, :n] = IGNORE
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def answer_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(2B,) summed answer log-probs and answer lengths of a _batch."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    return sequence_logps(logits, batch["labels"])
+
+
+@torch.no_grad()
+def reference_logps(model, pairs: list[EncodedPair], pad_id: int, batch_size: int) -> torch.Tensor:
+    """(N, 2) reference log-probs of (chosen, rejected) for every pair: the only reference forward passes."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out = []
+    with reference(model):
+        for start in range(0, len(pairs), batch_size):
+            chunk = pairs[start:start + batch_size]
+            logps, _ = answer_logps(model, _batch(chunk, pad_id, device))
+            out.append(torch.stack(logps.float().cpu().chunk(2), dim=1))
+    model.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0, 2)
+
+
+def cached_reference_logps(prep: Prepared, model, loaded: Loaded, spec: str) -> torch.Tensor:
+    """Reference log-probs, from the run's cache when the same data and reference made them before."""
+    from safetensors.torch import load_file, save_file
+
+    cfg = prep.cfg
+    key = json_hash({"data": prep.inputs["train_data"] if spec == cfg.data.train else prep.inputs.get("eval_data"),
+                     "spec": spec, "reference": prep.inputs.get("parent_adapter", "base"),
+                     "base": prep.inputs["base_model"], "max_length": cfg.data.max_length,
+                     "limit": cfg.data.limit if spec == cfg.data.train else None})[:16]
+    path = prep.paths.run_dir / "cache" / f"reference-logps-{key}.safetensors"
+    if cfg.cache_reference and path.is_file():
+        cached = load_file(path)["logps"]
+        if cached.shape[0] == len(loaded.encoded):
+            log.info("reference log-probs of %s from %s", spec, path)
+            return cached
+    logps = reference_logps(model, loaded.encoded, prep.tokenizer.pad_token_id, cfg.training.batch_size)
+    if cfg.cache_reference:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file({"logps": logps.contiguous()}, str(tmp))
+        tmp.replace(path)
+    return logps
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+def _dataset(loaded: Loaded, ref: torch.Tensor) -> Dataset:
+    return Dataset.from_dict({
+        "chosen_ids": [p.chosen_ids for p in loaded.encoded], "rejected_ids": [p.rejected_ids for p in loaded.encoded],
+        "prompt_len": [p.prompt_len for p in loaded.encoded],
+        "ref_chosen": ref[:, 0].tolist(), "ref_rejected": ref[:, 1].tolist()})
+
+
+def build_trainer(prep: Prepared):
+    from transformers import TrainingArguments
+
+    cfg = prep.cfg
+    model = build_model(prep)
+    ref_train = cached_reference_logps(prep, model, prep.train, cfg.data.train)
+    ref_eval = cached_reference_logps(prep, model, prep.eval, cfg.data.eval) if prep.eval else None
+    args = trainer_args(cfg, prep.paths.work)
+    args.pop("gradient_checkpointing", None)  # TrainingArguments knows it as activation_checkpointing (TRL: both)
+    args = TrainingArguments(**args, remove_unused_columns=False, prediction_loss_only=True)
+    return _trainer_class()(
+        model=model, args=args, train_dataset=_dataset(prep.train, ref_train),
+        eval_dataset=_dataset(prep.eval, ref_eval) if prep.eval else None,
+        data_collator=lambda rows: _collate(rows, prep.tokenizer.pad_token_id), cfg=cfg)
+
+
+def _collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    pairs = [EncodedPair(r["chosen_ids"], r["rejected_ids"], 0.0, r["prompt_len"]) for r in rows]
+    batch = _batch(pairs, pad_id, "cpu")
+    batch["ref_chosen"] = torch.tensor([r["ref_chosen"] for r in rows])
+    batch["ref_rejected"] = torch.tensor([r["ref_rejected"] for r in rows])
+    return batch
+
+
+def _trainer_class():
+    from transformers import Trainer
+
+    class DPOTrainer(Trainer):
+        """transformers' Trainer with align's DPO losses over precomputed reference log-probs."""
+
+        def __init__(self, *args, cfg: DPOConfig, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.cfg = cfg
+            self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            logps, lengths = answer_logps(model, inputs)
+            chosen, rejected = logps.chunk(2)
+            len_c, len_r = lengths.float().chunk(2)
+            c = self.cfg
+            loss, metrics = dpo_loss(chosen, rejected, inputs["ref_chosen"], inputs["ref_rejected"], c.beta, c.loss,
+                                     c.label_smoothing, len_c, len_r, c.simpo_gamma)
+            mode = "train" if model.training else "eval"
+            metrics["logps_chosen"] = chosen.detach().mean()
+            metrics["logps_rejected"] = rejected.detach().mean()
+            # mean log-ratio to the reference on the data (a cheap drift signal; the sampled KL comes after training)
+            metrics["logratio"] = ((chosen - inputs["ref_chosen"] + rejected - inputs["ref_rejected"]) / 2
+                                   ).detach().mean()
+            for key, value in metrics.items():
+                self._metrics[mode][key].append(value.item())
+            return (loss, {"logps": logps.detach()}) if return_outputs else loss
+
+        def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+            mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
+            prefix = "eval_" if mode == "eval" else ""
+            logs.update({prefix + k: sum(v) / len(v) for k, v in self._metrics[mode].items() if v})
+            self._metrics[mode].clear()
+            super().log(logs, start_time)
+
+    return DPOTrainer
+
+
+def train(prep: Prepared) -> Path:
+    cfg = prep.cfg
+
+    def metrics_after(trainer) -> dict[str, Any]:
+        metrics: dict[str, Any] = {}
+        if trainer.eval_dataset is not None:
+            metrics.update({k: v for k, v in trainer.evaluate().items() if k.startswith("eval_")})
+        if cfg.eval_prompts:
+            metrics["win_rate"] = win_rate_report(trainer.model, prep.tokenizer, cfg, reference)
+        return metrics
+
+    quantization = resolve_quantization(cfg.model)
+    done = fit(cfg, prep.paths, prep.inputs, lambda: build_trainer(prep), prep.train, prep.eval, metrics_after,
+               quantization)
+    if done is None:
+        return prep.paths.out
+    trainer, metrics = done
+    parent = str(prep.sft.resolve()) if prep.sft is not None else None
+    manifest = make_manifest(STAGE, cfg.run, prep.inputs, prep.model_ref.description, parent=parent,
+                             extra={"quantization": quantization, "loss": cfg.loss, "beta": cfg.beta})
+    return save_stage(cfg, prep.paths, trainer.model, prep.tokenizer, metrics, manifest, adapters=["default"])
+
+
+def run(cfg: DPOConfig) -> Path:
+    return train(setup(cfg))

@@ -1,0 +1,134 @@
+"""A trained policy against its reference on held-out prompts: win-rates (gold judge, reward model), answer
+lengths (so that winning by length is visible) and the policy's log-ratio to the reference on its own answers.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from typing import Any
+
+import torch
+
+from .data import PROJECT_ROOT, RowError, _as_messages, read_rows
+from .formatting import IGNORE, Messages, encode_prompt
+from .generate import answer_batch
+from .heads import pad_batch
+from .losses import sequence_logps
+
+log = logging.getLogger(__name__)
+
+
+def gold_judge():
+    """reward_data/judge.py (shipped with the data, not the package), or None when it is not there."""
+    path = PROJECT_ROOT / "reward_data" / "judge.py"
+    if not path.is_file():
+        return None
+    spec = importlib.util.spec_from_file_location("align_gold_judge", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def load_prompts(spec: str, limit: int) -> list[tuple[Messages, int | None]]:
+    """Rows with a 'prompt' (string or messages) and, for the gold judge, an integer 'answer'."""
+    rows = []
+    for source, row_no, raw in read_rows(spec):
+        if len(rows) >= limit:
+            break
+        try:
+            if isinstance(raw, RowError):
+                raise raw
+            if not isinstance(raw, dict) or "prompt" not in raw:
+                raise RowError("an eval prompt row needs a 'prompt'")
+            prompt = _as_messages(raw["prompt"], "prompt", "user")
+        except RowError as e:
+            log.warning("%s:%d: skipped: %s", source, row_no, e)
+            continue
+        answer = raw.get("answer")
+        rows.append((prompt, answer if isinstance(answer, int) and not isinstance(answer, bool) else None))
+    return rows
+
+
+@torch.no_grad()
+def _answer_logps(model, tokenizer, prompts: list[Messages], answers: list[list[int]], batch_size: int = 16
+                  ) -> torch.Tensor:
+    device = next(model.parameters()).device
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        p_ids = [encode_prompt(tokenizer, p) for p in prompts[start:start + batch_size]]
+        seqs = [p + a for p, a in zip(p_ids, answers[start:start + batch_size])]
+        ids, mask = pad_batch(seqs, tokenizer.pad_token_id, device=device)
+        labels = ids.clone()
+        labels[mask == 0] = IGNORE
+        for i, p in enumerate(p_ids):
+            labels[i, :len(p)] = IGNORE
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        out.append(sequence_logps(logits, labels)[0].float().cpu())
+    return torch.cat(out)
+
+
+def _rate(wins: list[int]) -> float:
+    """Share of wins, a tie counting half."""
+    return sum(1.0 if w > 0 else 0.5 if w == 0 else 0.0 for w in wins) / len(wins)
+
+
+def win_rate_report(model, tokenizer, cfg, reference_ctx) -> dict[str, Any]:
+    """Policy (the model's active adapter) against the reference (inside `reference_ctx(model)`)."""
+    prompts = load_prompts(cfg.eval_prompts, cfg.eval_limit)
+    if not prompts:
+        return {}
+    messages = [p for p, _ in prompts]
+    policy = answer_batch(model, tokenizer, messages, cfg.max_new_tokens)
+    with reference_ctx(model):
+        ref = answer_batch(model, tokenizer, messages, cfg.max_new_tokens)
+    was_training = model.training
+    model.eval()
+    answers = [a if a else [tokenizer.eos_token_id] for _, a in policy]
+    logratio = _answer_logps(model, tokenizer, messages, answers)
+    with reference_ctx(model):
+        logratio -= _answer_logps(model, tokenizer, messages, answers)
+    model.train(was_training)
+    eos = tokenizer.eos_token_id
+    report: dict[str, Any] = {
+        "n_prompts": len(prompts),
+        # log π(y|x) − log ρ(y|x) at the policy's own (greedy) answers: a k1 estimate of KL(policy ‖ reference)
+        "kl_estimate": logratio.mean().item(),
+        "policy_words_mean": sum(len(t.split()) for t, _ in policy) / len(policy),
+        "reference_words_mean": sum(len(t.split()) for t, _ in ref) / len(ref),
+        "policy_no_eos_share": sum(not a or a[-1] != eos for _, a in policy) / len(policy),
+        "reference_no_eos_share": sum(not a or a[-1] != eos for _, a in ref) / len(ref),
+    }
+    judge = gold_judge()
+    judged = [(p[-1]["content"], a, pt, rt) for (p, a), (pt, _), (rt, _) in zip(prompts, policy, ref) if a is not None]
+    if judge is not None and judged:
+        wins = [judge.judge_pair(q, pt, rt, a) for q, a, pt, rt in judged]
+        report.update(gold_win_rate=_rate(wins), gold_n=len(judged),
+                      gold_score_policy=sum(judge.gold_score(q, pt, a) for q, a, pt, _ in judged) / len(judged),
+                      gold_score_reference=sum(judge.gold_score(q, rt, a) for q, a, _, rt in judged) / len(judged))
+    if getattr(cfg, "reward_model", None):
+        report.update(_rm_win_rate(cfg.reward_model, messages, policy, ref))
+    report["samples"] = [{"prompt": m[-1]["content"], "policy": pt, "reference": rt}
+                         for m, (pt, _), (rt, _) in list(zip(messages, policy, ref))[:3]]
+    return report
+
+
+def _rm_win_rate(path: str, messages: list[Messages], policy, ref) -> dict[str, Any]:
+    from .score import ScoreRow, load_reward_model
+
+    log.info("judging with the reward model %s (loaded separately for evaluation)", path)
+    rm = load_reward_model(path)
+    seqs, ok = [], []
+    for m, (pt, _), (rt, _) in zip(messages, policy, ref):
+        try:
+            seqs += rm.encode(ScoreRow(m, [[{"role": "assistant", "content": pt or " "}],
+                                           [{"role": "assistant", "content": rt or " "}]]))
+            ok.append(True)
+        except RowError:
+            ok.append(False)
+    scores = rm.score(seqs)
+    pol, rf = scores[0::2], scores[1::2]
+    wins = [1 if a > b else -1 if a < b else 0 for a, b in zip(pol, rf)]
+    return {"rm_win_rate": _rate(wins) if wins else None, "rm_n": len(wins),
+            "rm_score_policy": sum(pol) / len(pol) if pol else None,
+            "rm_score_reference": sum(rf) / len(rf) if rf else None}
