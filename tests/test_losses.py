@@ -5,8 +5,7 @@ import math
 import pytest
 import torch
 
-from align.losses import (dpo_loss, expected_calibration_error, last_token_index, pairwise_reward_loss,
-                          sequence_logps)
+from align.losses import dpo_loss, expected_calibration_error, last_token_index, pairwise_reward_loss, sequence_logps
 
 
 def test_pairwise_loss_by_hand():

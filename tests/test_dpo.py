@@ -1,0 +1,130 @@
+"""The DPO stage on a tiny Llama: what it learns, what it leaves alone, one base, reference computed once."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, pair_rows, write_jsonl
+from safetensors.torch import load_file
+
+from align import dpo, sft
+from align.config import DPOConfig, SFTConfig, load_config
+
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory, tiny_model_dir):
+    tmp = tmp_path_factory.mktemp("dpo-sft")
+    data = write_jsonl(tmp / "sft.jsonl", [{"prompt": r["prompt"], "completion": r["chosen"]}
+                                           for r in pair_rows([(2, 3), (4, 5), (6, 7), (8, 9)])])
+    cfg = load_config(SFTConfig, None, [f"model.name_or_path={tiny_model_dir}", f"runs_dir={tmp / 'runs'}", "run=s",
+                                        f"data.train={data}", "data.eval=", "training.max_steps=2",
+                                        "training.batch_size=2", "lora.r=4", "lora.alpha=8", "samples=0"])
+    return sft.run(cfg)
+
+
+def make_cfg(tmp_path, tiny_model_dir, reward_data_files, *overrides):
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"What is {a} + {b}?", "answer": a + b}
+                                                       for a, b in [(2, 3), (5, 8), (9, 4)]])
+    train, evals = reward_data_files
+    return load_config(DPOConfig, None, [
+        f"model.name_or_path={tiny_model_dir}", f"runs_dir={tmp_path / 'runs'}", "run=t", f"data.train={train}",
+        f"data.eval={evals}", "training.learning_rate=5e-3", "training.batch_size=4", "training.max_steps=8",
+        "training.logging_steps=2", "training.save_steps=4", "beta=0.5", f"eval_prompts={prompts}",
+        "max_new_tokens=6", *overrides])
+
+
+def count_reference_passes(monkeypatch) -> list[int]:
+    calls = []
+    real = dpo.reference_logps
+
+    def counted(model, pairs, *args):
+        calls.append(len(pairs))
+        return real(model, pairs, *args)
+
+    monkeypatch.setattr(dpo, "reference_logps", counted)
+    return calls
+
+
+def test_learns_preferences_changes_only_the_policy_and_keeps_one_base(
+        tmp_path, tiny_model_dir, reward_data_files, sft_run, monkeypatch):
+    calls = count_reference_passes(monkeypatch)
+    cfg = make_cfg(tmp_path, tiny_model_dir, reward_data_files, f"init_from_sft={sft_run}")
+    prep = dpo.setup(cfg)
+    trainer = dpo.build_trainer(prep)
+    assert calls == [len(prep.train.encoded), len(prep.eval.encoded)]  # once per split, before training
+    model = trainer.model
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    # the policy starts exactly as the SFT adapter
+    saved = load_file(sft_run / "adapter_model.safetensors")
+    for key, value in saved.items():
+        assert torch.equal(before[key.replace(".weight", ".default.weight")], value)
+        assert torch.equal(before[key.replace(".weight", ".reference.weight")], value)
+    accuracy_before = trainer.evaluate()["eval_accuracy"]
+    trainer.train()
+    assert calls == [len(prep.train.encoded), len(prep.eval.encoded)]  # no reference pass while training
+    after = dict(model.named_parameters())
+    policy = [n for n in before if ".default." in n and "lora_" in n]
+    reference = [n for n in before if ".reference." in n]
+    base = [n for n in before if "lora_" not in n]
+    assert policy and reference and base
+    assert any(not torch.equal(before[n], after[n]) for n in policy)
+    assert all(torch.equal(before[n], after[n]) for n in reference + base)
+    assert trainer.evaluate()["eval_accuracy"] > max(accuracy_before, 0.8)
+    # one copy of the base: every base weight tensor in memory appears once
+    storages = {p.data_ptr() for n, p in model.named_parameters() if "lora_" not in n}
+    base_count = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
+    from transformers import AutoConfig, AutoModelForCausalLM
+    with torch.device("meta"):
+        fresh = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tiny_model_dir))
+    assert base_count == sum(p.numel() for p in fresh.parameters())
+    assert len(storages) == len(list(fresh.parameters()))
+
+
+def test_run_saves_the_policy_only_and_reuses_cached_reference(
+        tmp_path, tiny_model_dir, reward_data_files, sft_run, monkeypatch):
+    cfg = make_cfg(tmp_path, tiny_model_dir, reward_data_files, f"init_from_sft={sft_run}")
+    out = dpo.run(cfg)
+    names = {p.name for p in out.iterdir()}
+    assert {"adapter_model.safetensors", "adapter_config.json", "metrics.json", "manifest.json"} <= names
+    assert "reference" not in names  # the frozen reference is the SFT stage's; it is not saved again
+    assert set(load_file(out / "adapter_model.safetensors")) == set(load_file(sft_run / "adapter_model.safetensors"))
+    assert load_file(sft_run / "adapter_model.safetensors")  # the SFT adapter on disk is untouched
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["eval_accuracy"] > 0.8 and metrics["eval_loss"] < metrics["eval_loss_before"]
+    report = metrics["win_rate"]
+    assert report["n_prompts"] == 3 and report["gold_n"] == 3 and 0 <= report["gold_win_rate"] <= 1
+    assert {"kl_estimate", "policy_words_mean", "reference_words_mean"} <= set(report)
+    assert json.loads((out / "manifest.json").read_text())["parent"] == str(sft_run.resolve())
+
+    calls = count_reference_passes(monkeypatch)
+    dpo.run(make_cfg(tmp_path, tiny_model_dir, reward_data_files, f"init_from_sft={sft_run}", "overwrite=true",
+                     "training.max_steps=2"))
+    assert calls == []  # same data, same reference: log-probs come from runs/t/cache/
+
+
+def test_without_sft_the_base_is_the_reference(tmp_path, tiny_model_dir, reward_data_files):
+    cfg = make_cfg(tmp_path, tiny_model_dir, reward_data_files, "eval_prompts=", "loss=ipo")
+    prep = dpo.setup(cfg)
+    model = dpo.build_model(prep)
+    assert "reference" not in model.peft_config
+    ids = torch.tensor([prep.train.encoded[0].chosen_ids])
+    with torch.no_grad():
+        with dpo.reference(model):
+            ref = model(input_ids=ids).logits
+        base = model.get_base_model()
+        with model.disable_adapter():
+            plain = base(input_ids=ids).logits
+    assert torch.equal(ref, plain)
+
+
+def test_recipe_script_runs_as_a_user_runs_it(tmp_path, tiny_model_dir, reward_data_files):
+    train, evals = reward_data_files
+    proc = subprocess.run([sys.executable, str(ROOT / "recipes" / "dpo.py"), f"model.name_or_path={tiny_model_dir}",
+                           f"data.train={train}", f"data.eval={evals}", "training.batch_size=4", "init_from_sft=",
+                           "training.max_steps=2", "loss=hinge", "eval_prompts="],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "dpo finished: runs/demo/dpo" in proc.stdout and "eval_accuracy" in proc.stdout
+    assert "loss: hinge" in (tmp_path / "runs/demo/dpo/config.yaml").read_text()
