@@ -191,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # raised inside peft/trl on every run, about an API they call, not one a user can change
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*gradient_checkpointing_enable.*", category=FutureWarning)
     try:
         if args.verb in STAGES:
             return _run_stage(args.verb, args)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import sys
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,11 +163,14 @@ def reference_logps(model, pairs: list[EncodedPair], pad_id: int, batch_size: in
     was_training = model.training
     model.eval()
     out = []
-    with reference(model):
+    from tqdm.auto import tqdm
+
+    with reference(model), tqdm(total=len(pairs), desc="reference log-probs", unit="pair", file=sys.stderr) as bar:
         for start in range(0, len(pairs), batch_size):
             chunk = pairs[start:start + batch_size]
             logps, _ = answer_logps(model, _batch(chunk, pad_id, device))
             out.append(torch.stack(logps.float().cpu().chunk(2), dim=1))
+            bar.update(len(chunk))
     model.train(was_training)
     return torch.cat(out) if out else torch.zeros(0, 2)
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import sys
+
 import torch
+from tqdm.auto import tqdm
 
 from .formatting import Messages, encode_prompt
 
@@ -31,8 +34,8 @@ def compare_with_base(peft_model, tokenizer, prompts: list[Messages], max_new_to
 
 
 @torch.no_grad()
-def answer_batch(model, tokenizer, prompts: list[Messages], max_new_tokens: int = 64, batch_size: int = 16
-                 ) -> list[tuple[str, list[int]]]:
+def answer_batch(model, tokenizer, prompts: list[Messages], max_new_tokens: int = 64, batch_size: int = 16,
+                 desc: str | None = None) -> list[tuple[str, list[int]]]:
     """Greedy answers to many prompts, batched with left padding: (text, answer token ids ending at the EOS if
     the model produced one), in prompt order."""
     from .heads import pad_batch
@@ -44,8 +47,10 @@ def answer_batch(model, tokenizer, prompts: list[Messages], max_new_tokens: int 
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     out: list[tuple[str, list[int]]] = [("", [])] * len(encoded)
     eos = tokenizer.eos_token_id
+    bar = tqdm(total=len(order), desc=desc, unit="prompt", file=sys.stderr, disable=desc is None)
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
+        bar.update(len(idx))
         ids, mask = pad_batch([encoded[i] for i in idx], tokenizer.pad_token_id, side="left", device=device)
         gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                              eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
@@ -54,5 +59,6 @@ def answer_batch(model, tokenizer, prompts: list[Messages], max_new_tokens: int 
             if eos in tokens:
                 tokens = tokens[: tokens.index(eos) + 1]
             out[i] = (tokenizer.decode(tokens, skip_special_tokens=True).strip(), tokens)
+    bar.close()
     model.train(was_training)
     return out

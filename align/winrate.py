@@ -79,9 +79,9 @@ def win_rate_report(model, tokenizer, cfg, reference_ctx) -> dict[str, Any]:
     if not prompts:
         return {}
     messages = [p for p, _ in prompts]
-    policy = answer_batch(model, tokenizer, messages, cfg.max_new_tokens)
+    policy = answer_batch(model, tokenizer, messages, cfg.max_new_tokens, desc="policy answers")
     with reference_ctx(model):
-        ref = answer_batch(model, tokenizer, messages, cfg.max_new_tokens)
+        ref = answer_batch(model, tokenizer, messages, cfg.max_new_tokens, desc="reference answers")
     was_training = model.training
     model.eval()
     answers = [a if a else [tokenizer.eos_token_id] for _, a in policy]

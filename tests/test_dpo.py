@@ -128,3 +128,16 @@ def test_recipe_script_runs_as_a_user_runs_it(tmp_path, tiny_model_dir, reward_d
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "dpo finished: runs/demo/dpo" in proc.stdout and "eval_accuracy" in proc.stdout
     assert "loss: hinge" in (tmp_path / "runs/demo/dpo/config.yaml").read_text()
+
+
+def test_nf4_base_with_checkpointing_trains_the_policy(tmp_path, tiny_model_dir, reward_data_files, sft_run):
+    cfg = make_cfg(tmp_path, tiny_model_dir, reward_data_files, f"init_from_sft={sft_run}", "model.quantization=nf4",
+                   "training.gradient_checkpointing=true", "training.max_steps=2", "eval_prompts=")
+    prep = dpo.setup(cfg)
+    trainer = dpo.build_trainer(prep)
+    policy = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if ".default." in n}
+    reference = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if ".reference." in n}
+    trainer.train()
+    now = dict(trainer.model.named_parameters())
+    assert any(not torch.equal(v, now[n]) for n, v in policy.items() if "lora_B" in n)
+    assert all(torch.equal(v, now[n]) for n, v in reference.items())
