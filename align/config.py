@@ -146,6 +146,8 @@ class DPOConfig(StageConfig):
     label_smoothing: float = opt(0.0, "sigmoid loss only: assumed share of flipped labels (conservative DPO)",
                                  lambda v: 0 <= v < 0.5, "must be in [0, 0.5)")
     simpo_gamma: float = opt(0.5, "simpo only: target reward margin", lambda v: v >= 0, "must be >= 0")
+    sft_weight: float = opt(0.0, "adds this × the chosen answers' mean token NLL to the loss (RPO): keeps chosen "
+                            "answers likely when the pair differs in a few tokens", lambda v: v >= 0, "must be >= 0")
     cache_reference: bool = opt(True, "keep the reference log-probs in <runs_dir>/<run>/cache/, keyed by the data's "
                                 "and the reference adapter's content hashes, and reuse them")
     eval_prompts: str | None = opt(

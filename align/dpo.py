@@ -250,7 +250,7 @@ def _trainer_class():
             len_c, len_r = lengths.float().chunk(2)
             c = self.cfg
             loss, metrics = dpo_loss(chosen, rejected, inputs["ref_chosen"], inputs["ref_rejected"], c.beta, c.loss,
-                                     c.label_smoothing, len_c, len_r, c.simpo_gamma)
+                                     c.label_smoothing, len_c, len_r, c.simpo_gamma, c.sft_weight)
             mode = "train" if model.training else "eval"
             metrics["logps_chosen"] = chosen.detach().mean()
             metrics["logps_rejected"] = rejected.detach().mean()

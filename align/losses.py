@@ -69,7 +69,7 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
              ref_rejected: torch.Tensor, beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
              chosen_len: torch.Tensor | None = None, rejected_len: torch.Tensor | None = None,
-             simpo_gamma: float = 0.5) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+             simpo_gamma: float = 0.5, sft_weight: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Direct preference optimisation losses on (B,) summed answer log-probs.
 
     h = (π_c − ρ_c) − (π_r − ρ_r), the policy's log-ratio gain on chosen over rejected (π policy, ρ reference):
@@ -77,6 +77,8 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
       ipo      (h − 1/(2β))²                     IPO: regresses h to a target instead of pushing it up forever
       hinge    max(0, 1 − βh)                    SLiC-style: stops caring once a pair is separated by 1/β
       simpo    −log σ(β(π_c/|c| − π_r/|r|) − γ)  SimPO: reference-free, length-normalised; γ = simpo_gamma
+    sft_weight w > 0 adds w·(−π_c/|c|), the chosen answers' mean token NLL (RPO): pairs that differ in a few
+    tokens otherwise let DPO lower both answers' likelihood while it widens their gap.
     Metrics: implicit rewards β(π − ρ) of each side (for simpo β·mean log-prob), their accuracy and margin.
     """
     if loss_type == "simpo":
@@ -95,6 +97,10 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
             losses = torch.relu(1 - beta * h)
         else:
             raise ValueError(f"unknown DPO loss {loss_type!r}; one of {', '.join(DPO_LOSSES)}")
+    if sft_weight:
+        if chosen_len is None:
+            raise ValueError("sft_weight needs the chosen answers' lengths (chosen_len)")
+        losses = losses + sft_weight * (-policy_chosen / chosen_len)
     gap = (reward_c - reward_r).detach()
     metrics = {"rewards_chosen": reward_c.detach().mean(), "rewards_rejected": reward_r.detach().mean(),
                "accuracy": (gap > 0).float().mean(), "margin": gap.mean()}

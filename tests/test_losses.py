@@ -85,6 +85,13 @@ def test_dpo_label_smoothing_by_hand():
     assert loss.item() == pytest.approx(0.413262, abs=1e-6)
 
 
+def test_sft_weight_adds_the_chosen_mean_nll_by_hand():
+    # chosen: log-prob −4 over 2 tokens → mean NLL 2; 0.313262 + 0.5·2 = 1.313262
+    loss, _ = dpo_loss(**PAIR, beta=0.5, sft_weight=0.5, chosen_len=torch.tensor([2.0]),
+                       rejected_len=torch.tensor([3.0]))
+    assert loss.item() == pytest.approx(1.313262, abs=1e-6)
+
+
 def test_ipo_by_hand():
     # β = 0.5: target 1/(2β) = 1; (h − 1)² = (2 − 1)² = 1.  β = 0.25: target 2; (2 − 2)² = 0
     assert dpo_loss(**PAIR, beta=0.5, loss_type="ipo")[0].item() == pytest.approx(1.0)
