@@ -14,11 +14,9 @@ maths, while here the tokens come from align's one formatting path.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import sys
 from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,29 +25,21 @@ from datasets import Dataset
 
 from .config import DPOConfig
 from .data import Loaded
-from .formatting import IGNORE
-from .heads import pad_batch
+from .heads import answer_labels, pad_batch
 from .losses import dpo_loss, sequence_logps
 from .models import (
-    ResolvedModel,
     attach_lora,
     load_adapter_weights,
     load_base,
-    load_tokenizer,
-    read_adapter_config,
-    resolve_model,
+    lora_like,
     resolve_quantization,
 )
-from .pairs import EncodedPair, load_pair_data
-from .runs import json_hash, make_manifest, sha256_path
+from .pairs import EncodedPair, pair_loader
+from .runs import json_hash
 from .stage import (
-    StagePaths,
-    check_new_output,
-    fit,
-    inputs_of,
-    load_split,
-    save_stage,
-    sft_parent,
+    Prepared,
+    finish,
+    prepare,
     trainer_args,
     use_cuda_defaults,
 )
@@ -60,36 +50,9 @@ STAGE = "dpo"
 REFERENCE = "reference"
 
 
-@dataclass
-class Prepared:
-    cfg: DPOConfig
-    paths: StagePaths
-    model_ref: ResolvedModel
-    tokenizer: Any
-    train: Loaded
-    eval: Loaded | None
-    inputs: dict[str, str]
-    sft: Path | None
-
-
 def setup(cfg: DPOConfig) -> Prepared:
     """Everything that can fail on user input, before a model is loaded."""
-    paths = StagePaths.of(cfg, STAGE)
-    check_new_output(cfg, paths)
-    model_ref = resolve_model(cfg.model)
-    sft = sft_parent(cfg.init_from_sft, model_ref)
-    tokenizer = load_tokenizer(model_ref.path, cfg.model.trust_remote_code)
-    d = cfg.data
-
-    def loader(spec: str, split: str, limit: int | None) -> Loaded:
-        return load_pair_data(spec, tokenizer, d.max_length, d.split, limit)
-
-    train = load_split(STAGE, cfg, paths, d.train, "train", d.limit, loader)
-    evals = load_split(STAGE, cfg, paths, d.eval, "eval", None, loader) if d.eval else None
-    inputs = inputs_of(cfg, model_ref)
-    if sft is not None:
-        inputs["parent_adapter"] = sha256_path(sft / "adapter_model.safetensors")
-    return Prepared(cfg, paths, model_ref, tokenizer, train, evals, inputs, sft)
+    return prepare(STAGE, cfg, pair_loader(cfg.data), cfg.init_from_sft)
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -99,12 +62,7 @@ def build_model(prep: Prepared):
     """One base; the policy adapter ("default", trainable) and, from SFT, the frozen "reference" adapter."""
     cfg = prep.cfg
     quantized = resolve_quantization(cfg.model) == "nf4"
-    lora = cfg.lora
-    if prep.sft is not None:
-        shape = read_adapter_config(prep.sft)
-        targets = shape["target_modules"]
-        lora = dataclasses.replace(lora, r=shape["r"], alpha=shape["lora_alpha"],
-                                   target_modules=targets if isinstance(targets, str) else sorted(targets))
+    lora = lora_like(cfg.lora, prep.sft) if prep.sft is not None else cfg.lora
     base = load_base(prep.model_ref.path, cfg.model)
     model = attach_lora(base, lora, quantized, use_cuda_defaults(cfg)["gradient_checkpointing"])
     if prep.sft is not None:
@@ -143,11 +101,7 @@ def _batch(pairs: list[EncodedPair], pad_id: int, device) -> dict[str, torch.Ten
     seqs = [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs]
     prompt_lens = [p.prompt_len for p in pairs] * 2
     ids, mask = pad_batch(seqs, pad_id, device=device)
-    labels = ids.clone()
-    labels[mask == 0] = IGNORE
-    for i, n in enumerate(prompt_lens):
-        labels[i, :n] = IGNORE
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    return {"input_ids": ids, "attention_mask": mask, "labels": answer_labels(ids, mask, prompt_lens)}
 
 
 def answer_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -282,16 +236,8 @@ def train(prep: Prepared) -> Path:
             metrics["win_rate"] = win_rate_report(trainer.model, prep.tokenizer, cfg, reference)
         return metrics
 
-    quantization = resolve_quantization(cfg.model)
-    done = fit(cfg, prep.paths, prep.inputs, lambda: build_trainer(prep), prep.train, prep.eval, metrics_after,
-               quantization)
-    if done is None:
-        return prep.paths.out
-    trainer, metrics = done
-    parent = str(prep.sft.resolve()) if prep.sft is not None else None
-    manifest = make_manifest(STAGE, cfg.run, prep.inputs, prep.model_ref.description, parent=parent,
-                             extra={"quantization": quantization, "loss": cfg.loss, "beta": cfg.beta})
-    return save_stage(cfg, prep.paths, trainer.model, prep.tokenizer, metrics, manifest, adapters=["default"])
+    return finish(STAGE, prep, lambda: build_trainer(prep), metrics_after,
+                  extra={"loss": cfg.loss, "beta": cfg.beta}, adapters=["default"])
 
 
 def run(cfg: DPOConfig) -> Path:

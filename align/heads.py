@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from .errors import ModelError
+from .formatting import IGNORE
 from .losses import last_token_index
 
 
@@ -74,6 +75,15 @@ def pad_batch(seqs: list[list[int]], pad_id: int, side: str = "right", device: t
         ids[i, sl] = torch.tensor(s, dtype=torch.long)
         mask[i, sl] = 1
     return ids.to(device), mask.to(device)
+
+
+def answer_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_lens: list[int]) -> torch.Tensor:
+    """Labels of a right-padded batch that keep only answer tokens: prompt and padding become IGNORE (-100)."""
+    labels = input_ids.clone()
+    labels[attention_mask == 0] = IGNORE
+    for i, n in enumerate(prompt_lens):
+        labels[i, :n] = IGNORE
+    return labels
 
 
 def scoring_pad_id(tokenizer) -> int:

@@ -8,6 +8,7 @@ converted once into a plain safetensors directory under the cache (`$ALIGN_CACHE
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 import json
 import logging
@@ -241,6 +242,14 @@ def read_adapter_config(adapter_dir: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ModelError(f"{adapter_dir} is not a LoRA adapter directory (no adapter_config.json)")
     return json.loads(path.read_text())
+
+
+def lora_like(lora: LoraConfig, adapter_dir: Path) -> LoraConfig:
+    """`lora` with the rank, alpha and target modules of a saved adapter, so that its weights fit."""
+    shape = read_adapter_config(adapter_dir)
+    targets = shape["target_modules"]
+    return dataclasses.replace(lora, r=shape["r"], alpha=shape["lora_alpha"],
+                               target_modules=targets if isinstance(targets, str) else sorted(targets))
 
 
 def load_adapter_weights(model, adapter_dir: Path) -> int:

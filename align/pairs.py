@@ -129,3 +129,12 @@ def load_pair_data(spec: str, tokenizer, max_length: int, split: str = "train", 
                                                                                             margin)
 
     return load_rows(spec, convert, split, limit)
+
+
+def pair_loader(data_cfg):
+    """For stage.prepare: tokenizer → a loader of preference splits under the stage's data settings."""
+    def make(tokenizer):
+        def load(spec: str, split: str, limit: int | None) -> Loaded:
+            return load_pair_data(spec, tokenizer, data_cfg.max_length, data_cfg.split, limit)
+        return load
+    return make

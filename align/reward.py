@@ -10,9 +10,7 @@ final EOS (align.heads) → held-out accuracy, mean margin, calibration, score h
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,26 +22,18 @@ from .data import Loaded
 from .heads import scoring_pad_id, sequence_scores
 from .losses import expected_calibration_error, pairwise_reward_loss
 from .models import (
-    ResolvedModel,
     attach_lora,
     load_adapter_weights,
     load_base,
-    load_tokenizer,
-    read_adapter_config,
-    resolve_model,
+    lora_like,
     resolve_quantization,
 )
-from .pairs import load_pair_data
-from .runs import make_manifest, sha256_path
+from .pairs import pair_loader
 from .score import score_sequences
 from .stage import (
-    StagePaths,
-    check_new_output,
-    fit,
-    inputs_of,
-    load_split,
-    save_stage,
-    sft_parent,
+    Prepared,
+    finish,
+    prepare,
     trainer_args,
     use_cuda_defaults,
 )
@@ -52,38 +42,13 @@ log = logging.getLogger(__name__)
 STAGE = "reward"
 
 
-@dataclass
-class Prepared:
-    cfg: RewardConfig
-    paths: StagePaths
-    model_ref: ResolvedModel
-    tokenizer: Any
-    train: Loaded
-    eval: Loaded | None
-    inputs: dict[str, str]
-    sft: Path | None
-
-
 def setup(cfg: RewardConfig) -> Prepared:
     """Everything that can fail on user input, before a model is loaded."""
-    paths = StagePaths.of(cfg, STAGE)
-    check_new_output(cfg, paths)
-    model_ref = resolve_model(cfg.model)
-    sft = sft_parent(cfg.init_from_sft, model_ref)
-    tokenizer = load_tokenizer(model_ref.path, cfg.model.trust_remote_code)
-    # pad with a token that is not the EOS where possible, so plain transformers pools at the EOS too
-    tokenizer.pad_token = tokenizer.convert_ids_to_tokens(scoring_pad_id(tokenizer))
-    d = cfg.data
+    def scoring_pad(tokenizer) -> None:
+        # pad with a token that is not the EOS where possible, so plain transformers pools at the EOS too
+        tokenizer.pad_token = tokenizer.convert_ids_to_tokens(scoring_pad_id(tokenizer))
 
-    def loader(spec: str, split: str, limit: int | None) -> Loaded:
-        return load_pair_data(spec, tokenizer, d.max_length, d.split, limit)
-
-    train = load_split(STAGE, cfg, paths, d.train, "train", d.limit, loader)
-    evals = load_split(STAGE, cfg, paths, d.eval, "eval", None, loader) if d.eval else None
-    inputs = inputs_of(cfg, model_ref)
-    if sft is not None:
-        inputs["parent_adapter"] = sha256_path(sft / "adapter_model.safetensors")
-    return Prepared(cfg, paths, model_ref, tokenizer, train, evals, inputs, sft)
+    return prepare(STAGE, cfg, pair_loader(cfg.data), cfg.init_from_sft, scoring_pad)
 
 
 def _dataset(loaded: Loaded) -> Dataset:
@@ -98,10 +63,7 @@ def build_model(prep: Prepared):
     quantized = resolve_quantization(cfg.model) == "nf4"
     lora = cfg.lora
     if prep.sft is not None:
-        shape = read_adapter_config(prep.sft)
-        targets = shape["target_modules"]
-        lora = dataclasses.replace(lora, r=shape["r"], alpha=shape["lora_alpha"],
-                                   target_modules=targets if isinstance(targets, str) else sorted(targets))
+        lora = lora_like(lora, prep.sft)
         log.info("reward adapter starts from %s (r=%d, alpha=%d)", prep.sft, lora.r, lora.alpha)
     torch.manual_seed(cfg.training.seed)  # the fresh score head's initial weights
     base = load_base(prep.model_ref.path, cfg.model, task="score", pad_token_id=prep.tokenizer.pad_token_id)
@@ -211,16 +173,8 @@ def train(prep: Prepared) -> Path:
             metrics.update({f"eval_{k}": v for k, v in held_out.items()})
         return metrics
 
-    quantization = resolve_quantization(cfg.model)
-    done = fit(cfg, prep.paths, prep.inputs, lambda: build_trainer(prep), prep.train, prep.eval, metrics_after,
-               quantization, loss_before=False)
-    if done is None:
-        return prep.paths.out
-    trainer, metrics = done
-    parent = str(prep.sft.resolve()) if prep.sft is not None else None
-    manifest = make_manifest(STAGE, cfg.run, prep.inputs, prep.model_ref.description, parent=parent,
-                             extra={"quantization": quantization, "pad_token": prep.tokenizer.pad_token})
-    return save_stage(cfg, prep.paths, trainer.model, prep.tokenizer, metrics, manifest)
+    return finish(STAGE, prep, lambda: build_trainer(prep), metrics_after, loss_before=False,
+                  extra={"pad_token": prep.tokenizer.pad_token})
 
 
 def run(cfg: RewardConfig) -> Path:

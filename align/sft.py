@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,39 +18,18 @@ from datasets import Dataset
 from .config import SFTConfig
 from .data import Loaded, load_sft_data
 from .generate import compare_with_base
-from .models import ResolvedModel, attach_lora, load_base, load_tokenizer, resolve_model, resolve_quantization
-from .runs import make_manifest
-from .stage import StagePaths, check_new_output, fit, inputs_of, load_split, save_stage, trainer_args, use_cuda_defaults
+from .models import attach_lora, load_base, resolve_quantization
+from .stage import Prepared, finish, prepare, trainer_args, use_cuda_defaults
 
 log = logging.getLogger(__name__)
 STAGE = "sft"
 
 
-@dataclass
-class Prepared:
-    cfg: SFTConfig
-    paths: StagePaths
-    model_ref: ResolvedModel
-    tokenizer: Any
-    train: Loaded
-    eval: Loaded | None
-    inputs: dict[str, str]
-
-
 def setup(cfg: SFTConfig) -> Prepared:
     """Everything that can fail on user input, before a model is loaded."""
-    paths = StagePaths.of(cfg, STAGE)
-    check_new_output(cfg, paths)
-    model_ref = resolve_model(cfg.model)
-    tokenizer = load_tokenizer(model_ref.path, cfg.model.trust_remote_code)
     d = cfg.data
-
-    def loader(spec: str, split: str, limit: int | None) -> Loaded:
-        return load_sft_data(spec, tokenizer, d.max_length, d.completion_only, d.split, limit)
-
-    train = load_split(STAGE, cfg, paths, d.train, "train", d.limit, loader)
-    evals = load_split(STAGE, cfg, paths, d.eval, "eval", None, loader) if d.eval else None
-    return Prepared(cfg, paths, model_ref, tokenizer, train, evals, inputs_of(cfg, model_ref))
+    return prepare(STAGE, cfg, lambda tok: lambda spec, split, limit: load_sft_data(
+        spec, tok, d.max_length, d.completion_only, d.split, limit))
 
 
 def _dataset(loaded: Loaded) -> Dataset:
@@ -92,15 +70,7 @@ def train(prep: Prepared) -> Path:
             metrics["samples"] = compare_with_base(trainer.model, prep.tokenizer, prompts)
         return metrics
 
-    quantization = resolve_quantization(cfg.model)
-    done = fit(cfg, prep.paths, prep.inputs, lambda: build_trainer(prep), prep.train, prep.eval, metrics_after,
-               quantization)
-    if done is None:
-        return prep.paths.out
-    trainer, metrics = done
-    manifest = make_manifest(STAGE, cfg.run, prep.inputs, prep.model_ref.description, parent=None,
-                             extra={"quantization": quantization})
-    return save_stage(cfg, prep.paths, trainer.model, prep.tokenizer, metrics, manifest)
+    return finish(STAGE, prep, lambda: build_trainer(prep), metrics_after)
 
 
 def run(cfg: SFTConfig) -> Path:

@@ -24,7 +24,16 @@ import torch
 from .config import StageConfig, to_yaml
 from .data import Loaded, check_reject_share, data_hash, write_rejects
 from .errors import ConfigError, OutputError
-from .runs import atomic_dir, atomic_write_json, atomic_write_text, is_nonempty_dir, json_hash, read_manifest
+from .runs import (
+    atomic_dir,
+    atomic_write_json,
+    atomic_write_text,
+    is_nonempty_dir,
+    json_hash,
+    make_manifest,
+    read_manifest,
+    sha256_path,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +56,42 @@ class StagePaths:
 def config_hash(cfg: StageConfig) -> str:
     # overwrite/resume say how to treat old output, not what is trained: they may change between attempts
     return json_hash(to_yaml(dataclasses.replace(cfg, overwrite=False, resume=True)))
+
+
+@dataclass
+class Prepared:
+    """A stage's checked inputs, made before any model loads."""
+    cfg: Any
+    paths: StagePaths
+    model_ref: Any
+    tokenizer: Any
+    train: Loaded
+    eval: Loaded | None
+    inputs: dict[str, str]
+    sft: Path | None = None
+
+
+def prepare(stage: str, cfg: StageConfig, make_loader: Callable[[Any], Callable[[str, str, int | None], Loaded]],
+            init_from_sft: str | None = None, adjust_tokenizer: Callable[[Any], None] | None = None) -> Prepared:
+    """Everything that can fail on user input, before a model is loaded: output place, base model, parent SFT
+    stage, tokenizer, and both data splits (read, validated, tokenized by `make_loader(tokenizer)`)."""
+    from .models import load_tokenizer, resolve_model
+
+    paths = StagePaths.of(cfg, stage)
+    check_new_output(cfg, paths)
+    model_ref = resolve_model(cfg.model)
+    sft = sft_parent(init_from_sft, model_ref)
+    tokenizer = load_tokenizer(model_ref.path, cfg.model.trust_remote_code)
+    if adjust_tokenizer is not None:
+        adjust_tokenizer(tokenizer)
+    loader = make_loader(tokenizer)
+    d = cfg.data
+    train = load_split(stage, cfg, paths, d.train, "train", d.limit, loader)
+    evals = load_split(stage, cfg, paths, d.eval, "eval", None, loader) if d.eval else None
+    inputs = inputs_of(cfg, model_ref)
+    if sft is not None:
+        inputs["parent_adapter"] = sha256_path(sft / "adapter_model.safetensors")
+    return Prepared(cfg, paths, model_ref, tokenizer, train, evals, inputs, sft)
 
 
 def check_new_output(cfg: StageConfig, paths: StagePaths) -> None:
@@ -204,6 +249,23 @@ def fit(cfg: StageConfig, paths: StagePaths, inputs: dict[str, str], make_traine
     metrics.update(after(trainer))
     metrics["log_history"] = trainer.state.log_history
     return trainer, metrics
+
+
+def finish(stage: str, prep: Prepared, make_trainer: Callable[[], Any], after: Callable[[Any], dict[str, Any]],
+           loss_before: bool = True, extra: dict[str, Any] | None = None, adapters: list[str] | None = None) -> Path:
+    """Train (or resume, or skip when up to date), then save the adapter with metrics and manifest."""
+    from .models import resolve_quantization
+
+    cfg = prep.cfg
+    quantization = resolve_quantization(cfg.model)
+    done = fit(cfg, prep.paths, prep.inputs, make_trainer, prep.train, prep.eval, after, quantization, loss_before)
+    if done is None:
+        return prep.paths.out
+    trainer, metrics = done
+    parent = str(prep.sft.resolve()) if prep.sft is not None else None
+    manifest = make_manifest(stage, cfg.run, prep.inputs, prep.model_ref.description, parent=parent,
+                             extra={"quantization": quantization, **(extra or {})})
+    return save_stage(cfg, prep.paths, trainer.model, prep.tokenizer, metrics, manifest, adapters)
 
 
 def save_stage(cfg: StageConfig, paths: StagePaths, model, tokenizer, metrics: dict[str, Any],

@@ -11,9 +11,9 @@ from typing import Any
 import torch
 
 from .data import PROJECT_ROOT, RowError, _as_messages, read_rows
-from .formatting import IGNORE, Messages, encode_prompt
+from .formatting import Messages, encode_prompt
 from .generate import answer_batch
-from .heads import pad_batch
+from .heads import answer_labels, pad_batch
 from .losses import sequence_logps
 
 log = logging.getLogger(__name__)
@@ -59,10 +59,7 @@ def _answer_logps(model, tokenizer, prompts: list[Messages], answers: list[list[
         p_ids = [encode_prompt(tokenizer, p) for p in prompts[start:start + batch_size]]
         seqs = [p + a for p, a in zip(p_ids, answers[start:start + batch_size])]
         ids, mask = pad_batch(seqs, tokenizer.pad_token_id, device=device)
-        labels = ids.clone()
-        labels[mask == 0] = IGNORE
-        for i, p in enumerate(p_ids):
-            labels[i, :len(p)] = IGNORE
+        labels = answer_labels(ids, mask, [len(p) for p in p_ids])
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
         out.append(sequence_logps(logits, labels)[0].float().cpu())
     return torch.cat(out)
