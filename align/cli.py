@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     _stage_parser(sub, "sft", "supervised fine-tuning of a LoRA adapter on chat / prompt-completion / text data")
     _stage_parser(sub, "reward", "train a reward model (LoRA adapter + score head) on preference pairs")
     _stage_parser(sub, "dpo", "direct preference optimisation of a policy adapter against the frozen SFT adapter")
+    _pairs_parser(sub)
     _score_parser(sub)
     _serve_parser(sub)
     m = sub.add_parser("model", help="prepare a base model (converts the embedded default once) and print its path")
@@ -99,6 +100,51 @@ def _serve_parser(sub) -> None:
     p.add_argument("--max-items", type=int, default=64, metavar="N", help="items per request (default 64)")
     p.add_argument("--max-body-bytes", type=int, default=2 * 1024 * 1024, metavar="N",
                    help="request body limit in bytes (default 2 MB)")
+
+
+PAIRS_EPILOG = """\
+Each prompt is answered --n times by the policy (sampled at --temperature / --top-p); the judge scores every
+answer and the best and worst answer of a prompt become one pair. Prompts whose answers all score alike, and
+answers cut off at --max-new-tokens, give no pair. Output rows (JSONL):
+  {"prompt", "chosen", "rejected", "chosen_score", "rejected_score"[, "answer"]}
+Train on them with:  align dpo --config recipes/configs/dpo.yaml data.train=OUT data.eval=
+"""
+
+
+def _pairs_parser(sub) -> None:
+    p = sub.add_parser("pairs", help="make on-policy preference pairs: sample the policy, judge, keep best vs worst",
+                       description="Make preference pairs from a policy's own answers.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=PAIRS_EPILOG)
+    p.add_argument("--policy", required=True, metavar="DIR", help="a policy stage output (runs/<run>/sft, dpo or ppo)")
+    p.add_argument("--prompts", required=True, metavar="FILE",
+                   help="rows with a 'prompt' (and an integer 'answer' for the gold judge); JSONL/JSON/CSV/Parquet")
+    p.add_argument("--out", required=True, metavar="FILE.jsonl", help="where to write the pairs (atomically)")
+    p.add_argument("--judge", default="gold", metavar="gold|DIR",
+                   help="'gold' (reward_data/judge.py, default) or a reward run / merged reward model directory")
+    p.add_argument("--n", type=int, default=4, help="answers sampled per prompt (default 4)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0: off)")
+    p.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="answer budget (default 64)")
+    p.add_argument("--limit", type=int, metavar="N", help="use the first N prompts")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--batch-size", type=int, default=64, metavar="N", help="answers generated at once (default 64)")
+    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+
+
+def _pairs(args: argparse.Namespace) -> int:
+    from .generate import Sampling
+    from .onpolicy import sample_pairs
+
+    _positive_args(args, ["n", "max_new_tokens", "limit", "batch_size"])
+    if args.temperature <= 0 or not 0 < args.top_p <= 1:
+        raise ConfigError("--temperature must be > 0 and --top-p in (0, 1]: pairs need sampled, varied answers")
+    summary = sample_pairs(args.policy, args.prompts, args.out, args.judge,
+                           Sampling(args.temperature, args.top_p, args.n), args.max_new_tokens, args.limit,
+                           args.seed, args.batch_size, args.device, args.force)
+    print(f"{summary['pairs']} pairs from {summary['prompts']} prompts ({summary['samples']} answers, mean score "
+          f"{summary['mean_score']:.3f}, {summary['no_eos_share']:.1%} cut off) -> {summary['out']}", file=sys.stderr)
+    return 0 if summary["pairs"] else 1
 
 
 def _positive_args(args: argparse.Namespace, names: list[str]) -> None:
@@ -195,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.verb in STAGES:
             return _run_stage(args.verb, args)
-        return {"score": _score, "serve-rm": _serve, "model": _model}[args.verb](args)
+        return {"pairs": _pairs, "score": _score, "serve-rm": _serve, "model": _model}[args.verb](args)
     except AlignError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

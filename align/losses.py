@@ -105,3 +105,45 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     metrics = {"rewards_chosen": reward_c.detach().mean(), "rewards_rejected": reward_r.detach().mean(),
                "accuracy": (gap > 0).float().mean(), "margin": gap.mean()}
     return losses.mean(), metrics
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                    clip_range: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO's clipped surrogate, per token: max(−A·r, −A·clip(r, 1−ε, 1+ε)) with r = exp(logp − old_logp),
+    averaged over the unmasked tokens. All inputs (B, T).
+
+    Metrics: clip_fraction (tokens where the clipped term won) and approx_kl = mean ½(logp − old_logp)².
+    """
+    log_ratio = logp - old_logp
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    loss = _masked_mean(torch.maximum(unclipped, clipped), mask)
+    metrics = {"clip_fraction": _masked_mean((clipped > unclipped).float(), mask).detach(),
+               "approx_kl": _masked_mean(0.5 * log_ratio.detach() ** 2, mask)}
+    return loss, metrics
+
+
+def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+                   clip_range: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped value loss: ½·max((V − R)², (V_clip − R)²), V_clip = V_old + clip(V − V_old, −ε, ε), masked mean."""
+    clipped_values = old_values + torch.clamp(values - old_values, -clip_range, clip_range)
+    unclipped = (values - returns) ** 2
+    clipped = (clipped_values - returns) ** 2
+    loss = 0.5 * _masked_mean(torch.maximum(unclipped, clipped), mask)
+    return loss, {"value_clip_fraction": _masked_mean((clipped > unclipped).float(), mask).detach()}
+
+
+def token_logps(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """(B, T) log-probability of each token under (B, T, V) logits that predict it (already aligned)."""
+    return torch.gather(F.log_softmax(logits.float(), dim=-1), 2, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    """(B, T) entropy of the next-token distribution: logsumexp(z) − Σ softmax(z)·z."""
+    logits = logits.float()
+    return torch.logsumexp(logits, -1) - (F.softmax(logits, -1) * logits).sum(-1)

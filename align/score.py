@@ -16,11 +16,11 @@ from typing import Any
 
 import torch
 
-from .config import ModelConfig, RewardConfig, load_config
 from .data import RowError, parse_row
 from .errors import ModelError
 from .formatting import Messages, encode_scored
 from .heads import pad_batch, sequence_scores
+from .trained import model_config_for, open_run, pick_device
 
 log = logging.getLogger(__name__)
 
@@ -112,24 +112,12 @@ class RewardModel:
         return score_sequences(self.model, seqs, self.tokenizer.pad_token_id, batch_size, desc, progress)
 
 
-def _pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise ModelError(f"--device {name!r}: use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ModelError(f"--device {name}: no CUDA device is available here; use --device cpu")
-    return dev
-
-
 def load_reward_model(path: str | Path, device: str = "auto") -> RewardModel:
     """A reward run directory (adapter + head over its base) or a merged reward-model directory."""
     from .models import load_tokenizer
 
     path = Path(path)
-    dev = _pick_device(device)
+    dev = pick_device(device)
     is_run, is_merged = (path / "adapter_config.json").is_file(), (path / "config.json").is_file()
     if not (is_run or is_merged):
         raise ModelError(f"{path} is neither a reward run (runs/<run>/reward/ with adapter_config.json) nor a "
@@ -145,26 +133,13 @@ def load_reward_model(path: str | Path, device: str = "auto") -> RewardModel:
 def _load_reward_run(path: Path, dev: torch.device, pad_token_id: int | None):
     from peft import PeftModel
 
-    from .models import load_base, resolve_model
-    from .runs import read_manifest
+    from .models import load_base
 
-    manifest = read_manifest(path)
-    if manifest.get("stage") != "reward":
-        raise ModelError(f"{path} is a {manifest.get('stage')!r} stage output, not a reward model; point --model "
-                         "at runs/<run>/reward")
-    cfg = load_config(RewardConfig, path / "config.yaml")
-    ref = resolve_model(cfg.model)
-    if ref.description != manifest["base_model"]:
-        raise ModelError(f"the base model of {path} has changed since training: it was {manifest['base_model']}, "
-                         f"{cfg.model.name_or_path or 'the embedded model'} is now {ref.description}")
-    # Score in the precision it trained in: 4-bit when it trained in 4-bit and a GPU is there, else unquantized.
-    quantization = manifest.get("quantization", "none") if dev.type == "cuda" else "none"
-    model_cfg = ModelConfig(name_or_path=cfg.model.name_or_path, gguf_file=cfg.model.gguf_file,
-                            quantization=quantization, dtype=cfg.model.dtype,
-                            trust_remote_code=cfg.model.trust_remote_code)
+    manifest, cfg, ref = open_run(path, ("reward",), "--model")
+    model_cfg = model_config_for(cfg, manifest, dev)
     base = load_base(ref.path, model_cfg, task="score", pad_token_id=pad_token_id)
     model = PeftModel.from_pretrained(base, str(path))
-    if quantization == "none":
+    if model_cfg.quantization == "none":
         model.to(dev)
     return model.eval(), cfg.data.max_length
 

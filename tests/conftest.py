@@ -97,3 +97,18 @@ def tiny_reward_run(tmp_path_factory, tiny_model_dir, reward_data_files) -> Path
     tmp = tmp_path_factory.mktemp("rm")
     cfg = load_config(RewardConfig, None, reward_overrides(tmp, tiny_model_dir, *reward_data_files))
     return reward.run(cfg)
+
+
+@pytest.fixture(scope="session")
+def sft_run(tmp_path_factory, tiny_model_dir) -> Path:
+    """A tiny SFT run (2 steps) for the stages that start from SFT."""
+    from align import sft
+    from align.config import SFTConfig, load_config
+
+    tmp = tmp_path_factory.mktemp("sft-run")
+    data = write_jsonl(tmp / "sft.jsonl", [{"prompt": r["prompt"], "completion": r["chosen"]}
+                                           for r in pair_rows([(2, 3), (4, 5), (6, 7), (8, 9)])])
+    cfg = load_config(SFTConfig, None, [f"model.name_or_path={tiny_model_dir}", f"runs_dir={tmp / 'runs'}", "run=s",
+                                        f"data.train={data}", "data.eval=", "training.max_steps=2",
+                                        "training.batch_size=2", "lora.r=4", "lora.alpha=8", "samples=0"])
+    return sft.run(cfg)

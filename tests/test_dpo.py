@@ -9,19 +9,8 @@ import torch
 from conftest import ROOT, pair_rows, write_jsonl
 from safetensors.torch import load_file
 
-from align import dpo, sft
-from align.config import DPOConfig, SFTConfig, load_config
-
-
-@pytest.fixture(scope="module")
-def sft_run(tmp_path_factory, tiny_model_dir):
-    tmp = tmp_path_factory.mktemp("dpo-sft")
-    data = write_jsonl(tmp / "sft.jsonl", [{"prompt": r["prompt"], "completion": r["chosen"]}
-                                           for r in pair_rows([(2, 3), (4, 5), (6, 7), (8, 9)])])
-    cfg = load_config(SFTConfig, None, [f"model.name_or_path={tiny_model_dir}", f"runs_dir={tmp / 'runs'}", "run=s",
-                                        f"data.train={data}", "data.eval=", "training.max_steps=2",
-                                        "training.batch_size=2", "lora.r=4", "lora.alpha=8", "samples=0"])
-    return sft.run(cfg)
+from align import dpo
+from align.config import DPOConfig, load_config
 
 
 def make_cfg(tmp_path, tiny_model_dir, reward_data_files, *overrides):
