@@ -4,9 +4,8 @@ import json
 import subprocess
 import sys
 
-import pytest
 import torch
-from conftest import ROOT, pair_rows, write_jsonl
+from conftest import ROOT, write_jsonl
 from safetensors.torch import load_file
 
 from align import dpo
