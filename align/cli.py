@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     _stage_parser(sub, "sft", "supervised fine-tuning of a LoRA adapter on chat / prompt-completion / text data")
     _stage_parser(sub, "reward", "train a reward model (LoRA adapter + score head) on preference pairs")
     _stage_parser(sub, "dpo", "direct preference optimisation of a policy adapter against the frozen SFT adapter")
+    _stage_parser(sub, "ppo", "PPO: raise a reward model's score with a KL penalty to the SFT policy (one base)")
     _pairs_parser(sub)
     _score_parser(sub)
     _serve_parser(sub)
@@ -202,9 +203,9 @@ def _run_stage(stage: str, args: argparse.Namespace) -> int:
     if args.print_config:
         print(to_yaml(cfg), end="")
         return 0
-    from . import dpo, reward, sft
+    from . import dpo, ppo, reward, sft
 
-    out = {"sft": sft.run, "reward": reward.run, "dpo": dpo.run}[stage](cfg)
+    out = {"sft": sft.run, "reward": reward.run, "dpo": dpo.run, "ppo": ppo.run}[stage](cfg)
     metrics = json.loads((Path(out) / "metrics.json").read_text())
     _print_summary(stage, out, metrics)
     return 0

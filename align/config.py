@@ -158,7 +158,79 @@ class DPOConfig(StageConfig):
     max_new_tokens: int = opt(64, "longest generated answer in the win-rate evaluation", _positive, "must be >= 1")
 
 
-STAGES: dict[str, type[StageConfig]] = {"sft": SFTConfig, "reward": RewardConfig, "dpo": DPOConfig}
+@dataclass
+class RolloutConfig:
+    batch_size: int = opt(16, "prompts answered per PPO step", _positive, "must be >= 1")
+    temperature: float = opt(1.0, "sampling temperature of rollouts (1.0 = the policy's own distribution, which "
+                             "the PPO ratios assume)", _positive, "must be > 0")
+    top_p: float = opt(1.0, "nucleus sampling mass (1.0 = off)", lambda v: 0 < v <= 1, "must be in (0, 1]")
+    max_new_tokens: int = opt(64, "longest answer; a rollout stops at EOS or here", _positive, "must be >= 1")
+    missing_eos_penalty: float = opt(1.0, "subtracted from the score of an answer cut off before its EOS",
+                                     lambda v: v >= 0, "must be >= 0")
+
+
+@dataclass
+class PPOSection:
+    epochs: int = opt(2, "passes of PPO updates over each rollout batch", _positive, "must be >= 1")
+    clip_range: float = opt(0.2, "policy ratio clip ε", _positive, "must be > 0")
+    value_clip_range: float = opt(0.2, "value clip around the rollout's value estimates", _positive, "must be > 0")
+    value_coef: float = opt(0.1, "weight of the value loss", lambda v: v >= 0, "must be >= 0")
+    gamma: float = opt(1.0, "discount per token", lambda v: 0 < v <= 1, "must be in (0, 1]")
+    lam: float = opt(0.95, "GAE λ", lambda v: 0 <= v <= 1, "must be in [0, 1]")
+    whiten_advantages: bool = opt(True, "normalise advantages to mean 0, std 1 per rollout batch")
+    kl_estimator: Literal["k1", "k3"] = opt("k1", "per-token KL penalty estimator: k1 = log π − log ρ, k3 = "
+                                            "(ρ/π − 1) − log(ρ/π) (never negative)")
+    kl_coef: float = opt(0.05, "KL penalty coefficient (the start value when target_kl is set)",
+                         lambda v: v >= 0, "must be >= 0")
+    target_kl: float | None = opt(None, "adapt kl_coef toward this KL per answer (nats); empty = fixed coefficient",
+                                  lambda v: v is None or v > 0, "must be > 0 or empty")
+    kl_horizon: int = opt(10000, "adaptive KL: answers over which the coefficient can change by ±20%", _positive,
+                          "must be >= 1")
+    kl_ceiling: float = opt(10.0, "stop the run when the mean KL per answer stays above this ...", _positive,
+                            "must be > 0")
+    kl_ceiling_steps: int = opt(3, "... for this many steps in a row", _positive, "must be >= 1")
+    reward_clip: float | None = opt(10.0, "clip reward-model scores to ±this (after normalising); empty = no clip",
+                                    lambda v: v is None or v > 0, "must be > 0 or empty")
+    normalize_reward: bool = opt(True, "scale scores by the running std of all scores seen (and centre them)")
+
+
+def _ppo_data() -> DataConfig:
+    return DataConfig(train="reward_data/prefs/train.jsonl", eval=None)
+
+
+def _ppo_lora() -> LoraConfig:
+    return LoraConfig(dropout=0.0)
+
+
+def _ppo_training() -> TrainingConfig:
+    return TrainingConfig(learning_rate=1e-5, max_steps=40, batch_size=8, lr_scheduler="constant", warmup_ratio=0.0,
+                          logging_steps=1, save_steps=10)
+
+
+@dataclass
+class PPOConfig(StageConfig):
+    stage: typing.ClassVar[str] = "ppo"
+    data: DataConfig = field(default_factory=_ppo_data, metadata={
+        "help": "prompts: rows with a 'prompt' (string or messages); other fields are ignored"})
+    lora: LoraConfig = field(default_factory=_ppo_lora, metadata={"help": "LoRA adapters (policy and value)"})
+    training: TrainingConfig = field(default_factory=_ppo_training, metadata={
+        "help": "optimisation: max_steps = PPO steps (rollout batches); batch_size = answers per forward pass of an "
+                "update; grad_accum = mini-batches per optimizer step"})
+    rollout: RolloutConfig = field(default_factory=RolloutConfig, metadata={"help": "rollouts"})
+    ppo: PPOSection = field(default_factory=PPOSection, metadata={"help": "PPO"})
+    init_from_sft: str | None = opt(
+        None, "SFT stage output: the policy (and value adapter) start from its weights, the frozen SFT adapter is "
+        "the reference; empty = fresh adapters, and the base (adapters off) is the reference")
+    reward_model: str | None = opt(None, "reward run (e.g. runs/demo/reward) that scores the rollouts (required)")
+    eval_prompts: str | None = opt(
+        "reward_data/prefs/prompts.jsonl", "held-out prompts answered by the PPO and the reference policy after "
+        "training (gold judge and reward model win-rates); empty = none")
+    eval_limit: int = opt(64, "how many eval_prompts to answer", _positive, "must be >= 1")
+    max_new_tokens: int = opt(64, "longest generated answer in the win-rate evaluation", _positive, "must be >= 1")
+
+
+STAGES: dict[str, type[StageConfig]] = {"sft": SFTConfig, "reward": RewardConfig, "dpo": DPOConfig,
+                                        "ppo": PPOConfig}
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -235,8 +307,9 @@ def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def build(cls: type, raw: Any, prefix: str = "") -> Any:
-    """Check a nested mapping against `cls` and build the dataclass; errors name the dotted key."""
+def build(cls: type, raw: Any, prefix: str = "", base: Any = None) -> Any:
+    """Check a nested mapping against `cls` and build the dataclass; errors name the dotted key. Keys not given
+    keep `base`'s values (a stage's own section defaults) or the class defaults."""
     where = prefix.rstrip(".") or "the config"
     if not isinstance(raw, dict):
         raise ConfigError(f"'{where}' must be a mapping of keys, got {type(raw).__name__}: {raw!r}")
@@ -251,12 +324,16 @@ def build(cls: type, raw: Any, prefix: str = "") -> Any:
         if f.name not in raw:
             continue
         key = prefix + f.name
-        value = _convert(key, raw[f.name], hints[f.name])
+        if dataclasses.is_dataclass(hints[f.name]):  # a section: start from this stage's defaults for it
+            section = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+            value = build(hints[f.name], {} if raw[f.name] is None else raw[f.name], key + ".", section)
+        else:
+            value = _convert(key, raw[f.name], hints[f.name])
         check = f.metadata.get("check")
         if check is not None and value is not None and not check(value):
             raise ConfigError(f"config key '{key}' = {value!r}: {f.metadata['why']}")
         values[f.name] = value
-    return cls(**values)
+    return dataclasses.replace(base, **values) if base is not None else cls(**values)
 
 
 def _convert(key: str, value: Any, tp: Any) -> Any:

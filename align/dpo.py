@@ -13,7 +13,6 @@ maths, while here the tokens come from align's one formatting path.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import sys
 from collections import defaultdict
@@ -28,6 +27,7 @@ from .data import Loaded
 from .heads import answer_labels, pad_batch
 from .losses import dpo_loss, sequence_logps
 from .models import (
+    adapter_role,
     attach_lora,
     load_adapter_weights,
     load_base,
@@ -78,22 +78,9 @@ def build_model(prep: Prepared):
     return model
 
 
-@contextlib.contextmanager
 def reference(model):
     """Run the model as the reference: the frozen SFT adapter, or the base with adapters off. No weights copied."""
-    if REFERENCE in getattr(model, "peft_config", {}):
-        active = model.active_adapter
-        model.base_model.set_adapter(REFERENCE)
-        try:
-            yield model
-        finally:
-            model.base_model.set_adapter(active)
-            for name, p in model.named_parameters():  # set_adapter marks the active adapter trainable
-                if f".{REFERENCE}." in name:
-                    p.requires_grad_(False)
-    else:
-        with model.disable_adapter():
-            yield model
+    return adapter_role(model, REFERENCE if REFERENCE in getattr(model, "peft_config", {}) else None)
 
 
 def _batch(pairs: list[EncodedPair], pad_id: int, device) -> dict[str, torch.Tensor]:

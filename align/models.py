@@ -252,7 +252,27 @@ def lora_like(lora: LoraConfig, adapter_dir: Path) -> LoraConfig:
                                target_modules=targets if isinstance(targets, str) else sorted(targets))
 
 
-def load_adapter_weights(model, adapter_dir: Path) -> int:
+@contextlib.contextmanager
+def adapter_role(model, name: str | None, trainable: tuple[str, ...] = ("default",)):
+    """Run the PEFT model as adapter `name` (None: the base with adapters off) without copying weights; afterwards
+    the previous adapter is active again and only the `trainable` adapters' LoRA weights require grad."""
+    if name is None:
+        with model.disable_adapter():
+            yield model
+        return
+    active = model.active_adapter
+    model.base_model.set_adapter(name)
+    try:
+        yield model
+    finally:
+        model.base_model.set_adapter(active)
+        # set_adapter marks only the active adapter trainable; put the stage's own policy back
+        for param_name, p in model.named_parameters():
+            if ".lora_" in param_name:
+                p.requires_grad_(any(f".{t}." in param_name for t in trainable))
+
+
+def load_adapter_weights(model, adapter_dir: Path, adapter: str | None = None) -> int:
     """Copy a saved adapter's LoRA weights into `model`'s active adapter of the same shape; returns the count.
 
     Used to start one stage's adapter from another's (the reward model and the DPO/PPO policy from SFT). Weights
@@ -263,7 +283,7 @@ def load_adapter_weights(model, adapter_dir: Path) -> int:
     path = adapter_dir / "adapter_model.safetensors"
     if not path.is_file():
         raise ModelError(f"{adapter_dir}: no adapter_model.safetensors (align only loads safetensors weights)")
-    adapter = model.active_adapter
+    adapter = adapter or model.active_adapter
     # saved keys name no adapter ("…q_proj.lora_A.weight"); live parameters do ("…q_proj.lora_A.default.weight")
     state = {re.sub(r"\.(lora_[AB])\.weight$", rf".\1.{adapter}.weight", k): v
              for k, v in load_file(path).items() if re.search(r"\.lora_[AB]\.weight$", k)}

@@ -269,13 +269,16 @@ def finish(stage: str, prep: Prepared, make_trainer: Callable[[], Any], after: C
 
 
 def save_stage(cfg: StageConfig, paths: StagePaths, model, tokenizer, metrics: dict[str, Any],
-               manifest: dict[str, Any], adapters: list[str] | None = None) -> Path:
+               manifest: dict[str, Any], adapters: list[str] | None = None,
+               extra_files: Callable[[Path], None] | None = None) -> Path:
     """Write adapter, tokenizer (with chat template), resolved config, metrics and manifest — atomically.
 
     `adapters` picks which adapters to save (e.g. the policy, not the frozen reference it was trained against).
     """
     with atomic_dir(paths.out, overwrite=cfg.overwrite) as tmp:
         model.save_pretrained(tmp, safe_serialization=True, selected_adapters=adapters)
+        if extra_files is not None:
+            extra_files(tmp)
         tokenizer.save_pretrained(tmp)
         atomic_write_text(tmp / "config.yaml", to_yaml(cfg))
         atomic_write_json(tmp / "metrics.json", metrics)
