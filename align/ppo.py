@@ -335,9 +335,11 @@ def train_loop(prep: Prepared, roles: Roles, resume_from: Path | None) -> dict[s
                                   "the policy is running away from the reference. Lower training.learning_rate, raise "
                                   f"ppo.kl_coef or set ppo.target_kl; the last checkpoint is kept in {prep.paths.work}")
         if (step + 1) % t.save_steps == 0 and step + 1 < t.max_steps:
-            save_checkpoint(prep.paths.work, step + 1, {k: v for k, v in named.items()}, optimizer,
-                            {**state, "scheduler": scheduler.state_dict(), "controller": vars(controller),
-                             "moments": vars(moments)}, t.save_total_limit)
+            if accelerator.is_main_process:  # ranks hold the same weights after each synced step
+                save_checkpoint(prep.paths.work, step + 1, {k: v for k, v in named.items()}, optimizer,
+                                {**state, "scheduler": scheduler.state_dict(), "controller": vars(controller),
+                                 "moments": vars(moments)}, t.save_total_limit)
+            accelerator.wait_for_everyone()
     bar.close()
     return {"steps": t.max_steps, "log_history": state["log_history"]}
 
@@ -357,6 +359,9 @@ def train(prep: Prepared) -> Path:
     start = time.time()
     metrics.update(train_loop(prep, roles, ckpt))
     metrics["train_seconds"] = time.time() - start
+    from accelerate import PartialState
+    if not PartialState().is_main_process:  # the main process evaluates and writes the output
+        return prep.paths.out
     history = metrics["log_history"]
     if history:
         k = max(1, len(history) // 5)

@@ -203,3 +203,18 @@ def test_recipe_script_runs_as_a_user_runs_it(tmp_path, peaky):
     policy = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(peaky["model"]), str(out))
     assert policy.active_adapter == "default"
     assert json.loads((out / "manifest.json").read_text())["reward_model"] == str(Path(peaky["reward"]).resolve())
+
+
+def test_nf4_base_with_checkpointing_runs_all_roles(tmp_path, peaky, monkeypatch):
+    monkeypatch.setattr(Roles, "rewards", contains_token(1000))
+    cfg = make_cfg(tmp_path, peaky, "model.quantization=nf4", "training.gradient_checkpointing=true",
+                   "training.max_steps=1")
+    prep = ppo.setup(cfg)
+    roles = ppo.build_roles(prep)
+    before = {n: p.detach().clone() for n, p in roles.model.named_parameters() if "lora_B" in n}
+    monkeypatch.setattr(ppo, "build_roles", lambda prep: roles)
+    out = ppo.run(cfg)
+    now = dict(roles.model.named_parameters())
+    assert any(not torch.equal(v, now[n]) for n, v in before.items() if f".{POLICY}." in n)
+    assert all(torch.equal(v, now[n]) for n, v in before.items() if f".{REFERENCE}." in n or f".{REWARD}." in n)
+    assert json.loads((out / "manifest.json").read_text())["quantization"] == "nf4"
