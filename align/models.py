@@ -224,7 +224,8 @@ def attach_lora(model, cfg: LoraConfig, quantized: bool, gradient_checkpointing:
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     if quantized:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
     peft_cfg = PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
                               target_modules=cfg.target_modules, bias="none",
                               task_type="SEQ_CLS" if task == "score" else "CAUSAL_LM",

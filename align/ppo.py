@@ -94,7 +94,11 @@ def build_roles(prep: Prepared) -> Roles:
     lora = lora_like(cfg.lora, prep.sft) if prep.sft is not None else cfg.lora
     base = load_base(prep.model_ref.path, cfg.model)
     hidden = base.config.hidden_size
-    model = attach_lora(base, lora, quantized, use_cuda_defaults(cfg)["gradient_checkpointing"])
+    checkpointing = use_cuda_defaults(cfg)["gradient_checkpointing"]
+    if checkpointing and not quantized:  # (the 4-bit path enables it in attach_lora)
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base.enable_input_require_grads()
+    model = attach_lora(base, lora, quantized, checkpointing)
     dev = next(p for p in model.parameters()).device
     if prep.sft is not None:
         load_adapter_weights(model, prep.sft)
