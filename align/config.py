@@ -180,7 +180,7 @@ class PPOSection:
     whiten_advantages: bool = opt(True, "normalise advantages to mean 0, std 1 per rollout batch")
     kl_estimator: Literal["k1", "k3"] = opt("k1", "per-token KL penalty estimator: k1 = log π − log ρ, k3 = "
                                             "(ρ/π − 1) − log(ρ/π) (never negative)")
-    kl_coef: float = opt(0.05, "KL penalty coefficient (the start value when target_kl is set)",
+    kl_coef: float = opt(0.2, "KL penalty coefficient (the start value when target_kl is set)",
                          lambda v: v >= 0, "must be >= 0")
     target_kl: float | None = opt(None, "adapt kl_coef toward this KL per answer (nats); empty = fixed coefficient",
                                   lambda v: v is None or v > 0, "must be > 0 or empty")
@@ -203,7 +203,7 @@ def _ppo_lora() -> LoraConfig:
 
 
 def _ppo_training() -> TrainingConfig:
-    return TrainingConfig(learning_rate=1e-5, max_steps=40, batch_size=8, lr_scheduler="constant", warmup_ratio=0.0,
+    return TrainingConfig(learning_rate=5e-5, max_steps=30, batch_size=8, lr_scheduler="constant", warmup_ratio=0.0,
                           logging_steps=1, save_steps=10)
 
 

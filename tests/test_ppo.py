@@ -49,7 +49,7 @@ def make_cfg(tmp_path, peaky, *overrides):
         f"model.name_or_path={peaky['model']}", f"runs_dir={tmp_path / 'runs'}", "run=p",
         f"data.train={peaky['prompts']}", f"init_from_sft={peaky['sft']}", f"reward_model={peaky['reward']}",
         "rollout.batch_size=8", "rollout.max_new_tokens=4", "training.batch_size=8", "training.learning_rate=1e-3",
-        "training.max_steps=3", "training.save_steps=100", "eval_prompts=", *overrides])
+        "training.max_steps=3", "training.save_steps=100", "eval_prompts=", "ppo.kl_coef=0.05", *overrides])
 
 
 def contains_token(target: int):
