@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     _stage_parser(sub, "dpo", "direct preference optimisation of a policy adapter against the frozen SFT adapter")
     _stage_parser(sub, "ppo", "PPO: raise a reward model's score with a KL penalty to the SFT policy (one base)")
     _pairs_parser(sub)
+    _merge_parser(sub)
     _score_parser(sub)
     _serve_parser(sub)
     m = sub.add_parser("model", help="prepare a base model (converts the embedded default once) and print its path")
@@ -148,6 +149,45 @@ def _pairs(args: argparse.Namespace) -> int:
     return 0 if summary["pairs"] else 1
 
 
+MERGE_EPILOG = """\
+The base model is read from the run (config.yaml, checked against manifest.json) and loaded unquantized in
+--dtype; an adapter trained over a 4-bit base is merged into the dequantized base (the drift from the 4-bit
+model is measured and reported). Policies (sft, dpo, ppo) give a causal-LM directory; reward runs give a
+sequence-classification directory with the trained score head. The written directory is loaded back and
+compared with base + adapter on probe inputs from the run's data; over the thresholds nothing is kept
+(exit 2) unless --accept-drift. Merging the same adapter into the same --out again does nothing.
+"""
+
+
+def _merge_parser(sub) -> None:
+    p = sub.add_parser("merge", help="merge a stage's adapter into its base model and verify the result",
+                       description="Merge a LoRA adapter into its base and verify the merged model.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=MERGE_EPILOG)
+    p.add_argument("--adapter", required=True, metavar="DIR", help="a finished stage output (runs/<run>/<stage>)")
+    p.add_argument("--out", required=True, metavar="DIR", help="new directory for the merged model")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="weights dtype (default fp32)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--accept-drift", action="store_true", help="keep the merge even when verification fails")
+    p.add_argument("--probes", type=int, default=8, metavar="N", help="probe inputs for verification (default 8)")
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from .merge import merge
+
+    _positive_args(args, ["probes"])
+    s = merge(args.adapter, args.out, args.dtype, args.force, args.accept_drift, args.probes)
+    if s.get("already_merged"):
+        print(f"{args.out} already holds this adapter merged in {s['dtype']}; nothing to do", file=sys.stderr)
+        return 0
+    v = s["verification"]
+    shown = ", ".join(f"{k} {v[k]:.3g}" for k in ("max_logit_diff", "top1_agreement", "max_score_diff") if k in v)
+    print(f"merged {s['stage']} adapter into {args.out} ({s['dtype']}); verified on {v['probes']} probes: {shown}"
+          + ("" if s["passed"] else " — OVER THE THRESHOLDS, kept because of --accept-drift"), file=sys.stderr)
+    if "drift_from_nf4" in v:
+        print(f"  drift from the 4-bit model it was trained on: {v['drift_from_nf4']}", file=sys.stderr)
+    return 0
+
+
 def _positive_args(args: argparse.Namespace, names: list[str]) -> None:
     for name in names:
         value = getattr(args, name, None)
@@ -242,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.verb in STAGES:
             return _run_stage(args.verb, args)
-        return {"pairs": _pairs, "score": _score, "serve-rm": _serve, "model": _model}[args.verb](args)
+        return {"pairs": _pairs, "merge": _merge, "score": _score, "serve-rm": _serve, "model": _model}[args.verb](args)
     except AlignError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
