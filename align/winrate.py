@@ -1,5 +1,5 @@
 """A trained policy against its reference on held-out prompts: win-rates (gold judge, reward model), answer
-lengths (so that winning by length is visible) and the policy's log-ratio to the reference on its own answers.
+lengths (so that winning by length is visible) and a sampled estimate of the KL between the two.
 """
 
 from __future__ import annotations
@@ -65,6 +65,29 @@ def _answer_logps(model, tokenizer, prompts: list[Messages], answers: list[list[
     return torch.cat(out)
 
 
+def sampled_kl(model, tokenizer, messages: list[Messages], max_new_tokens: int, reference_ctx, seed: int = 0
+               ) -> float:
+    """KL(policy ‖ reference) per answer, estimated as the mean of log π(y|x) − log ρ(y|x) over one answer per
+    prompt sampled from the policy at temperature 1 (the k1 estimator is unbiased only on the policy's own
+    samples, not on greedy answers). Seeded, and the global RNG is restored afterwards."""
+    from .generate import Sampling, sample_batch
+
+    state = torch.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        drawn = sample_batch(model, tokenizer, messages, Sampling(1.0, 1.0, 1), max_new_tokens, desc="KL samples")
+    finally:
+        torch.set_rng_state(state)
+    answers = [a[0][1] or [tokenizer.eos_token_id] for a in drawn]
+    was_training = model.training
+    model.eval()
+    logratio = _answer_logps(model, tokenizer, messages, answers)
+    with reference_ctx(model):
+        logratio -= _answer_logps(model, tokenizer, messages, answers)
+    model.train(was_training)
+    return logratio.mean().item()
+
+
 def _rate(wins: list[int]) -> float:
     """Share of wins, a tie counting half."""
     return sum(1.0 if w > 0 else 0.5 if w == 0 else 0.0 for w in wins) / len(wins)
@@ -79,18 +102,11 @@ def win_rate_report(model, tokenizer, cfg, reference_ctx) -> dict[str, Any]:
     policy = answer_batch(model, tokenizer, messages, cfg.max_new_tokens, desc="policy answers")
     with reference_ctx(model):
         ref = answer_batch(model, tokenizer, messages, cfg.max_new_tokens, desc="reference answers")
-    was_training = model.training
-    model.eval()
-    answers = [a if a else [tokenizer.eos_token_id] for _, a in policy]
-    logratio = _answer_logps(model, tokenizer, messages, answers)
-    with reference_ctx(model):
-        logratio -= _answer_logps(model, tokenizer, messages, answers)
-    model.train(was_training)
+    kl = sampled_kl(model, tokenizer, messages, cfg.max_new_tokens, reference_ctx)
     eos = tokenizer.eos_token_id
     report: dict[str, Any] = {
         "n_prompts": len(prompts),
-        # log π(y|x) − log ρ(y|x) at the policy's own (greedy) answers: a k1 estimate of KL(policy ‖ reference)
-        "kl_estimate": logratio.mean().item(),
+        "kl_estimate": kl,
         "policy_words_mean": sum(len(t.split()) for t, _ in policy) / len(policy),
         "reference_words_mean": sum(len(t.split()) for t, _ in ref) / len(ref),
         "policy_no_eos_share": sum(not a or a[-1] != eos for _, a in policy) / len(policy),

@@ -129,3 +129,22 @@ def test_nf4_base_with_checkpointing_trains_the_policy(tmp_path, tiny_model_dir,
     now = dict(trainer.model.named_parameters())
     assert any(not torch.equal(v, now[n]) for n, v in policy.items() if "lora_B" in n)
     assert all(torch.equal(v, now[n]) for n, v in reference.items())
+
+
+def test_sampled_kl_is_zero_against_itself_and_leaves_the_rng_alone(sft_run):
+    import contextlib
+
+    from align.trained import load_policy
+    from align.winrate import sampled_kl
+
+    model, tok, _ = load_policy(sft_run, "cpu")
+    prompts = [[{"role": "user", "content": f"What is {a} + 2?"}] for a in range(3)]
+    torch.manual_seed(5)
+    expected_next = torch.rand(3)
+    torch.manual_seed(5)
+    same = sampled_kl(model, tok, prompts, 4, lambda m: contextlib.nullcontext(m))
+    assert same == 0.0  # the reference is the policy itself
+    assert torch.equal(torch.rand(3), expected_next)  # sampling did not consume the caller's random stream
+    with torch.no_grad():  # a different reference (the adapter off) gives a different, positive-on-average number
+        other = sampled_kl(model, tok, prompts, 4, lambda m: m.disable_adapter())
+    assert other != 0.0
