@@ -104,3 +104,22 @@ def test_cli_argument_errors(tmp_path, sft_run, args, message):
     assert r.returncode == 2, r.stderr
     assert message in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_a_reward_model_can_judge_the_answers(tmp_path, sft_run, tiny_reward_run, tokenizer, monkeypatch):
+    from align.score import ScoreRow, load_reward_model
+
+    monkeypatch.setattr(onpolicy, "sample_batch", _canned(tokenizer.eos_token_id))
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "What is 2 + 3?"}, {"prompt": "What is 7 + 1?"}])
+    out = tmp_path / "pairs.jsonl"
+    summary = onpolicy.sample_pairs(str(sft_run), str(prompts), str(out), judge=str(tiny_reward_run),
+                                    sampling=Sampling(1.0, 1.0, 3), device="cpu")
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert summary["prompts"] == 2 and len(rows) == 2  # no 'answer' needed with a reward model as judge
+    rm = load_reward_model(tiny_reward_run, "cpu")
+    for row in rows:
+        messages = [{"role": "user", "content": row["prompt"]}]
+        answers = [[{"role": "assistant", "content": row[k]}] for k in ("chosen", "rejected")]
+        chosen, rejected = rm.score(rm.encode(ScoreRow(messages, answers)))
+        assert row["chosen_score"] == pytest.approx(chosen, abs=1e-5)
+        assert row["rejected_score"] == pytest.approx(rejected, abs=1e-5) and chosen > rejected

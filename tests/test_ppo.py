@@ -218,3 +218,21 @@ def test_nf4_base_with_checkpointing_runs_all_roles(tmp_path, peaky, monkeypatch
     assert any(not torch.equal(v, now[n]) for n, v in before.items() if f".{POLICY}." in n)
     assert all(torch.equal(v, now[n]) for n, v in before.items() if f".{REFERENCE}." in n or f".{REWARD}." in n)
     assert json.loads((out / "manifest.json").read_text())["quantization"] == "nf4"
+
+
+def test_a_reward_model_on_another_base_is_loaded_separately_and_said_so(tmp_path, peaky, tiny_reward_run, caplog):
+    caplog.set_level(logging.WARNING, logger="align.ppo")
+    cfg = make_cfg(tmp_path, peaky, f"reward_model={tiny_reward_run}", "training.max_steps=2")
+    prep = ppo.setup(cfg)
+    roles = ppo.build_roles(prep)
+    assert roles.separate_rm is not None and REWARD not in roles.model.peft_config
+    assert any("loaded separately" in r.getMessage() for r in caplog.records)
+    torch.manual_seed(0)
+    batch, r = ppo.rollout(roles, prep, [0, 1])
+    assert r["scores"].shape == (2,) and torch.isfinite(r["scores"]).all()
+    # the separate reward model scores the decoded answers exactly as `align score` would
+    from align.score import ScoreRow
+    seqs = []
+    for prompt, text in zip(r["prompts"], r["texts"]):
+        seqs += roles.separate_rm.encode(ScoreRow(prompt, [[{"role": "assistant", "content": text or " "}]]))
+    assert torch.allclose(r["scores"], torch.tensor(roles.separate_rm.score(seqs)))
