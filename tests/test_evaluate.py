@@ -1,0 +1,38 @@
+"""Evaluation metrics against numbers worked out by hand."""
+
+import pytest
+
+from align.evaluate import length_controlled_win_rate, text_overlap, win_rate
+
+
+def test_win_rate_counts_a_tie_as_half():
+    assert win_rate([1, 0.5, 0, 1]) == 0.625
+    with pytest.raises(ValueError):
+        win_rate([])
+
+
+def test_length_controlled_win_rate_equals_the_plain_rate_at_equal_lengths():
+    r = length_controlled_win_rate([1, 1, 1, 0], [20, 20, 20, 20], [20, 20, 20, 20])
+    # intercept-only logistic fit: σ(a) = mean outcome = 0.75, slope 0
+    assert r["length_controlled_win_rate"] == pytest.approx(0.75, abs=1e-6)
+    assert r["length_slope"] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_length_controlled_win_rate_removes_a_win_by_length():
+    # 8 answers longer than the baseline's win 6 (0.75); 4 shorter ones win 1 (0.25). Plain rate 7/12 = 0.583.
+    # Two groups at d = ±t fit exactly: σ(a + bt) = 0.75, σ(a − bt) = 0.25 → a = 0: at equal length, 0.5.
+    outcomes = [1, 1, 1, 0, 1, 1, 1, 0, 1, 0, 0, 0]
+    policy = [30] * 8 + [10] * 4
+    baseline = [10] * 8 + [30] * 4
+    r = length_controlled_win_rate(outcomes, policy, baseline)
+    assert r["win_rate"] == pytest.approx(7 / 12)
+    assert r["length_controlled_win_rate"] == pytest.approx(0.5, abs=1e-3)
+    assert r["length_slope"] > 0  # longer answers were preferred
+
+
+def test_text_overlap():
+    same = text_overlap(["the cat sat on the mat"], ["the cat sat on the mat"])
+    assert same["bleu"] == pytest.approx(100.0) and same["rouge_l"] == pytest.approx(1.0)
+    # ROUGE-L of "the cat sat" vs "the cat ran": LCS "the cat" = 2 of 3 words each way → F1 = 2/3
+    r = text_overlap(["the cat sat"], ["the cat ran"])
+    assert r["rouge_l"] == pytest.approx(2 / 3) and 0 <= r["bleu"] < 100
