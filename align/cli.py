@@ -42,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     _stage_parser(sub, "ppo", "PPO: raise a reward model's score with a KL penalty to the SFT policy (one base)")
     _pairs_parser(sub)
     _merge_parser(sub)
+    _eval_parser(sub)
     _score_parser(sub)
     _serve_parser(sub)
     m = sub.add_parser("model", help="prepare a base model (converts the embedded default once) and print its path")
@@ -188,6 +189,38 @@ def _merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_parser(sub) -> None:
+    p = sub.add_parser("eval", help="evaluate a policy run against a baseline policy (win-rates, KL, perplexity, "
+                       "BLEU/ROUGE)", description="Evaluate a policy run against a baseline policy run.")
+    p.add_argument("--policy", required=True, metavar="DIR", help="a policy stage output (runs/<run>/sft, dpo, ppo)")
+    p.add_argument("--baseline", metavar="DIR", help="the policy to beat (default: the policy's SFT parent, else "
+                   "the base model)")
+    p.add_argument("--reward-model", metavar="DIR", help="also judge the win-rate with this reward run")
+    p.add_argument("--prompts", default="reward_data/prefs/prompts.jsonl", metavar="FILE",
+                   help="held-out prompts; rows with an integer 'answer' are judged by the gold judge")
+    p.add_argument("--sft-data", default="reward_data/sft/eval.jsonl", metavar="FILE",
+                   help="held-out SFT rows for perplexity and BLEU/ROUGE ('' = skip)")
+    p.add_argument("--limit", type=int, default=64, metavar="N", help="prompts / rows used from each (default 64)")
+    p.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="answer budget (default 64)")
+    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N")
+    p.add_argument("--out", default="-", metavar="FILE.json", help="write the report here (default: stdout)")
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate_policy
+    from .runs import atomic_write_json
+
+    _positive_args(args, ["limit", "max_new_tokens"])
+    report = evaluate_policy(args.policy, args.baseline, args.reward_model, args.prompts, args.sft_data or None,
+                             args.limit, args.max_new_tokens, args.device)
+    if args.out == "-":
+        print(json.dumps(report, indent=2, ensure_ascii=False))
+    else:
+        atomic_write_json(args.out, report)
+        print(f"report written to {args.out}", file=sys.stderr)
+    return 0
+
+
 def _positive_args(args: argparse.Namespace, names: list[str]) -> None:
     for name in names:
         value = getattr(args, name, None)
@@ -282,7 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.verb in STAGES:
             return _run_stage(args.verb, args)
-        return {"pairs": _pairs, "merge": _merge, "score": _score, "serve-rm": _serve, "model": _model}[args.verb](args)
+        verbs = {"pairs": _pairs, "merge": _merge, "eval": _eval, "score": _score, "serve-rm": _serve, "model": _model}
+        return verbs[args.verb](args)
     except AlignError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -65,3 +65,77 @@ def text_overlap(predictions: Sequence[str], references: Sequence[str]) -> dict[
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
     rouge = sum(scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references)) / len(predictions)
     return {"bleu": bleu, "rouge_l": rouge}
+
+
+# ---------------------------------------------------------------------------------------------- a policy
+
+
+def perplexity(model, tokenizer, spec: str, max_length: int, limit: int, batch_size: int = 8) -> float:
+    """exp(mean NLL per answer token) on held-out SFT rows (prompt tokens masked, as SFT trained)."""
+    import torch
+
+    from .data import load_sft_data
+    from .heads import answer_labels, pad_batch
+    from .losses import sequence_logps
+
+    rows = load_sft_data(spec, tokenizer, max_length, completion_only=True, limit=limit).encoded
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start:start + batch_size]
+            ids, mask = pad_batch([r.input_ids for r in chunk], tokenizer.pad_token_id, device=device)
+            labels = answer_labels(ids, mask, [r.prompt_len for r in chunk])
+            logps, n = sequence_logps(model(input_ids=ids, attention_mask=mask).logits, labels)
+            total += -logps.sum().item()
+            count += int(n.sum().item())
+    return math.exp(total / max(count, 1))
+
+
+def evaluate_policy(policy: str, baseline: str | None = None, reward_model: str | None = None,
+                    prompts: str = "reward_data/prefs/prompts.jsonl",
+                    sft_data: str | None = "reward_data/sft/eval.jsonl", limit: int = 64, max_new_tokens: int = 64,
+                    device: str = "auto") -> dict:
+    """A policy run against a baseline policy run (default: the policy's SFT parent, else the base model):
+    win-rates (gold judge, reward model, both also length-controlled), answer lengths, sampled KL, perplexity on
+    held-out SFT data, BLEU / ROUGE-L of answers against the SFT data's reference answers."""
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from .data import load_sft_data
+    from .errors import ModelError
+    from .generate import answer_batch
+    from .models import adapter_role
+    from .runs import read_manifest
+    from .trained import POLICY_STAGES, load_policy, open_run
+    from .winrate import win_rate_report
+
+    model, tokenizer, cfg = load_policy(policy, device)
+    manifest = read_manifest(Path(policy))
+    baseline = baseline or manifest.get("parent")
+    name = None
+    if baseline:
+        base_manifest, _, _ = open_run(Path(baseline), POLICY_STAGES, "--baseline")
+        if base_manifest["base_model"] != manifest["base_model"]:
+            raise ModelError(f"--baseline {baseline} was trained on another base model than --policy {policy}")
+        model.load_adapter(str(baseline), adapter_name="baseline", is_trainable=False)
+        name = "baseline"
+    ctx = lambda m: adapter_role(m, name, trainable=())  # noqa: E731
+    settings = SimpleNamespace(eval_prompts=prompts, eval_limit=limit, max_new_tokens=max_new_tokens,
+                               reward_model=reward_model)
+    report = {"policy": str(policy), "baseline": str(baseline) if baseline else "base model (adapters off)",
+              **win_rate_report(model, tokenizer, settings, ctx)}
+    if sft_data:
+        max_length = cfg.data.max_length
+        report["perplexity_policy"] = perplexity(model, tokenizer, sft_data, max_length, limit)
+        with ctx(model):
+            report["perplexity_baseline"] = perplexity(model, tokenizer, sft_data, max_length, limit)
+        examples = load_sft_data(sft_data, tokenizer, max_length, True, limit=limit).examples
+        pairs = [(e.prompt, e.completion[-1]["content"]) for e in examples if e.prompt and e.completion]
+        if pairs:
+            answers = answer_batch(model, tokenizer, [p for p, _ in pairs], max_new_tokens, desc="reference overlap")
+            report["overlap_policy"] = text_overlap([a for a, _ in answers], [r for _, r in pairs])
+            with ctx(model):
+                answers = answer_batch(model, tokenizer, [p for p, _ in pairs], max_new_tokens)
+            report["overlap_baseline"] = text_overlap([a for a, _ in answers], [r for _, r in pairs])
+    return report

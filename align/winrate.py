@@ -88,6 +88,15 @@ def sampled_kl(model, tokenizer, messages: list[Messages], max_new_tokens: int, 
     return logratio.mean().item()
 
 
+def _length_controlled(wins: list[int], policy_texts: list[str], reference_texts: list[str]) -> float:
+    """The win-rate at equal answer lengths (align.evaluate.length_controlled_win_rate)."""
+    from .evaluate import length_controlled_win_rate
+
+    outcomes = [1.0 if w > 0 else 0.5 if w == 0 else 0.0 for w in wins]
+    return length_controlled_win_rate(outcomes, [len(t.split()) for t in policy_texts],
+                                      [len(t.split()) for t in reference_texts])["length_controlled_win_rate"]
+
+
 def _rate(wins: list[int]) -> float:
     """Share of wins, a tie counting half."""
     return sum(1.0 if w > 0 else 0.5 if w == 0 else 0.0 for w in wins) / len(wins)
@@ -117,6 +126,8 @@ def win_rate_report(model, tokenizer, cfg, reference_ctx) -> dict[str, Any]:
     if judge is not None and judged:
         wins = [judge.judge_pair(q, pt, rt, a) for q, a, pt, rt in judged]
         report.update(gold_win_rate=_rate(wins), gold_n=len(judged),
+                      gold_lc_win_rate=_length_controlled(wins, [pt for *_, pt, _ in judged],
+                                                          [rt for *_, rt in judged]),
                       gold_score_policy=sum(judge.gold_score(q, pt, a) for q, a, pt, _ in judged) / len(judged),
                       gold_score_reference=sum(judge.gold_score(q, rt, a) for q, a, _, rt in judged) / len(judged))
     if getattr(cfg, "reward_model", None):
@@ -131,17 +142,18 @@ def _rm_win_rate(path: str, messages: list[Messages], policy, ref) -> dict[str, 
 
     log.info("judging with the reward model %s (loaded separately for evaluation)", path)
     rm = load_reward_model(path)
-    seqs, ok = [], []
+    seqs, texts = [], []
     for m, (pt, _), (rt, _) in zip(messages, policy, ref):
         try:
             seqs += rm.encode(ScoreRow(m, [[{"role": "assistant", "content": pt or " "}],
                                            [{"role": "assistant", "content": rt or " "}]]))
-            ok.append(True)
+            texts.append((pt, rt))
         except RowError:
-            ok.append(False)
+            continue
     scores = rm.score(seqs)
     pol, rf = scores[0::2], scores[1::2]
     wins = [1 if a > b else -1 if a < b else 0 for a, b in zip(pol, rf)]
     return {"rm_win_rate": _rate(wins) if wins else None, "rm_n": len(wins),
+            "rm_lc_win_rate": _length_controlled(wins, [p for p, _ in texts], [r for _, r in texts]) if wins else None,
             "rm_score_policy": sum(pol) / len(pol) if pol else None,
             "rm_score_reference": sum(rf) / len(rf) if rf else None}
