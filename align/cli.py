@@ -265,7 +265,7 @@ def _setup_logging(quiet: bool) -> None:
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="align: %(message)s",
                         stream=sys.stderr)
     # the libraries below are chatty at INFO; their warnings still show
-    for name in ("transformers", "datasets", "peft", "trl", "accelerate", "bitsandbytes", "httpx", "urllib3"):
+    for name in ("transformers", "datasets", "peft", "trl", "accelerate", "bitsandbytes", "httpx", "urllib3", "absl"):
         logging.getLogger(name).setLevel(logging.WARNING)
     # on CPU, bitsandbytes warns at import that an optional kernels package is missing: nothing to act on
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
