@@ -72,7 +72,8 @@ def save_checkpoint(work: Path, step: int, weights: dict[str, torch.Tensor], opt
 
 
 def checkpoints(work: Path) -> list[Path]:
-    """Finished checkpoints, oldest first."""
+    """Finished checkpoints (ours or the transformers Trainer's: both write trainer_state.json last), oldest
+    first."""
     found = []
     for p in work.glob("checkpoint-*"):
         m = re.fullmatch(r"checkpoint-(\d+)", p.name)

@@ -59,15 +59,18 @@ def answer_batch(model, tokenizer, prompts: list[Messages], max_new_tokens: int 
 
 @torch.no_grad()
 def sample_batch(model, tokenizer, prompts: list[Messages], sampling: Sampling, max_new_tokens: int = 64,
-                 batch_size: int = 16, desc: str | None = None) -> list[list[tuple[str, list[int]]]]:
+                 batch_size: int = 16, desc: str | None = None, encoded: list[list[int]] | None = None
+                 ) -> list[list[tuple[str, list[int]]]]:
     """`sampling.n` answers to each prompt, as (text, answer token ids ending at the EOS when the model produced
-    one), in prompt order. Prompts are batched by length with left padding, so a batch wastes little."""
+    one), in prompt order. Prompts are batched by length with left padding, so a batch wastes little.
+    `encoded`: the prompts' token ids when the caller already has them (from encode_prompt)."""
     from .heads import pad_batch
 
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    encoded = [encode_prompt(tokenizer, p) for p in prompts]
+    if encoded is None:
+        encoded = [encode_prompt(tokenizer, p) for p in prompts]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     out: list[list[tuple[str, list[int]]]] = [[] for _ in encoded]
     eos = tokenizer.eos_token_id

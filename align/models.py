@@ -220,22 +220,26 @@ def _quiet_new_head():
 
 def attach_lora(model, cfg: LoraConfig, quantized: bool, gradient_checkpointing: bool, task: str = "causal"):
     """Wrap the frozen base in a fresh trainable LoRA adapter (PEFT); a score head trains and saves with it."""
-    from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     if quantized:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
-    peft_cfg = PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                              target_modules=cfg.target_modules, bias="none",
-                              task_type="SEQ_CLS" if task == "score" else "CAUSAL_LM",
-                              modules_to_save=["score"] if task == "score" else None)
     try:
-        return get_peft_model(model, peft_cfg)
+        return get_peft_model(model, peft_lora_config(cfg, task))
     except ValueError as e:
         names = sorted({re.sub(r"^.*\.", "", n) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
         raise ModelError(f"lora.target_modules={cfg.target_modules!r}: {e}. Linear modules in this model: "
                          f"{', '.join(names)}") from e
+
+
+def peft_lora_config(cfg: LoraConfig, task: str = "causal"):
+    """PEFT's LoraConfig for align's `lora` section; a score task trains and saves the `score` head with it."""
+    from peft import LoraConfig as PeftLoraConfig
+
+    return PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=cfg.target_modules,
+                          bias="none", task_type="SEQ_CLS" if task == "score" else "CAUSAL_LM",
+                          modules_to_save=["score"] if task == "score" else None)
 
 
 def read_adapter_config(adapter_dir: Path) -> dict[str, Any]:

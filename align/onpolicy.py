@@ -19,7 +19,6 @@ from typing import Any
 
 import torch
 
-from .data import RowError
 from .errors import ConfigError, OutputError
 from .formatting import Messages
 from .generate import Sampling, sample_batch
@@ -55,20 +54,12 @@ def _gold_scorer(prompts: list[tuple[Messages, int | None]]):
 
 def _rm_scorer(path: str, prompts: list[tuple[Messages, int | None]], samples: list[list[str]], device: str):
     """Scores every sample with the reward model up front (batched), then hands them out per prompt."""
-    from .score import ScoreRow, load_reward_model
+    from .score import load_reward_model
 
     rm = load_reward_model(path, device)
-    seqs, slots = [], []
-    for messages, texts in zip((p for p, _ in prompts), samples):
-        for t in texts:
-            try:
-                seqs += rm.encode(ScoreRow(messages, [[{"role": "assistant", "content": t}]]))
-                slots.append(len(seqs) - 1)
-            except RowError:  # too long for the reward model: not judged
-                slots.append(None)
-    scores = rm.score(seqs)
-    flat = [None if s is None else scores[s] for s in slots]
     n = len(samples[0]) if samples else 0
+    # an answer too long for the reward model gets None: not judged
+    flat = rm.score_answers([p for p, _ in prompts for _ in range(n)], [t for texts in samples for t in texts])
     return lambda i, texts: flat[i * n:(i + 1) * n]
 
 

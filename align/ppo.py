@@ -33,7 +33,7 @@ from .errors import AlignError, ConfigError
 from .formatting import FormatError, encode_prompt
 from .generate import Sampling, sample_batch
 from .losses import ppo_policy_loss, ppo_value_loss
-from .models import attach_lora, load_adapter_weights, load_base, lora_like, resolve_quantization
+from .models import attach_lora, load_adapter_weights, load_base, lora_like, peft_lora_config, resolve_quantization
 from .roles import POLICY, REFERENCE, REWARD, VALUE, Batch, Roles, add_adapter_from, head_from, make_batch
 from .runs import make_manifest, sha256_path
 from .stage import Prepared, prepare, prepare_output, save_stage, up_to_date, use_cuda_defaults
@@ -115,10 +115,7 @@ def build_roles(prep: Prepared) -> Roles:
         log.warning("the reward model %s was trained on another base (%s); it is loaded separately, as a second "
                     "model in memory", rm_dir, read_manifest(rm_dir).get("base_model"))
         separate = load_reward_model(rm_dir)
-        from peft import LoraConfig as PeftLoraConfig
-        model.add_adapter(VALUE, PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                                target_modules=lora.target_modules, bias="none",
-                                                task_type="CAUSAL_LM"))
+        model.add_adapter(VALUE, peft_lora_config(lora))
         value_head = torch.nn.Linear(hidden, 1, bias=False, device=dev)
         torch.nn.init.zeros_(value_head.weight)
     model.base_model.set_adapter(POLICY)
@@ -139,13 +136,14 @@ def rollout(roles: Roles, prep: Prepared, rows: list[int]) -> tuple[Batch, dict[
     prompts = [prep.train.examples[i].prompt for i in rows]
     roles.model.eval()
     start = time.monotonic()
+    prompt_ids = [prep.train.encoded[i] for i in rows]  # tokenized once, when the data was loaded
     drawn = sample_batch(roles.model, tok, prompts, Sampling(cfg.rollout.temperature, cfg.rollout.top_p, 1),
-                         cfg.rollout.max_new_tokens, batch_size=len(prompts))
+                         cfg.rollout.max_new_tokens, batch_size=len(prompts), encoded=prompt_ids)
     gen_seconds = time.monotonic() - start
     responses = [tokens for ((_, tokens),) in drawn]
     texts = [text for ((text, _),) in drawn]
     dev = next(roles.model.parameters()).device
-    batch = make_batch([prep.train.encoded[i] for i in rows], responses, tok.pad_token_id, tok.eos_token_id, dev)
+    batch = make_batch(prompt_ids, responses, tok.pad_token_id, tok.eos_token_id, dev)
     with torch.no_grad():
         old_logp = roles.policy_logps(batch)
         with roles.role(REFERENCE):

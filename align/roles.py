@@ -18,7 +18,7 @@ import torch
 from .errors import ModelError
 from .heads import pad_batch, position_ids, unwrap
 from .losses import entropy, token_logps
-from .models import adapter_role, load_adapter_weights, read_adapter_config
+from .models import adapter_role, load_adapter_weights, lora_like, peft_lora_config
 
 log = logging.getLogger(__name__)
 POLICY, VALUE, REFERENCE, REWARD = "default", "value", "reference", "reward"
@@ -105,18 +105,8 @@ class Roles:
 
 
 def _separate_scores(rm, prompts: list, texts: list[str]) -> torch.Tensor:
-    from .data import RowError
-    from .score import ScoreRow
-
-    seqs, slots = [], []
-    for prompt, text in zip(prompts, texts):
-        try:
-            seqs += rm.encode(ScoreRow(prompt, [[{"role": "assistant", "content": text or " "}]]))
-            slots.append(len(seqs) - 1)
-        except RowError:
-            slots.append(None)  # too long for the reward model: no score, reported by the NaN guard
-    scores = rm.score(seqs) if seqs else []
-    return torch.tensor([float("nan") if s is None else scores[s] for s in slots])
+    # an answer too long for the reward model has no score: NaN, reported by the NaN guard
+    return torch.tensor([float("nan") if s is None else s for s in rm.score_answers(prompts, texts)])
 
 
 def head_from(adapter_dir: Path, hidden: int, dtype, device) -> torch.nn.Linear:
@@ -138,12 +128,7 @@ def head_from(adapter_dir: Path, hidden: int, dtype, device) -> torch.nn.Linear:
 
 def add_adapter_from(model, name: str, adapter_dir: Path, lora_cfg, trainable: bool) -> None:
     """Add adapter `name` shaped like the saved one and copy its LoRA weights in."""
-    from peft import LoraConfig as PeftLoraConfig
-
-    shape = read_adapter_config(adapter_dir)
-    model.add_adapter(name, PeftLoraConfig(r=shape["r"], lora_alpha=shape["lora_alpha"], lora_dropout=lora_cfg.dropout,
-                                           target_modules=shape["target_modules"], bias="none",
-                                           task_type="CAUSAL_LM"))
+    model.add_adapter(name, peft_lora_config(lora_like(lora_cfg, adapter_dir)))
     load_adapter_weights(model, adapter_dir, adapter=name)
     for n, p in model.named_parameters():
         if f".{name}." in n:

@@ -111,6 +111,18 @@ class RewardModel:
               desc: str | None = None) -> list[float]:
         return score_sequences(self.model, seqs, self.tokenizer.pad_token_id, batch_size, desc, progress)
 
+    def score_answers(self, prompts: list[Messages], answers: list[str]) -> list[float | None]:
+        """One score per (prompt, answer text), batched; None where the pair does not fit the max length."""
+        seqs, slots = [], []
+        for prompt, text in zip(prompts, answers):
+            try:
+                seqs += self.encode(ScoreRow(prompt, [[{"role": "assistant", "content": text or " "}]]))
+                slots.append(len(seqs) - 1)
+            except RowError:
+                slots.append(None)
+        scores = self.score(seqs) if seqs else []
+        return [None if s is None else scores[s] for s in slots]
+
 
 def load_reward_model(path: str | Path, device: str = "auto") -> RewardModel:
     """A reward run directory (adapter + head over its base) or a merged reward-model directory."""

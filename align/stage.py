@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import re
 import shutil
 import time
 from collections.abc import Callable
@@ -139,13 +138,11 @@ def sft_parent(init_from_sft: str | None, model_ref) -> Path | None:
 
 
 def newest_checkpoint(work: Path) -> Path | None:
-    """The newest checkpoint the trainer finished writing (its trainer_state.json is written last)."""
-    found = []
-    for p in work.glob("checkpoint-*"):
-        m = re.fullmatch(r"checkpoint-(\d+)", p.name)
-        if m and (p / "trainer_state.json").is_file():
-            found.append((int(m.group(1)), p))
-    return max(found)[1] if found else None
+    """The newest checkpoint whose writer finished (its trainer_state.json is written last)."""
+    from .checkpoint import checkpoints
+
+    found = checkpoints(work)
+    return found[-1] if found else None
 
 
 def up_to_date(cfg: StageConfig, paths: StagePaths, inputs: dict[str, str]) -> bool:

@@ -138,20 +138,17 @@ def win_rate_report(model, tokenizer, cfg, reference_ctx) -> dict[str, Any]:
 
 
 def _rm_win_rate(path: str, messages: list[Messages], policy, ref) -> dict[str, Any]:
-    from .score import ScoreRow, load_reward_model
+    from .score import load_reward_model
 
     log.info("judging with the reward model %s (loaded separately for evaluation)", path)
     rm = load_reward_model(path)
-    seqs, texts = [], []
-    for m, (pt, _), (rt, _) in zip(messages, policy, ref):
-        try:
-            seqs += rm.encode(ScoreRow(m, [[{"role": "assistant", "content": pt or " "}],
-                                           [{"role": "assistant", "content": rt or " "}]]))
-            texts.append((pt, rt))
-        except RowError:
-            continue
-    scores = rm.score(seqs)
-    pol, rf = scores[0::2], scores[1::2]
+    flat = rm.score_answers([m for m in messages for _ in range(2)], [t for (pt, _), (rt, _) in zip(policy, ref)
+                                                                        for t in (pt, rt)])
+    # a prompt is judged only when both answers fit the reward model
+    kept = [(i, flat[2 * i], flat[2 * i + 1]) for i in range(len(messages))
+            if flat[2 * i] is not None and flat[2 * i + 1] is not None]
+    pol, rf = [a for _, a, _ in kept], [b for _, _, b in kept]
+    texts = [(policy[i][0], ref[i][0]) for i, _, _ in kept]
     wins = [1 if a > b else -1 if a < b else 0 for a, b in zip(pol, rf)]
     return {"rm_win_rate": _rate(wins) if wins else None, "rm_n": len(wins),
             "rm_lc_win_rate": _length_controlled(wins, [p for p, _ in texts], [r for _, r in texts]) if wins else None,
