@@ -10,6 +10,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from . import cli_pipeline
 from .config import STAGES, describe, load_config, to_yaml
 from .errors import AlignError, ConfigError
 
@@ -40,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     _stage_parser(sub, "reward", "train a reward model (LoRA adapter + score head) on preference pairs")
     _stage_parser(sub, "dpo", "direct preference optimisation of a policy adapter against the frozen SFT adapter")
     _stage_parser(sub, "ppo", "PPO: raise a reward model's score with a KL penalty to the SFT policy (one base)")
+    cli_pipeline.add_parsers(sub)
     _pairs_parser(sub)
     _merge_parser(sub)
     _eval_parser(sub)
@@ -118,7 +120,8 @@ def _pairs_parser(sub) -> None:
     p = sub.add_parser("pairs", help="make on-policy preference pairs: sample the policy, judge, keep best vs worst",
                        description="Make preference pairs from a policy's own answers.",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=PAIRS_EPILOG)
-    p.add_argument("--policy", required=True, metavar="DIR", help="a policy stage output (runs/<run>/sft, dpo or ppo)")
+    p.add_argument("--policy", required=True, metavar="DIR",
+                   help="a policy stage output (runs/<run>/sft, dpo or ppo), or a pipeline directory (its champion)")
     p.add_argument("--prompts", required=True, metavar="FILE",
                    help="rows with a 'prompt' (and an integer 'answer' for the gold judge); JSONL/JSON/CSV/Parquet")
     p.add_argument("--out", required=True, metavar="FILE.jsonl", help="where to write the pairs (atomically)")
@@ -192,9 +195,10 @@ def _merge(args: argparse.Namespace) -> int:
 def _eval_parser(sub) -> None:
     p = sub.add_parser("eval", help="evaluate a policy run against a baseline policy (win-rates, KL, perplexity, "
                        "BLEU/ROUGE)", description="Evaluate a policy run against a baseline policy run.")
-    p.add_argument("--policy", required=True, metavar="DIR", help="a policy stage output (runs/<run>/sft, dpo, ppo)")
-    p.add_argument("--baseline", metavar="DIR", help="the policy to beat (default: the policy's SFT parent, else "
-                   "the base model)")
+    p.add_argument("--policy", required=True, metavar="DIR",
+                   help="a policy stage output (runs/<run>/sft, dpo, ppo), or a pipeline directory (its champion)")
+    p.add_argument("--baseline", metavar="DIR", help="the policy to beat: a stage output or a pipeline directory "
+                   "(its champion); default: the policy's SFT parent, else the base model")
     p.add_argument("--reward-model", metavar="DIR", help="also judge the win-rate with this reward run")
     p.add_argument("--prompts", default="reward_data/prefs/prompts.jsonl", metavar="FILE",
                    help="held-out prompts; rows with an integer 'answer' are judged by the gold judge")
@@ -315,7 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.verb in STAGES:
             return _run_stage(args.verb, args)
-        verbs = {"pairs": _pairs, "merge": _merge, "eval": _eval, "score": _score, "serve-rm": _serve, "model": _model}
+        verbs = {"run": cli_pipeline.run_command, "runs": cli_pipeline.runs_command, "pairs": _pairs,
+                 "merge": _merge, "eval": _eval, "score": _score, "serve-rm": _serve, "model": _model}
         return verbs[args.verb](args)
     except AlignError as e:
         print(f"error: {e}", file=sys.stderr)

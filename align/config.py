@@ -56,7 +56,8 @@ class LoraConfig:
 @dataclass
 class DataConfig:
     train: str = opt("reward_data/sft/train.jsonl",
-                     "training data: .jsonl/.json/.parquet/.csv file, a saved HF dataset dir, or a hub dataset id")
+                     "training data: .jsonl/.json/.parquet/.csv file, a saved HF dataset dir, or a hub dataset id; "
+                     "several, comma-separated (a.jsonl,b.jsonl), are read one after the other")
     eval: str | None = opt("reward_data/sft/eval.jsonl", "held-out data in the same formats; empty = none")
     split: str = opt("train", "split to read when `train` is a hub dataset id or a DatasetDict directory")
     max_length: int = opt(512, "tokens per example (prompt + answer); SFT cuts longer answers at the end, "

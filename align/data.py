@@ -18,7 +18,7 @@ from typing import IO, Any
 
 from .errors import DataError
 from .formatting import Encoded, FormatError, Messages, encode
-from .runs import atomic_write_text, sha256_path
+from .runs import atomic_write_text, json_hash, sha256_path
 
 ROLES = ("system", "user", "assistant")
 SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
@@ -63,14 +63,33 @@ def resolve_path(spec: str) -> Path | None:
     return None
 
 
+def split_spec(spec: str) -> list[str]:
+    """`a.jsonl,b.jsonl` names several sources read one after the other (e.g. old pairs plus a new batch); a
+    path that exists with a comma in its name is one source."""
+    if "," not in spec or resolve_path(spec) is not None:
+        return [spec]
+    parts = [p.strip() for p in spec.split(",")]
+    if not all(parts):
+        raise DataError(f"data spec {spec!r}: an empty name between commas")
+    return parts
+
+
 def data_hash(spec: str) -> str:
     """Content hash of local data; a hub dataset is identified by its name only."""
+    parts = split_spec(spec)
+    if len(parts) > 1:
+        return json_hash([data_hash(p) for p in parts])
     path = resolve_path(spec)
     return sha256_path(path) if path is not None else f"hub:{spec}"
 
 
 def read_rows(spec: str, split: str = "train") -> Iterator[tuple[str, int, Any]]:
     """Yield (source, row number, raw row or a RowError) — a broken line is a row-level problem, not fatal."""
+    parts = split_spec(spec)
+    if len(parts) > 1:
+        for part in parts:
+            yield from read_rows(part, split)
+        return
     path = resolve_path(spec)
     if path is None:
         if spec.startswith((".", "/", "~")) or Path(spec).suffix in SUFFIXES or spec.count("/") > 1:

@@ -99,43 +99,124 @@ def evaluate_policy(policy: str, baseline: str | None = None, reward_model: str 
     """A policy run against a baseline policy run (default: the policy's SFT parent, else the base model):
     win-rates (gold judge, reward model, both also length-controlled), answer lengths, sampled KL, perplexity on
     held-out SFT data, BLEU / ROUGE-L of answers against the SFT data's reference answers."""
-    from pathlib import Path
-    from types import SimpleNamespace
+    return evaluate_policies([policy], baseline, reward_model, prompts, sft_data, limit, max_new_tokens, device)[0]
 
-    from .data import load_sft_data
+
+def evaluate_policies(policies: list[str], baseline: str | None = None, reward_model: str | None = None,
+                      prompts: str = "reward_data/prefs/prompts.jsonl",
+                      sft_data: str | None = "reward_data/sft/eval.jsonl", limit: int = 64, max_new_tokens: int = 64,
+                      device: str = "auto") -> list[dict]:
+    """Several policies (adapters on one base, loaded once) against one baseline; the baseline's answers,
+    perplexity and overlap are computed once and shared. Default baseline: the first policy's SFT parent."""
+    from pathlib import Path
+
     from .errors import ModelError
-    from .generate import answer_batch
     from .models import adapter_role
     from .runs import read_manifest
-    from .trained import POLICY_STAGES, load_policy, open_run
-    from .winrate import win_rate_report
+    from .trained import POLICY_STAGES, champion_or, load_policy, open_run
 
-    model, tokenizer, cfg = load_policy(policy, device)
-    manifest = read_manifest(Path(policy))
-    baseline = baseline or manifest.get("parent")
-    name = None
+    paths = [champion_or(p) for p in policies]
+    baseline = champion_or(baseline) if baseline else None
+    model, tokenizer, cfg = load_policy(paths[0], device)
+    manifests = [read_manifest(p) for p in paths]
+    names = ["default"] + [f"policy{i}" for i in range(1, len(paths))]
+    for path, manifest, name in zip(paths[1:], manifests[1:], names[1:]):
+        open_run(path, POLICY_STAGES, "--policy")
+        if manifest["base_model"] != manifests[0]["base_model"]:
+            raise ModelError(f"{path} was trained on another base model than {paths[0]}")
+        model.load_adapter(str(path), adapter_name=name, is_trainable=False)
+    baseline = baseline or manifests[0].get("parent")
+    base_name = None
     if baseline:
         base_manifest, _, _ = open_run(Path(baseline), POLICY_STAGES, "--baseline")
-        if base_manifest["base_model"] != manifest["base_model"]:
-            raise ModelError(f"--baseline {baseline} was trained on another base model than --policy {policy}")
+        if base_manifest["base_model"] != manifests[0]["base_model"]:
+            raise ModelError(f"--baseline {baseline} was trained on another base model than --policy {paths[0]}")
         model.load_adapter(str(baseline), adapter_name="baseline", is_trainable=False)
-        name = "baseline"
-    ctx = lambda m: adapter_role(m, name, trainable=())  # noqa: E731
-    settings = SimpleNamespace(eval_prompts=prompts, eval_limit=limit, max_new_tokens=max_new_tokens,
-                               reward_model=reward_model)
-    report = {"policy": str(policy), "baseline": str(baseline) if baseline else "base model (adapters off)",
-              **win_rate_report(model, tokenizer, settings, ctx)}
-    if sft_data:
-        max_length = cfg.data.max_length
-        report["perplexity_policy"] = perplexity(model, tokenizer, sft_data, max_length, limit)
-        with ctx(model):
-            report["perplexity_baseline"] = perplexity(model, tokenizer, sft_data, max_length, limit)
-        examples = load_sft_data(sft_data, tokenizer, max_length, True, limit=limit).examples
-        pairs = [(e.prompt, e.completion[-1]["content"]) for e in examples if e.prompt and e.completion]
-        if pairs:
-            answers = answer_batch(model, tokenizer, [p for p, _ in pairs], max_new_tokens, desc="reference overlap")
-            report["overlap_policy"] = text_overlap([a for a, _ in answers], [r for _, r in pairs])
-            with ctx(model):
-                answers = answer_batch(model, tokenizer, [p for p, _ in pairs], max_new_tokens)
-            report["overlap_baseline"] = text_overlap([a for a, _ in answers], [r for _, r in pairs])
-    return report
+        base_name = "baseline"
+    ctx = lambda m: adapter_role(m, base_name, trainable=())  # noqa: E731
+    job = _Job(model, tokenizer, cfg.data.max_length, str(baseline) if baseline else None, ctx, reward_model,
+               prompts, sft_data, limit, max_new_tokens)
+    reports = []
+    for path, manifest, name in zip(paths, manifests, names):
+        with adapter_role(model, name, trainable=()):
+            reports.append(job.evaluate(path, manifest.get("parent")))
+    return reports
+
+
+class _Job:
+    """One evaluation session: the settings, and what is computed once for the baseline."""
+
+    def __init__(self, model, tokenizer, max_length, baseline, ctx, reward_model, prompts, sft_data, limit,
+                 max_new_tokens):
+        self.model, self.tokenizer, self.max_length, self.baseline, self.ctx = model, tokenizer, max_length, \
+            baseline, ctx
+        self.reward_model, self.prompts, self.sft_data = reward_model, prompts, sft_data
+        self.limit, self.max_new_tokens = limit, max_new_tokens
+        self.shared: dict = {}
+
+    def evaluate(self, policy, parent: str | None) -> dict:
+        """The active adapter against the baseline."""
+        from types import SimpleNamespace
+
+        from .winrate import win_rate_report
+
+        model, tok = self.model, self.tokenizer
+        settings = SimpleNamespace(eval_prompts=self.prompts, eval_limit=self.limit,
+                                   max_new_tokens=self.max_new_tokens, reward_model=self.reward_model)
+        report = {"policy": str(policy), "baseline": self.baseline or "base model (adapters off)",
+                  **win_rate_report(model, tok, settings, self.ctx, self.shared)}
+        report["kl_to_reference"] = self._kl_to_reference(parent, report)
+        if self.sft_data:
+            report["perplexity_policy"] = perplexity(model, tok, self.sft_data, self.max_length, self.limit)
+            report["perplexity_baseline"] = self._baseline("perplexity", lambda: perplexity(
+                model, tok, self.sft_data, self.max_length, self.limit))
+            pairs = self._reference_pairs()
+            if pairs:
+                report["overlap_policy"] = self._overlap(pairs, "reference overlap")
+                report["overlap_baseline"] = self._baseline("overlap", lambda: self._overlap(pairs, None))
+        return report
+
+    def _baseline(self, what: str, compute):
+        if what not in self.shared:
+            with self.ctx(self.model):
+                self.shared[what] = compute()
+        return self.shared[what]
+
+    def _reference_pairs(self) -> list:
+        from .data import load_sft_data
+
+        if "pairs" not in self.shared:
+            examples = load_sft_data(self.sft_data, self.tokenizer, self.max_length, True, limit=self.limit).examples
+            self.shared["pairs"] = [(e.prompt, e.completion[-1]["content"]) for e in examples
+                                    if e.prompt and e.completion]
+        return self.shared["pairs"]
+
+    def _overlap(self, pairs, desc: str | None) -> dict:
+        from .generate import answer_batch
+
+        answers = answer_batch(self.model, self.tokenizer, [p for p, _ in pairs], self.max_new_tokens, desc=desc)
+        return text_overlap([a for a, _ in answers], [r for _, r in pairs])
+
+    def _kl_to_reference(self, parent: str | None, report: dict) -> float | None:
+        """KL of the policy to the reference it trained against (its SFT parent, or the base without adapters):
+        the number a KL budget is about. When the baseline is that parent, it is the win-rate report's estimate."""
+        from pathlib import Path
+
+        from .models import adapter_role
+        from .winrate import load_prompts, sampled_kl
+
+        baseline = self.baseline
+        if (parent and baseline and Path(parent).resolve() == Path(baseline).resolve()) or not (parent or baseline):
+            return report.get("kl_estimate")
+        messages = [p for p, _ in load_prompts(self.prompts, self.limit)]
+        if not messages:
+            return None
+        name = None
+        if parent:
+            refs = self.shared.setdefault("references", {})
+            if parent not in refs:
+                refs[parent] = f"reference{len(refs)}"
+                self.model.load_adapter(str(parent), adapter_name=refs[parent], is_trainable=False)
+            name = refs[parent]
+        return sampled_kl(self.model, self.tokenizer, messages, self.max_new_tokens,
+                          lambda m: adapter_role(m, name, trainable=()))

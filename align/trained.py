@@ -4,6 +4,8 @@ silently applied to a different model."""
 
 from __future__ import annotations
 
+import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +13,8 @@ import torch
 
 from .config import STAGES, ModelConfig, load_config
 from .errors import ModelError
+
+log = logging.getLogger(__name__)
 
 POLICY_STAGES = ("sft", "dpo", "ppo")
 
@@ -54,13 +58,27 @@ def model_config_for(cfg: Any, manifest: dict[str, Any], dev: torch.device) -> M
                        dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
 
 
+def champion_or(path: str | Path) -> Path:
+    """A pipeline directory (runs/<name>, holding champion.json) stands for its champion policy."""
+    from .versions import CHAMPION_FILE
+
+    path = Path(path)
+    pointer = path / CHAMPION_FILE
+    if pointer.is_file():
+        champion = json.loads(pointer.read_text(encoding="utf-8"))
+        log.info("%s: its champion, %s %s (%s)", path, champion["version"], champion["stage"], champion["path"])
+        return Path(champion["path"])
+    return path
+
+
 def load_policy(path: str | Path, device: str = "auto", flag: str = "--policy"):
-    """(model, tokenizer, stage config) of a policy stage output (SFT, DPO or PPO adapter over its base)."""
+    """(model, tokenizer, stage config) of a policy stage output (SFT, DPO or PPO adapter over its base), or of
+    a pipeline's champion when `path` is the pipeline's directory."""
     from peft import PeftModel
 
     from .models import load_base, load_tokenizer
 
-    path = Path(path)
+    path = champion_or(path)
     dev = pick_device(device)
     manifest, cfg, ref = open_run(path, POLICY_STAGES, flag)
     model_cfg = model_config_for(cfg, manifest, dev)

@@ -102,15 +102,20 @@ def _rate(wins: list[int]) -> float:
     return sum(1.0 if w > 0 else 0.5 if w == 0 else 0.0 for w in wins) / len(wins)
 
 
-def win_rate_report(model, tokenizer, cfg, reference_ctx) -> dict[str, Any]:
-    """Policy (the model's active adapter) against the reference (inside `reference_ctx(model)`)."""
+def win_rate_report(model, tokenizer, cfg, reference_ctx, shared: dict | None = None) -> dict[str, Any]:
+    """Policy (the model's active adapter) against the reference (inside `reference_ctx(model)`). `shared` keeps
+    the reference's answers and the loaded reward model for the next policy judged against the same reference."""
+    shared = {} if shared is None else shared
     prompts = load_prompts(cfg.eval_prompts, cfg.eval_limit)
     if not prompts:
         return {}
     messages = [p for p, _ in prompts]
     policy = answer_batch(model, tokenizer, messages, cfg.max_new_tokens, desc="policy answers")
-    with reference_ctx(model):
-        ref = answer_batch(model, tokenizer, messages, cfg.max_new_tokens, desc="reference answers")
+    if "reference_answers" not in shared:
+        with reference_ctx(model):
+            shared["reference_answers"] = answer_batch(model, tokenizer, messages, cfg.max_new_tokens,
+                                                       desc="reference answers")
+    ref = shared["reference_answers"]
     kl = sampled_kl(model, tokenizer, messages, cfg.max_new_tokens, reference_ctx)
     eos = tokenizer.eos_token_id
     report: dict[str, Any] = {
@@ -131,17 +136,22 @@ def win_rate_report(model, tokenizer, cfg, reference_ctx) -> dict[str, Any]:
                       gold_score_policy=sum(judge.gold_score(q, pt, a) for q, a, pt, _ in judged) / len(judged),
                       gold_score_reference=sum(judge.gold_score(q, rt, a) for q, a, _, rt in judged) / len(judged))
     if getattr(cfg, "reward_model", None):
-        report.update(_rm_win_rate(cfg.reward_model, messages, policy, ref))
+        report.update(_rm_win_rate(cfg.reward_model, messages, policy, ref, shared))
     report["samples"] = [{"prompt": m[-1]["content"], "policy": pt, "reference": rt}
                          for m, (pt, _), (rt, _) in list(zip(messages, policy, ref))[:3]]
+    # per-answer word counts, so a report can show the length distributions, not just their means
+    report["policy_words"] = [len(t.split()) for t, _ in policy]
+    report["reference_words"] = [len(t.split()) for t, _ in ref]
     return report
 
 
-def _rm_win_rate(path: str, messages: list[Messages], policy, ref) -> dict[str, Any]:
+def _rm_win_rate(path: str, messages: list[Messages], policy, ref, shared: dict) -> dict[str, Any]:
     from .score import load_reward_model
 
-    log.info("judging with the reward model %s (loaded separately for evaluation)", path)
-    rm = load_reward_model(path)
+    if "reward_model" not in shared:
+        log.info("judging with the reward model %s (loaded separately for evaluation)", path)
+        shared["reward_model"] = load_reward_model(path)
+    rm = shared["reward_model"]
     flat = rm.score_answers([m for m in messages for _ in range(2)], [t for (pt, _), (rt, _) in zip(policy, ref)
                                                                         for t in (pt, rt)])
     # a prompt is judged only when both answers fit the reward model

@@ -1,0 +1,169 @@
+"""The whole loop on a tiny model: versions, skipping unchanged stages, lineage, failure and resume, report."""
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import EVAL_NUMBERS, pair_rows, write_jsonl
+
+from align import pipeline
+from align.cli import main
+from align.errors import ConfigError
+from align.pipeline import load_pipeline, run, stage_config
+from align.versions import Home
+
+PROMPTS = Path(__file__).resolve().parent.parent / "reward_data" / "prefs" / "prompts.jsonl"
+
+
+def tiny_overrides(tmp: Path, tiny: Path, prefs: Path, prefs_eval: Path, sft: Path) -> list[str]:
+    return [f"runs_dir={tmp / 'runs'}", "name=t", f"model.name_or_path={tiny}",
+            f"data.sft={sft}", "data.sft_eval=", f"data.preferences={prefs}", f"data.preferences_eval={prefs_eval}",
+            f"data.eval_prompts={PROMPTS}", "evaluate.limit=3", "evaluate.max_new_tokens=4",
+            "sft.training.max_steps=2", "sft.training.batch_size=2", "sft.lora.r=4", "sft.lora.alpha=8",
+            "sft.samples=0", "reward.training.max_steps=2", "reward.training.batch_size=2",
+            "dpo.training.max_steps=2", "dpo.training.batch_size=2", "dpo.data.eval=",
+            "ppo.training.max_steps=1", "ppo.rollout.batch_size=2", "ppo.rollout.max_new_tokens=4",
+            "ppo.training.batch_size=2", "merge.dtype=fp32"]
+
+
+@pytest.fixture(scope="module")
+def loop(tmp_path_factory, tiny_model_dir):
+    """Version 1 of a tiny pipeline (made once for the module); the tests below that change it work on a copy."""
+    tmp = tmp_path_factory.mktemp("loop")
+    prefs = write_jsonl(tmp / "prefs.jsonl", pair_rows([(a, b) for a in range(2, 8) for b in (3, 7)]))
+    prefs_eval = write_jsonl(tmp / "prefs-eval.jsonl", pair_rows(EVAL_NUMBERS[:4], start=1))
+    sft = write_jsonl(tmp / "sft.jsonl", [{"prompt": r["prompt"], "completion": r["chosen"]}
+                                          for r in pair_rows([(2, 3), (4, 5), (6, 7), (8, 9)])])
+    overrides = tiny_overrides(tmp, tiny_model_dir, prefs, prefs_eval, sft)
+    record = run(load_pipeline(None, overrides))
+    return {"tmp": tmp, "overrides": overrides, "record": record, "home": Home(tmp / "runs" / "t"), "prefs": prefs}
+
+
+def test_first_version_trains_every_stage_evaluates_promotes_merges_and_reports(loop):
+    record, home = loop["record"], loop["home"]
+    assert record["version"] == "v1" and record["status"] == "done"
+    assert set(record["stages"]) == {"sft", "reward", "dpo", "ppo"}
+    for stage, entry in record["stages"].items():
+        assert entry["made_in"] == "v1" and Path(entry["path"]) == home.root / "v1" / stage
+        assert (Path(entry["path"]) / "adapter_model.safetensors").is_file()
+    # lineage: reward, DPO and PPO start from this SFT; PPO is scored by this reward model
+    sft, rm = str(home.root / "v1" / "sft"), str(home.root / "v1" / "reward")
+    assert record["stages"]["dpo"]["parents"] == {"sft": sft}
+    assert record["stages"]["ppo"]["parents"] == {"sft": sft, "reward": rm}
+    ev = record["evaluation"]
+    assert ev["baseline"] == sft and set(ev["policies"]) == {"dpo", "ppo"}
+    for name in ("dpo", "ppo"):
+        full = json.loads(Path(ev["files"][name]).read_text())
+        assert full["n_prompts"] == 3 and 0 <= full["gold_win_rate"] <= 1 and 0 <= full["rm_win_rate"] <= 1
+        assert ev["policies"][name]["kl_to_reference"] == full["kl_estimate"]  # baseline is the reference here
+    # a champion exists after the first round (a winner, or SFT), and a merged copy of it
+    champion = record["decision"]["champion"]
+    assert champion["version"] == "v1" and champion["stage"] in {"sft", "dpo", "ppo"}
+    assert record["merged"]["path"] == str(home.root / "v1" / "merged")
+    assert (home.root / "v1" / "merged" / "model.safetensors").is_file()
+
+
+def test_report_exists_and_every_image_it_shows_exists(loop):
+    report = Path(loop["record"]["report"])
+    text = report.read_text()
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
+    assert {"training.png", "reward_kl.png", "lengths.png"} <= set(images)
+    for image in images:
+        data = (report.parent / image).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    assert "## Decision" in text and "| gold-judge win-rate |" in text and "**Prompt:**" in text
+
+
+def test_a_second_run_with_unchanged_inputs_trains_nothing(loop, monkeypatch, capsys):
+    home = loop["home"]
+    trained = []
+    monkeypatch.setattr(pipeline, "_stage_runner", lambda stage: trained.append(stage))
+    versions = home.versions()
+    record = run(load_pipeline(None, loop["overrides"]))
+    assert record.get("nothing_to_do") and trained == [] and home.versions() == versions
+    assert main(["run", *loop["overrides"]]) == 0
+    assert "nothing to do" in capsys.readouterr().out and trained == []
+
+
+def test_new_preference_data_retrains_all_but_sft_then_a_failed_stage_resumes(loop, monkeypatch):
+    home = loop["home"]
+    versions_before = home.versions()
+    more = write_jsonl(loop["tmp"] / "new-pairs.jsonl", pair_rows([(9, 4), (10, 6), (11, 2), (12, 5)], start=3))
+    overrides = [*loop["overrides"], f"data.preferences={loop['prefs']},{more}"]
+    real = pipeline._stage_runner
+    calls = []
+
+    def failing_dpo(stage):
+        calls.append(stage)
+        if stage == "dpo":
+            def boom(cfg):
+                raise RuntimeError("injected DPO failure")
+            return boom
+        return real(stage)
+
+    monkeypatch.setattr(pipeline, "_stage_runner", failing_dpo)
+    with pytest.raises(RuntimeError, match="injected DPO failure"):
+        run(load_pipeline(None, overrides))
+    version = f"v{len(versions_before) + 1}"
+    failed = home.read(version)
+    assert failed["status"] == "failed" and failed["error"]["step"] == "dpo"
+    assert calls == ["reward", "dpo"]  # SFT's inputs did not change: reused, not trained
+    assert failed["stages"]["sft"]["made_in"] == "v1" and failed["stages"]["reward"]["made_in"] == version
+
+    calls.clear()
+    monkeypatch.setattr(pipeline, "_stage_runner", lambda stage: (calls.append(stage), real(stage))[1])
+    record = run(load_pipeline(None, overrides))
+    assert record["version"] == version and record["status"] == "done"  # the same version, continued
+    assert calls == ["dpo", "ppo"]  # the reward model finished before the failure: not trained again
+    assert record["stages"]["sft"]["made_in"] == "v1"
+    assert {s: e["made_in"] for s, e in record["stages"].items() if s != "sft"} == dict.fromkeys(
+        ["reward", "dpo", "ppo"], version)
+    assert record["stages"]["reward"]["path"] == str(home.root / version / "reward")
+    # judged against the champion, with a decision written down either way
+    assert record["evaluation"]["baseline"] == home.read("v1")["decision"]["champion"]["path"]
+    assert record["decision"]["reason"] and "changed" in record["decision"]
+    assert record["evaluation"]["policies"]["dpo"]["kl_to_reference"] is not None
+
+
+def test_from_forces_a_step_and_everything_after_it(loop, monkeypatch):
+    home = loop["home"]
+    calls = []
+
+    def stop(stage):
+        calls.append(stage)
+
+        def fail(cfg):
+            raise RuntimeError("stop here")
+        return fail
+
+    monkeypatch.setattr(pipeline, "_stage_runner", stop)
+    with pytest.raises(RuntimeError, match="stop here"):
+        run(load_pipeline(None, loop["overrides"]), start="ppo")
+    assert calls == ["ppo"]  # sft, reward and dpo unchanged and before --from: reused
+    latest = home.latest()
+    assert latest["status"] == "failed" and latest["error"]["step"] == "ppo"
+    shutil.rmtree(home.root / latest["version"])  # leave the module's pipeline as it was
+
+
+def test_pipeline_config_errors_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match="dpo.betta"):
+        load_pipeline(None, ["dpo.betta=0.1"])
+    with pytest.raises(ConfigError, match="ppo needs the reward stage"):
+        load_pipeline(None, ["reward.enabled=false"])
+    with pytest.raises(ConfigError, match="sft.config"):
+        load_pipeline(None, ["sft.config=nowhere.yaml"])
+    with pytest.raises(ConfigError, match="promotion.margin"):
+        load_pipeline(None, ["promotion.margin=0.7"])
+
+
+def test_stage_config_takes_data_and_parents_from_the_pipeline(tmp_path):
+    p = load_pipeline(Path(__file__).resolve().parent.parent / "recipes" / "configs" / "pipeline.yaml",
+                      [f"runs_dir={tmp_path}", "data.preferences=a.jsonl,b.jsonl"])
+    cfg = stage_config(p, "ppo", "v3", {"sft": Path("x/sft"), "reward": Path("y/reward")})
+    assert (cfg.run, cfg.runs_dir) == ("v3", str(tmp_path / "demo"))
+    assert (cfg.init_from_sft, cfg.reward_model, cfg.eval_prompts) == ("x/sft", "y/reward", None)
+    assert cfg.data.train == "a.jsonl,b.jsonl" and cfg.training.max_steps == 4
+    dpo = stage_config(p, "dpo", "v3", {"sft": Path("x/sft")})
+    assert dpo.data.eval is None and dpo.loss == "ipo"  # the pipeline file's stage keys win over the data default

@@ -1,0 +1,78 @@
+"""The promotion rule, both ways, on hand-made evaluation reports."""
+
+import pytest
+
+from align.pipeline_steps import promote
+from align.promotion import PromotionRule, check, decide, judged_rate
+from align.versions import Home
+
+
+def report(gold=None, rm=None, kl=0.1, gold_lc=None, rm_lc=None):
+    return {"gold_win_rate": gold, "rm_win_rate": rm, "kl_to_reference": kl, "gold_lc_win_rate": gold_lc,
+            "rm_lc_win_rate": rm_lc}
+
+
+def test_a_win_rate_above_half_plus_margin_within_the_kl_budget_is_promoted():
+    rule = PromotionRule(margin=0.02, max_kl=2.0)
+    d = decide({"dpo": report(gold=0.55, kl=0.5)}, rule, "SFT (v1)")
+    assert d["promote"] == "dpo"
+    assert "gold_win_rate 0.550 > 0.5 + margin 0.02" in d["reason"] and "0.500" in d["reason"]
+
+
+def test_a_win_rate_within_the_margin_is_not_promoted():
+    # 0.515 is above 50% but not above 0.5 + 0.02
+    d = decide({"dpo": report(gold=0.515)}, PromotionRule(margin=0.02), "the champion (v1 dpo)")
+    assert d["promote"] is None
+    assert d["reason"] == ("nothing beats the champion (v1 dpo): dpo: gold_win_rate 0.515 is not above "
+                           "0.5 + margin 0.02")
+
+
+def test_a_winner_over_the_kl_budget_is_not_promoted():
+    d = decide({"ppo": report(gold=0.9, kl=3.5)}, PromotionRule(max_kl=2.0), "SFT")
+    assert d["promote"] is None
+    assert d["checks"]["ppo"]["why_not"] == ["KL to its reference 3.500 is over the budget 2"]
+    assert decide({"ppo": report(gold=0.9, kl=3.5)}, PromotionRule(max_kl=None), "SFT")["promote"] == "ppo"
+
+
+def test_the_best_passing_candidate_wins():
+    d = decide({"dpo": report(gold=0.6), "ppo": report(gold=0.7, kl=5.0), "x": report(gold=0.65)},
+               PromotionRule(max_kl=2.0), "SFT")
+    assert d["promote"] == "x"  # ppo has the highest rate but is over the KL budget
+    assert [n for n, c in d["checks"].items() if c["passed"]] == ["dpo", "x"]
+
+
+def test_auto_judge_falls_back_to_the_reward_model_without_gold_answers():
+    rule = PromotionRule()
+    assert judged_rate(report(gold=0.4, rm=0.9), rule) == ("gold_win_rate", 0.4)
+    assert judged_rate(report(rm=0.9), rule) == ("rm_win_rate", 0.9)
+    assert judged_rate(report(gold=0.4, rm=0.9), PromotionRule(judge="reward_model")) == ("rm_win_rate", 0.9)
+    assert judged_rate(report(gold=0.4, gold_lc=0.7), PromotionRule(metric="lc_win_rate")) == ("gold_lc_win_rate", 0.7)
+    assert check(report(), PromotionRule(judge="gold"))["why_not"] == [
+        "no gold_win_rate in its evaluation (no gold answers)"]
+
+
+def test_no_candidates_means_no_promotion():
+    assert decide({}, PromotionRule(), "SFT")["reason"] == "no new policy was trained in this version"
+
+
+@pytest.mark.parametrize("gold,expected", [(0.7, "dpo"), (0.45, "sft")])
+def test_the_first_version_promotes_the_winner_or_makes_sft_the_first_champion(tmp_path, gold, expected):
+    home = Home(tmp_path / "p")
+    record = {"version": "v1", "stages": {"sft": {"path": "runs/p/v1/sft", "key": "k-sft"},
+                                          "dpo": {"path": "runs/p/v1/dpo", "key": "k-dpo"}}}
+    decision = promote(home, record, {"dpo": report(gold=gold)}, PromotionRule(), None, "SFT (v1)")
+    assert decision["changed"] and home.champion()["stage"] == expected
+    assert home.champion()["path"] == f"runs/p/v1/{expected}"
+    if expected == "sft":
+        assert decision["reason"].endswith("SFT becomes the first champion")
+
+
+def test_a_losing_round_keeps_the_champion(tmp_path):
+    home = Home(tmp_path / "p")
+    champion = {"version": "v1", "stage": "dpo", "path": "runs/p/v1/dpo"}
+    home.set_champion(champion)
+    record = {"version": "v2", "stages": {"sft": {"path": "runs/p/v1/sft", "key": "a"},
+                                          "dpo": {"path": "runs/p/v2/dpo", "key": "b"}}}
+    decision = promote(home, record, {"dpo": report(gold=0.5)}, PromotionRule(), champion, "the champion (v1 dpo)")
+    assert not decision["changed"] and decision["champion"] == champion
+    assert home.champion() == champion
