@@ -5,7 +5,7 @@ import json
 import pytest
 from conftest import chat, write_jsonl
 
-from align.data import check_reject_share, load_sft_data, read_rows, write_rejects
+from align.data import check_reject_share, data_hash, load_sft_data, read_rows, write_rejects
 from align.errors import DataError
 
 GOOD = chat("What is 1 + 1?", "1 + 1 = 2. The answer is 2.")
@@ -159,3 +159,16 @@ def test_shipped_sft_data_is_clean(tokenizer):
     for split in ("train", "eval"):
         loaded = _load(tokenizer, f"reward_data/sft/{split}.jsonl", max_length=512)
         assert not loaded.rejects and len(loaded.encoded) >= 100
+
+
+def test_comma_separated_files_are_read_in_order_and_hashed_together(tmp_path):
+    a = write_jsonl(tmp_path / "a.jsonl", [{"n": 1}, {"n": 2}])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"n": 3}])
+    rows = list(read_rows(f"{a},{b}"))
+    assert [(src.endswith(name), row, raw) for (src, row, raw), name in zip(rows, ["a.jsonl", "a.jsonl", "b.jsonl"])
+            ] == [(True, 1, {"n": 1}), (True, 2, {"n": 2}), (True, 1, {"n": 3})]  # each row keeps its file and line
+    assert data_hash(f"{a},{b}") != data_hash(f"{b},{a}") != data_hash(str(a))
+    with pytest.raises(DataError, match="an empty name between commas"):
+        list(read_rows(f"{a},,{b}"))
+    with pytest.raises(DataError, match="not found"):
+        list(read_rows(f"{a},{tmp_path}/missing.jsonl"))

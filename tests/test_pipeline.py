@@ -164,6 +164,29 @@ def test_stage_config_takes_data_and_parents_from_the_pipeline(tmp_path):
     cfg = stage_config(p, "ppo", "v3", {"sft": Path("x/sft"), "reward": Path("y/reward")})
     assert (cfg.run, cfg.runs_dir) == ("v3", str(tmp_path / "demo"))
     assert (cfg.init_from_sft, cfg.reward_model, cfg.eval_prompts) == ("x/sft", "y/reward", None)
-    assert cfg.data.train == "a.jsonl,b.jsonl" and cfg.training.max_steps == 4
+    assert cfg.data.train == "a.jsonl,b.jsonl" and cfg.training.max_steps == 3
     dpo = stage_config(p, "dpo", "v3", {"sft": Path("x/sft")})
     assert dpo.data.eval is None and dpo.loss == "ipo"  # the pipeline file's stage keys win over the data default
+
+
+def test_runs_lists_versions_and_shows_one_with_its_lineage(loop, capsys):
+    runs_dir = str(loop["tmp"] / "runs")
+    assert main(["runs", "--runs-dir", runs_dir]) == 0
+    out = capsys.readouterr().out
+    v1 = loop["record"]
+    assert "champion:" in out and re.search(r"v1\s+done", out)
+    assert f"{v1['evaluation']['reward_model']['eval_accuracy']:.1%}" in out
+    assert main(["runs", "show", "v1", "--runs-dir", runs_dir, "--name", "t"]) == 0
+    out = capsys.readouterr().out
+    assert "lineage:" in out and f"sft ← {v1['stages']['sft']['path']}" in out
+    assert f"report: {v1['report']}" in out
+    assert main(["runs", "show", "v9", "--runs-dir", runs_dir]) == 2
+    assert "no version 'v9' (versions: v1" in capsys.readouterr().err
+
+
+def test_a_pipeline_directory_stands_for_its_champion(loop):
+    from align.trained import champion_or
+
+    home = loop["home"]
+    assert champion_or(home.root) == Path(home.champion()["path"])
+    assert champion_or(home.root / "v1" / "sft") == home.root / "v1" / "sft"
