@@ -83,6 +83,8 @@ class TrainingConfig:
     warmup_ratio: float = opt(0.05, "share of steps spent warming up", lambda v: 0 <= v < 1, "must be in [0, 1)")
     weight_decay: float = opt(0.0, "AdamW weight decay", lambda v: v >= 0, "must be >= 0")
     max_grad_norm: float = opt(1.0, "gradient-norm clip", _positive, "must be > 0")
+    max_bad_steps: int = opt(3, "a step with NaN/inf gradients (or, in PPO, rewards or losses) is skipped; this "
+                             "many in a row stop training", _positive, "must be >= 1")
     gradient_checkpointing: bool | None = opt(None, "recompute activations to save memory; empty = on CUDA only")
     seed: int = opt(42, "seed for data order, LoRA init and dropout")
     logging_steps: int = opt(5, "log metrics every N steps", _positive, "must be >= 1")

@@ -24,8 +24,8 @@ from datasets import Dataset
 
 from .config import DPOConfig
 from .data import Loaded
-from .heads import answer_labels, pad_batch
-from .losses import dpo_loss, sequence_logps
+from .heads import answer_labels, labelled_logps, pad_batch
+from .losses import dpo_loss
 from .models import (
     adapter_role,
     attach_lora,
@@ -93,8 +93,7 @@ def _batch(pairs: list[EncodedPair], pad_id: int, device) -> dict[str, torch.Ten
 
 def answer_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(2B,) summed answer log-probs and answer lengths of a _batch."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    return sequence_logps(logits, batch["labels"])
+    return labelled_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
 
 
 @torch.no_grad()

@@ -75,8 +75,7 @@ def perplexity(model, tokenizer, spec: str, max_length: int, limit: int, batch_s
     import torch
 
     from .data import load_sft_data
-    from .heads import answer_labels, pad_batch
-    from .losses import sequence_logps
+    from .heads import answer_labels, labelled_logps, pad_batch
 
     rows = load_sft_data(spec, tokenizer, max_length, completion_only=True, limit=limit).encoded
     device = next(model.parameters()).device
@@ -86,7 +85,7 @@ def perplexity(model, tokenizer, spec: str, max_length: int, limit: int, batch_s
             chunk = rows[start:start + batch_size]
             ids, mask = pad_batch([r.input_ids for r in chunk], tokenizer.pad_token_id, device=device)
             labels = answer_labels(ids, mask, [r.prompt_len for r in chunk])
-            logps, n = sequence_logps(model(input_ids=ids, attention_mask=mask).logits, labels)
+            logps, n = labelled_logps(model, ids, mask, labels)
             total += -logps.sum().item()
             count += int(n.sum().item())
     return math.exp(total / max(count, 1))
@@ -202,7 +201,7 @@ class _Job:
         the number a KL budget is about. When the baseline is that parent, it is the win-rate report's estimate."""
         from pathlib import Path
 
-        from .models import adapter_role
+        from .models import adapter_role, require_safetensors
         from .winrate import load_prompts, sampled_kl
 
         baseline = self.baseline
@@ -215,6 +214,7 @@ class _Job:
         if parent:
             refs = self.shared.setdefault("references", {})
             if parent not in refs:
+                require_safetensors(Path(parent), "the policy's reference")
                 refs[parent] = f"reference{len(refs)}"
                 self.model.load_adapter(str(parent), adapter_name=refs[parent], is_trainable=False)
             name = refs[parent]

@@ -86,6 +86,22 @@ def answer_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_
     return labels
 
 
+def labelled_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B,) summed log-probs of the labelled (answer) tokens and (B,) their count.
+
+    Vocabulary logits are made only from the position before the first labelled token on: the prompt positions
+    before it predict nothing that is scored, and their (B, T, V) logits are the largest tensor of the step.
+    """
+    from .losses import sequence_logps
+
+    cols = (labels != IGNORE).any(0).nonzero()
+    start = max(int(cols[0]) - 1, 0) if len(cols) else 0
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                   logits_to_keep=labels.shape[1] - start).logits
+    return sequence_logps(logits, labels[:, start:])
+
+
 def scoring_pad_id(tokenizer) -> int:
     """A pad id that is not the EOS, when the tokenizer has one to spare.
 

@@ -62,8 +62,9 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
     logits, labels = logits[:, :-1], labels[:, 1:]
     mask = labels != ignore_index
     safe = torch.where(mask, labels, 0)
-    token_logps = torch.gather(logits.float().log_softmax(-1), 2, safe.unsqueeze(-1)).squeeze(-1)
-    return (token_logps * mask).sum(-1), mask.sum(-1)
+    logits = logits.float()
+    per_token = torch.gather(logits, 2, safe.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
+    return (per_token * mask).sum(-1), mask.sum(-1)
 
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
@@ -140,7 +141,9 @@ def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torc
 
 def token_logps(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """(B, T) log-probability of each token under (B, T, V) logits that predict it (already aligned)."""
-    return torch.gather(F.log_softmax(logits.float(), dim=-1), 2, tokens.unsqueeze(-1)).squeeze(-1)
+    # log_softmax would build a second (B, T, V) tensor only to pick T entries of it; gather − logsumexp doesn't
+    logits = logits.float()
+    return torch.gather(logits, 2, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:

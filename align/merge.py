@@ -143,7 +143,7 @@ def _load_written(path: Path, reward: bool, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     auto = AutoModelForSequenceClassification if reward else AutoModelForCausalLM
-    return auto.from_pretrained(str(path), dtype=dtype).eval()
+    return auto.from_pretrained(str(path), dtype=dtype, use_safetensors=True).eval()
 
 
 def _unquantized(cfg, dtype: str) -> ModelConfig:

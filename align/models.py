@@ -178,7 +178,8 @@ def load_base(path: str, cfg: ModelConfig, task: str = "causal", pad_token_id: i
         kwargs["device_map"] = {"": device().index or 0} if device().type == "cuda" else {"": "cpu"}
     try:
         with _quiet_new_head() if task == "score" else contextlib.nullcontext():
-            model = auto.from_pretrained(path, **kwargs)
+            # safetensors only: a model offering only pytorch_model.bin (a pickle) is refused, not unpickled
+            model = auto.from_pretrained(path, use_safetensors=True, **kwargs)
     except (OSError, ValueError) as e:
         raise ModelError(f"could not load model {path!r}: {e}") from e
     if device().type == "cuda" and "quantization_config" not in kwargs:
@@ -240,6 +241,21 @@ def peft_lora_config(cfg: LoraConfig, task: str = "causal"):
     return PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=cfg.target_modules,
                           bias="none", task_type="SEQ_CLS" if task == "score" else "CAUSAL_LM",
                           modules_to_save=["score"] if task == "score" else None)
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+
+def require_safetensors(adapter_dir: Path, flag: str) -> None:
+    """An adapter is read from adapter_model.safetensors only. A directory offering its weights only as a pickle
+    file (adapter_model.bin, *.pt, ...) is refused before anything opens it: unpickling can run code."""
+    if (Path(adapter_dir) / "adapter_model.safetensors").is_file():
+        return
+    pickles = sorted(p.name for p in Path(adapter_dir).glob("*") if p.suffix in PICKLE_SUFFIXES)
+    found = f" (it has {', '.join(pickles)}: pickle files, which align never loads because unpickling can run " \
+            "code)" if pickles else ""
+    raise ModelError(f"{flag} {adapter_dir}: no adapter_model.safetensors{found}. Use an adapter saved as "
+                     "safetensors (save_pretrained(..., safe_serialization=True)), or train it with align")
 
 
 def read_adapter_config(adapter_dir: Path) -> dict[str, Any]:

@@ -28,10 +28,11 @@ import torch
 from .advantages import KLController, RunningMoments, gae, kl_per_token, masked_mean, masked_var, shaped_rewards, whiten
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import PPOConfig
-from .data import Example, RowError, _as_messages, load_rows
-from .errors import AlignError, ConfigError
+from .data import Example, RowError, _as_messages, char_bound, chars, load_rows
+from .errors import ConfigError
 from .formatting import FormatError, encode_prompt
 from .generate import Sampling, sample_batch
+from .guards import TrainingStopped, is_oom, out_of_memory
 from .losses import ppo_policy_loss, ppo_value_loss
 from .models import attach_lora, load_adapter_weights, load_base, lora_like, peft_lora_config, resolve_quantization
 from .roles import POLICY, REFERENCE, REWARD, VALUE, Batch, Roles, add_adapter_from, head_from, make_batch
@@ -42,11 +43,6 @@ from .winrate import win_rate_report
 
 log = logging.getLogger(__name__)
 STAGE = "ppo"
-MAX_BAD_STEPS = 3
-
-
-class TrainingStopped(AlignError):
-    """A guard stopped the run: the message says why, and the last checkpoint is kept."""
 
 
 # ---------------------------------------------------------------------------------------------- setup
@@ -60,6 +56,12 @@ def prompt_loader(cfg: PPOConfig):
             if not isinstance(raw, dict) or "prompt" not in raw:
                 raise RowError("a PPO prompt row needs a 'prompt' (a string or a list of messages)")
             prompt = _as_messages(raw["prompt"], "prompt", "user")
+            if prompt[-1]["role"] != "user":  # the policy answers the last user message
+                raise RowError("'prompt' must end with a user message")
+            if chars(prompt) > char_bound(tokenizer, room):  # refused without tokenizing megabytes
+                raise FormatError(f"the prompt is over {room} tokens ({chars(prompt):,} characters); with "
+                                  f"rollout.max_new_tokens={cfg.rollout.max_new_tokens} only {room} fit in "
+                                  f"data.max_length={cfg.data.max_length}")
             ids = encode_prompt(tokenizer, prompt)
             if len(ids) > room:
                 raise FormatError(f"the prompt is {len(ids)} tokens; with rollout.max_new_tokens="
@@ -144,13 +146,21 @@ def rollout(roles: Roles, prep: Prepared, rows: list[int]) -> tuple[Batch, dict[
     texts = [text for ((text, _),) in drawn]
     dev = next(roles.model.parameters()).device
     batch = make_batch(prompt_ids, responses, tok.pad_token_id, tok.eos_token_id, dev)
+    # scored in slices of the update's batch size: the logits of a whole rollout batch at once would make the
+    # peak memory grow with rollout.batch_size (64 prompts × 128 tokens × 152k vocabulary ≈ 4.6 GiB per tensor)
+    slices = [torch.arange(i, min(i + cfg.training.batch_size, len(rows)), device=dev)
+              for i in range(0, len(rows), cfg.training.batch_size)]
+
+    def each(fn) -> torch.Tensor:
+        return torch.cat([fn(batch.select(rows_), rows_.tolist()) for rows_ in slices])
+
     with torch.no_grad():
-        old_logp = roles.policy_logps(batch)
+        old_logp = each(lambda b, _: roles.policy_logps(b))
         with roles.role(REFERENCE):
-            ref_logp = roles.policy_logps(batch)
+            ref_logp = each(lambda b, _: roles.policy_logps(b))
         with roles.role(VALUE):
-            old_values = roles.values(batch)
-        scores = roles.rewards(batch, prompts, texts)
+            old_values = each(lambda b, _: roles.values(b))
+        scores = each(lambda b, idx: roles.rewards(b, [prompts[i] for i in idx], [texts[i] for i in idx]))
     return batch, {"prompts": prompts, "texts": texts, "old_logp": old_logp, "ref_logp": ref_logp,
                    "old_values": old_values, "scores": scores, "gen_seconds": gen_seconds,
                    "score_seconds": time.monotonic() - start - gen_seconds}
@@ -312,7 +322,7 @@ def train_loop(prep: Prepared, roles: Roles, resume_from: Path | None) -> dict[s
         except FloatingPointError as e:
             state["bad_steps"] += 1
             log.error("PPO step %d skipped: %s", step + 1, e)
-            if state["bad_steps"] >= MAX_BAD_STEPS:
+            if state["bad_steps"] >= t.max_bad_steps:
                 raise TrainingStopped(f"{state['bad_steps']} PPO steps in a row failed on non-finite numbers "
                                       f"(last: {e}). Check the reward model and lower training.learning_rate; the "
                                       f"last checkpoint is kept in {prep.paths.work}") from None
@@ -353,13 +363,24 @@ def train(prep: Prepared) -> Path:
                  "overwrite=true to train it again", prep.paths.out)
         return prep.paths.out
     ckpt = prepare_output(cfg, prep.paths, prep.inputs)
+    from transformers import set_seed
+
+    set_seed(cfg.training.seed)  # fresh adapters and heads start from seeded random weights
     roles = build_roles(prep)
     quantization = resolve_quantization(cfg.model)
     metrics: dict[str, Any] = {"n_prompts": len(prep.train.encoded), "n_rejected": len(prep.train.rejects),
                                "trainable_params": sum(p.numel() for p in _trainable(roles).values()),
                                "quantization": quantization, "resumed_from": ckpt.name if ckpt else None}
     start = time.time()
-    metrics.update(train_loop(prep, roles, ckpt))
+    try:
+        metrics.update(train_loop(prep, roles, ckpt))
+    except Exception as e:
+        if is_oom(e):
+            t = cfg.training
+            raise out_of_memory(STAGE, t.batch_size, t.grad_accum, cfg.data.max_length, str(prep.paths.work),
+                                f"; generation holds rollout.batch_size={cfg.rollout.batch_size} answers of up to "
+                                f"rollout.max_new_tokens={cfg.rollout.max_new_tokens} at once") from None
+        raise
     metrics["train_seconds"] = time.time() - start
     from accelerate import PartialState
     if not PartialState().is_main_process:  # the main process evaluates and writes the output
@@ -374,7 +395,7 @@ def train(prep: Prepared) -> Path:
         metrics["win_rate"] = win_rate_report(roles.model, prep.tokenizer, cfg, lambda m: roles.role(REFERENCE))
     parent = str(prep.sft.resolve()) if prep.sft is not None else None
     manifest = make_manifest(STAGE, cfg.run, prep.inputs, prep.model_ref.description, parent=parent,
-                             extra={"quantization": quantization,
+                             extra={"quantization": quantization, "seed": cfg.training.seed,
                                     "reward_model": str(Path(cfg.reward_model).resolve())})
 
     def value_head(out: Path) -> None:

@@ -23,6 +23,7 @@ import torch
 from .config import StageConfig, to_yaml
 from .data import Loaded, check_reject_share, data_hash, write_rejects
 from .errors import ConfigError, OutputError
+from .guards import NonFiniteGuard, TrainingStopped, check_finite, is_oom, out_of_memory
 from .runs import (
     atomic_dir,
     atomic_write_json,
@@ -134,6 +135,9 @@ def sft_parent(init_from_sft: str | None, model_ref) -> Path | None:
                           f"stage's base is {model_ref.description}; set model.name_or_path to the SFT base")
     if not (sft / "adapter_config.json").is_file():
         raise ConfigError(f"init_from_sft={init_from_sft}: no adapter_config.json; is it an SFT stage output?")
+    from .models import require_safetensors
+
+    require_safetensors(sft, "init_from_sft=")
     return sft
 
 
@@ -232,7 +236,12 @@ def fit(cfg: StageConfig, paths: StagePaths, inputs: dict[str, str], make_traine
                  "train it again", paths.out)
         return None
     ckpt = prepare_output(cfg, paths, inputs)
+    from transformers import set_seed
+
+    set_seed(cfg.training.seed)  # before the adapter is made: its random initial weights follow the seed too
     trainer = make_trainer()
+    guard = NonFiniteGuard(paths.out.name, cfg.training.max_bad_steps)
+    trainer.add_callback(guard)
     metrics: dict[str, Any] = {
         "n_train": len(train.encoded), "n_train_rejected": len(train.rejects),
         "n_eval": len(evals.encoded) if evals else 0,
@@ -241,8 +250,18 @@ def fit(cfg: StageConfig, paths: StagePaths, inputs: dict[str, str], make_traine
     if loss_before and trainer.eval_dataset is not None and ckpt is None:
         metrics["eval_loss_before"] = trainer.evaluate()["eval_loss"]
     start = time.time()
-    result = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
-    metrics.update(train_loss=result.training_loss, steps=result.global_step, train_seconds=time.time() - start)
+    try:
+        result = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+    except Exception as e:
+        if is_oom(e):
+            t = cfg.training
+            raise out_of_memory(paths.out.name, t.batch_size, t.grad_accum, cfg.data.max_length, str(paths.work)
+                                ) from None
+        raise
+    if guard.stopped:
+        raise TrainingStopped(guard.stopped)
+    metrics.update(train_loss=result.training_loss, steps=result.global_step, train_seconds=time.time() - start,
+                   skipped_steps=guard.skipped)
     metrics.update(after(trainer))
     metrics["log_history"] = trainer.state.log_history
     return trainer, metrics
@@ -261,7 +280,7 @@ def finish(stage: str, prep: Prepared, make_trainer: Callable[[], Any], after: C
     trainer, metrics = done
     parent = str(prep.sft.resolve()) if prep.sft is not None else None
     manifest = make_manifest(stage, cfg.run, prep.inputs, prep.model_ref.description, parent=parent,
-                             extra={"quantization": quantization, **(extra or {})})
+                             extra={"quantization": quantization, "seed": cfg.training.seed, **(extra or {})})
     return save_stage(cfg, prep.paths, trainer.model, prep.tokenizer, metrics, manifest, adapters)
 
 
@@ -272,6 +291,8 @@ def save_stage(cfg: StageConfig, paths: StagePaths, model, tokenizer, metrics: d
 
     `adapters` picks which adapters to save (e.g. the policy, not the frozen reference it was trained against).
     """
+    check_finite(((n, p) for n, p in model.named_parameters() if "lora_" in n or "modules_to_save" in n),
+                 str(paths.out))
     with atomic_dir(paths.out, overwrite=cfg.overwrite) as tmp:
         model.save_pretrained(tmp, safe_serialization=True, selected_adapters=adapters)
         if extra_files is not None:

@@ -33,12 +33,13 @@ def pick_device(name: str = "auto") -> torch.device:
 
 def open_run(path: Path, stages: tuple[str, ...], flag: str) -> tuple[dict[str, Any], Any, Any]:
     """(manifest, stage config, resolved base) of a finished stage output whose stage is one of `stages`."""
-    from .models import resolve_model
+    from .models import require_safetensors, resolve_model
     from .runs import MANIFEST, read_manifest
 
     if not (path / MANIFEST).is_file() or not (path / "adapter_config.json").is_file():
         raise ModelError(f"{flag} {path}: not a finished stage output (runs/<run>/<stage>/ with manifest.json "
                          "and adapter_config.json)")
+    require_safetensors(path, flag)
     manifest = read_manifest(path)
     stage = manifest.get("stage")
     if stage not in stages:

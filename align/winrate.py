@@ -13,8 +13,7 @@ import torch
 from .data import PROJECT_ROOT, RowError, _as_messages, read_rows
 from .formatting import Messages, encode_prompt
 from .generate import answer_batch
-from .heads import answer_labels, pad_batch
-from .losses import sequence_logps
+from .heads import answer_labels, labelled_logps, pad_batch
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +59,7 @@ def _answer_logps(model, tokenizer, prompts: list[Messages], answers: list[list[
         seqs = [p + a for p, a in zip(p_ids, answers[start:start + batch_size])]
         ids, mask = pad_batch(seqs, tokenizer.pad_token_id, device=device)
         labels = answer_labels(ids, mask, [len(p) for p in p_ids])
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-        out.append(sequence_logps(logits, labels)[0].float().cpu())
+        out.append(labelled_logps(model, ids, mask, labels)[0].float().cpu())
     return torch.cat(out)
 
 
