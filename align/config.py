@@ -69,6 +69,8 @@ class DataConfig:
                                   "prompt/completion rows")
     limit: int | None = opt(None, "use only the first N valid training rows (quick runs); empty = all",
                             lambda v: v is None or v >= 1, "must be >= 1 or empty")
+    eval_limit: int | None = opt(None, "use only the first N valid held-out rows; empty = all",
+                                 lambda v: v is None or v >= 1, "must be >= 1 or empty")
 
 
 @dataclass

@@ -87,7 +87,7 @@ def prepare(stage: str, cfg: StageConfig, make_loader: Callable[[Any], Callable[
     loader = make_loader(tokenizer)
     d = cfg.data
     train = load_split(stage, cfg, paths, d.train, "train", d.limit, loader)
-    evals = load_split(stage, cfg, paths, d.eval, "eval", None, loader) if d.eval else None
+    evals = load_split(stage, cfg, paths, d.eval, "eval", d.eval_limit, loader) if d.eval else None
     inputs = inputs_of(cfg, model_ref)
     if sft is not None:
         inputs["parent_adapter"] = sha256_path(sft / "adapter_model.safetensors")

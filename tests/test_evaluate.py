@@ -1,8 +1,13 @@
 """Evaluation metrics against numbers worked out by hand."""
 
-import pytest
+import math
+from types import SimpleNamespace
 
-from align.evaluate import length_controlled_win_rate, text_overlap, win_rate
+import pytest
+import torch
+from conftest import write_jsonl
+
+from align.evaluate import length_controlled_win_rate, perplexity, text_overlap, win_rate
 
 
 def test_win_rate_counts_a_tie_as_half():
@@ -66,3 +71,31 @@ def test_align_eval_reports_a_policy_against_its_baseline(tmp_path, sft_run):
     assert same.returncode == 0, same.stderr[-2000:]
     mirror = json.loads(same.stdout)
     assert mirror["gold_win_rate"] == 0.5 and mirror["kl_estimate"] == 0.0
+
+
+class FixedLogits(torch.nn.Module):
+    """A 'model' whose next-token distribution is fixed: uniform over V tokens, or a given token twice as likely."""
+
+    def __init__(self, vocab: int, favourite: int | None = None):
+        super().__init__()
+        self.vocab, self.favourite = vocab, favourite
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # so the evaluation can find the device
+
+    def forward(self, input_ids, attention_mask=None, use_cache=False, logits_to_keep=0):
+        width = logits_to_keep or input_ids.shape[1]
+        logits = torch.zeros(input_ids.shape[0], width, self.vocab)
+        if self.favourite is not None:
+            logits[..., self.favourite] = math.log(2.0)
+        return SimpleNamespace(logits=logits)
+
+
+def test_perplexity_by_hand(tmp_path, tokenizer):
+    rows = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": "What is 2 + 3?", "completion": "5"},
+                                                {"prompt": "Name a colour.", "completion": "Blue, like the sky."}])
+    vocab = len(tokenizer)
+    # uniform over V tokens: every answer token has probability 1/V, so perplexity = V exactly
+    assert perplexity(FixedLogits(vocab), tokenizer, str(rows), 128, limit=2) == pytest.approx(vocab, rel=1e-4)
+    # one token twice as likely as the rest: every other token has p = 1 / (V + 1), so perplexity = V + 1 when no
+    # answer token is the favourite (token 0 never appears in an answer)
+    assert perplexity(FixedLogits(vocab, favourite=0), tokenizer, str(rows), 128, limit=2) == pytest.approx(
+        vocab + 1, rel=1e-4)
