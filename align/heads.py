@@ -86,20 +86,58 @@ def answer_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_
     return labels
 
 
+# Above this many (answer tokens × vocabulary) logits, answer log-probs are computed chunk by chunk with the
+# vocabulary projection recomputed in the backward pass, so the full logits never exist at once (measured on an
+# H100, DPO at seq 2048: the full answer logits and their backward made the peak 15 GB at 0.5B, 25 GB at 7B).
+CHUNK_ELEMENTS = 1 << 26
+
+
 def labelled_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """(B,) summed log-probs of the labelled (answer) tokens and (B,) their count.
 
-    Vocabulary logits are made only from the position before the first labelled token on: the prompt positions
-    before it predict nothing that is scored, and their (B, T, V) logits are the largest tensor of the step.
+    Vocabulary logits are made only for what is scored: from the position before the first labelled token on
+    (small batches), or for the labelled positions alone, in chunks (large ones).
     """
     from .losses import sequence_logps
 
+    causal = unwrap(model)
+    head = causal.get_output_embeddings()
+    targets = labels[:, 1:]
+    picked = targets != IGNORE
+    if int(picked.sum()) * head.weight.shape[0] > CHUNK_ELEMENTS and not _transforms_logits(causal):
+        return chunked_logps(causal, head, input_ids, attention_mask, targets, picked)
     cols = (labels != IGNORE).any(0).nonzero()
     start = max(int(cols[0]) - 1, 0) if len(cols) else 0
     logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
                    logits_to_keep=labels.shape[1] - start).logits
     return sequence_logps(logits, labels[:, start:])
+
+
+def _transforms_logits(causal) -> bool:
+    """Models whose forward changes the logits after the projection (soft-capping, scaling) take the plain path."""
+    cfg = causal.config
+    return bool(getattr(cfg, "final_logit_softcapping", None)) or getattr(cfg, "logit_scale", None) not in (None, 1.0)
+
+
+def _head_logps(head: torch.nn.Module, states: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    logits = head(states.to(head.weight.dtype)).float()
+    return logits.gather(1, tokens[:, None]).squeeze(1) - logits.logsumexp(-1)
+
+
+def chunked_logps(causal, head, input_ids: torch.Tensor, attention_mask: torch.Tensor, targets: torch.Tensor,
+                  picked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    from torch.utils.checkpoint import checkpoint
+
+    hidden = causal.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                  position_ids=position_ids(attention_mask), use_cache=False).last_hidden_state
+    states, tokens = hidden[:, :-1][picked], targets[picked]
+    rows = max(1, CHUNK_ELEMENTS // head.weight.shape[0])
+    per_token = torch.cat([checkpoint(_head_logps, head, states[i:i + rows], tokens[i:i + rows], use_reentrant=False)
+                           for i in range(0, len(tokens), rows)])
+    owner = torch.arange(targets.shape[0], device=targets.device)[:, None].expand_as(targets)[picked]
+    sums = torch.zeros(targets.shape[0], dtype=per_token.dtype, device=per_token.device).index_add(0, owner, per_token)
+    return sums, picked.sum(-1)
 
 
 def scoring_pad_id(tokenizer) -> int:

@@ -98,8 +98,10 @@ def write_data(tok, out: Path, seq: int, rows: int, seed: int) -> dict[str, Path
     rng = random.Random(seed)
     out.mkdir(parents=True, exist_ok=True)
     prompt_words, room = seq // 4, seq - seq // 4 - 64
-    user = lambda s: [{"role": "user", "content": s}]
-    bot = lambda s: [{"role": "assistant", "content": s}]
+    def user(s):
+        return [{"role": "user", "content": s}]
+    def bot(s):
+        return [{"role": "assistant", "content": s}]
     sft, pairs = [], []
     for _ in range(rows):
         total = int(seq * rng.uniform(0.75, 1.0)) - 64

@@ -129,3 +129,32 @@ def test_sequence_logps_by_hand():
     # make position 1 sure of token 1 (the label at position 2): its log-prob becomes ≈ 0
     logits[0, 1] = torch.tensor([-30.0, 30.0])
     assert sequence_logps(logits, labels)[0].item() == pytest.approx(math.log(0.5), abs=1e-6)
+
+
+def test_chunked_answer_logps_equal_the_plain_path_with_gradients(tiny_model_dir, monkeypatch):
+    """The chunked, recomputed vocabulary projection gives the same log-probs and gradients as full logits."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from align import heads
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                           LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    ids, mask = heads.pad_batch([[5, 6, 7, 8, 9, 10], [11, 12, 13, 14]], pad_id=0)
+    labels = heads.answer_labels(ids, mask, [3, 2])
+
+    def run(chunk):
+        monkeypatch.setattr(heads, "CHUNK_ELEMENTS", chunk)
+        model.zero_grad()
+        logps, count = heads.labelled_logps(model, ids, mask, labels)
+        logps.sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return logps.detach(), count, grads
+
+    plain, n_plain, g_plain = run(1 << 40)
+    chunked, n_chunked, g_chunked = run(1)  # one answer token per chunk
+    assert torch.equal(n_plain, n_chunked) and n_plain.tolist() == [3, 2]
+    assert torch.allclose(plain, chunked, atol=1e-5)
+    assert g_plain.keys() == g_chunked.keys() and g_plain
+    assert all(torch.allclose(g_plain[k], g_chunked[k], atol=1e-5) for k in g_plain)
