@@ -80,6 +80,11 @@ class FixedLogits(torch.nn.Module):
         super().__init__()
         self.vocab, self.favourite = vocab, favourite
         self.anchor = torch.nn.Parameter(torch.zeros(1))  # so the evaluation can find the device
+        self.config = SimpleNamespace()
+        self.head = torch.nn.Linear(1, vocab, bias=False)  # only its shape is read
+
+    def get_output_embeddings(self):
+        return self.head
 
     def forward(self, input_ids, attention_mask=None, use_cache=False, logits_to_keep=0):
         width = logits_to_keep or input_ids.shape[1]
