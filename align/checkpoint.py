@@ -3,21 +3,28 @@
 A checkpoint is `<work>/checkpoint-<step>/` with `weights.safetensors` (trainable tensors), `optimizer.safetensors`
 (the optimizer's per-parameter state, flattened) and `trainer_state.json` (step, controller state, RNG, logs).
 The directory appears in one rename, so a reader never sees half of one.
+
+The transformers Trainer (SFT, reward, DPO) writes its `checkpoint-<step>/` in place, file by file, with
+trainer_state.json last — a process killed meanwhile leaves a directory without it, or with a cut one; and old
+checkpoints are deleted file by file. `is_complete` tells a checkpoint a resume can read from such remains.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .runs import atomic_dir, atomic_write_json
+from .runs import atomic_dir, atomic_write_json, remove_dir
 
 STATE = "trainer_state.json"
+# what a resume reads, besides trainer_state.json: ours, and the transformers Trainer's
+OURS = ("weights.safetensors", "optimizer.safetensors", "rng.safetensors")
+TRAINER = ("optimizer.pt", "scheduler.pt")
+TRAINER_WEIGHTS = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json")
 
 
 def optimizer_to_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
@@ -67,19 +74,45 @@ def save_checkpoint(work: Path, step: int, weights: dict[str, torch.Tensor], opt
         save_file(rng_state(), str(tmp / "rng.safetensors"))
         atomic_write_json(tmp / STATE, {**state, "step": step, "param_groups": groups})
     for old in checkpoints(work)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        remove_dir(old)  # renamed aside first: never seen half-deleted
     return final
 
 
-def checkpoints(work: Path) -> list[Path]:
-    """Finished checkpoints (ours or the transformers Trainer's: both write trainer_state.json last), oldest
-    first."""
+def is_complete(path: Path) -> bool:
+    """Whether a resume can read this checkpoint: its trainer_state.json (both writers write it last) is whole
+    JSON, and every file a resume reads is there (a checkpoint being deleted loses its files in any order).
+
+    The Trainer loads no optimizer or RNG state, silently, when their files are missing, so a checkpoint without
+    them would resume, but not exactly."""
+    try:
+        state = json.loads((path / STATE).read_text(encoding="utf-8"))
+        names = {p.name for p in path.iterdir()}
+    except (OSError, ValueError):
+        return False
+    if not isinstance(state, dict):
+        return False
+    if "step" in state:  # ours
+        return all(n in names for n in OURS)
+    if not all(n in names for n in TRAINER) or not any(n.startswith("rng_state") for n in names):
+        return False
+    if "adapter_model.safetensors" in names:
+        return "adapter_config.json" in names
+    return any(n in names for n in TRAINER_WEIGHTS)
+
+
+def checkpoint_dirs(work: Path) -> list[Path]:
+    """Every `checkpoint-<step>` directory, complete or not, oldest first."""
     found = []
     for p in work.glob("checkpoint-*"):
         m = re.fullmatch(r"checkpoint-(\d+)", p.name)
-        if m and (p / STATE).is_file():
+        if m and p.is_dir():
             found.append((int(m.group(1)), p))
     return [p for _, p in sorted(found)]
+
+
+def checkpoints(work: Path) -> list[Path]:
+    """Complete checkpoints (ours or the transformers Trainer's), oldest first."""
+    return [p for p in checkpoint_dirs(work) if is_complete(p)]
 
 
 def load_checkpoint(path: Path, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

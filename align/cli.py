@@ -246,7 +246,7 @@ def _score(args: argparse.Namespace) -> int:
         line += f"; {s.pairs} pairs: accuracy {s.accuracy:.3f}, mean margin {s.mean_margin:.3f}"
     print(line, file=sys.stderr)
     for r in [r for r in results if "error" in r][:5]:
-        print(f"  row {r['row']}: {r['error']}", file=sys.stderr)
+        print(f"  {args.input}:{r['row']}: {r['error']}", file=sys.stderr)
     if s.failed:
         print(f"{s.failed} rows failed (see their error rows)", file=sys.stderr)
     return 1 if s.failed else 0

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
+import io
 import json
+import re
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -118,26 +121,50 @@ def _read_jsonl(path: Path) -> Iterator[tuple[str, int, Any]]:
 def jsonl_rows(stream: IO[bytes], source: str) -> Iterator[tuple[str, int, Any]]:
     """(source, line number, row or RowError) for each non-blank line of a binary JSONL stream."""
     for lineno, raw in enumerate(stream, start=1):
+        if lineno == 1 and raw.startswith(BOM):  # editors on Windows start UTF-8 files with one
+            raw = raw[len(BOM):]
+        elif lineno == 1 and raw.startswith((b"\xff\xfe", b"\xfe\xff")):  # e.g. PowerShell's `>` writes UTF-16
+            raise DataError(f"{source}: the file is UTF-16 (it starts with a UTF-16 byte-order mark); re-save it as "
+                            "UTF-8")
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as e:
-            yield source, lineno, RowError(f"not valid UTF-8 (byte {e.start}); re-save the file as UTF-8")
+            yield source, lineno, RowError(f"not valid UTF-8: byte {e.start + 1} of the line is 0x{raw[e.start]:02x}; "
+                                           "re-save the file as UTF-8")
             continue
         if not line.strip():
             continue
         try:
-            yield source, lineno, json.loads(line)
+            row = json.loads(line.rstrip("\r\n"))  # (a line cut short is then an unterminated string, not a newline)
         except json.JSONDecodeError as e:
-            yield source, lineno, RowError(f"broken JSON line: {e.msg} at column {e.colno}")
+            row = RowError(f"broken JSON line: {_json_error(e)} at column {e.colno}")
+        except (ValueError, RecursionError) as e:  # valid syntax json cannot hold: a huge number, deep nesting
+            row = RowError(f"unreadable JSON line: {_json_limit(e)}")
+        yield source, lineno, row
+
+
+BOM = b"\xef\xbb\xbf"
+
+
+def _json_error(e: json.JSONDecodeError) -> str:
+    return e.msg.removesuffix(" at")  # "Unterminated string starting at" + " at column 9" reads "at at"
+
+
+def _json_limit(e: Exception) -> str:
+    if isinstance(e, RecursionError):
+        return "arrays/objects nested too deeply"
+    return str(e).split(";")[0]  # e.g. "Exceeds the limit (4300 digits) for integer string conversion ..."
 
 
 def _read_json(path: Path) -> Iterator[tuple[str, int, Any]]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not valid UTF-8 at byte {e.start}; re-save the file as UTF-8") from None
     except json.JSONDecodeError as e:
-        raise DataError(f"{path}: broken JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+        raise DataError(f"{path}: broken JSON at line {e.lineno}, column {e.colno}: {_json_error(e)}") from None
+    except (ValueError, RecursionError) as e:
+        raise DataError(f"{path}: unreadable JSON: {_json_limit(e)}") from None
     if not isinstance(data, list):
         raise DataError(f"{path}: a .json data file must hold a list of rows (use .jsonl for one row per line)")
     for i, row in enumerate(data, start=1):
@@ -156,22 +183,40 @@ def _read_parquet(path: Path) -> Iterator[tuple[str, int, Any]]:
 
 
 def _read_csv(path: Path) -> Iterator[tuple[str, int, Any]]:
+    """Rows numbered by the file line they start on (line 1 is the header); quoted fields may span lines."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
         line = path.read_bytes()[: e.start].count(b"\n") + 1
         raise DataError(f"{path}:{line}: not valid UTF-8; re-save the file as UTF-8") from None
-    reader = csv.DictReader(text.splitlines())
-    for i, row in enumerate(reader, start=2):  # row 1 is the header
-        # message lists travel through CSV as JSON text
-        yield str(path), i, {k: _maybe_json(v) for k, v in row.items() if k is not None}
+    # newline="": line breaks inside quoted fields are kept, and only \r / \n end a record (str.splitlines
+    # would also split at \x0c, \x85, \u2028 ... inside a field)
+    reader = csv.reader(io.StringIO(text, newline=""))
+    limit = csv.field_size_limit()
+    csv.field_size_limit(max(limit, len(text)))  # a field is never longer than the file (default limit 128 KiB)
+    try:
+        records, start = [], 1
+        for record in reader:
+            if record:  # a blank line is not a row
+                records.append((start, record))
+            start = reader.line_num + 1
+    except csv.Error as e:
+        raise DataError(f"{path}:{start}: not readable as CSV: {e}") from None
+    finally:
+        csv.field_size_limit(limit)
+    if not records:
+        return
+    (_, header), rows = records[0], records[1:]
+    for line, record in rows:
+        # message lists travel through CSV as JSON text; a short record's missing fields are null
+        yield str(path), line, {k: _maybe_json(v) for k, v in zip(header, record + [None] * len(header))}
 
 
 def _maybe_json(value: Any) -> Any:
     if isinstance(value, str) and value.lstrip().startswith("["):
         try:
             return json.loads(value)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # not JSON (or too deep / a huge number for it): plain text
             return value
     return value
 
@@ -205,15 +250,34 @@ def _read_hub(name: str, split: str) -> Iterator[tuple[str, int, Any]]:
 # ---------------------------------------------------------------------------------------------- validation
 
 
-def _text(row: dict, key: str) -> str:
+def _text(row: dict, key: str, where: str = "") -> str:
     value = row[key]
     if value is None:
-        raise RowError(f"'{key}' is null")
+        raise RowError(f"{where}'{key}' is null")
     if not isinstance(value, str):
-        raise RowError(f"'{key}' must be a string, got {type(value).__name__}")
+        raise RowError(f"{where}'{key}' must be a string, got {type_name(value)}")
     if not value.strip():
-        raise RowError(f"'{key}' is empty or whitespace only")
+        raise RowError(f"{where}'{key}' is empty or whitespace only")
+    # a lone surrogate comes from a JSON escape like "\ud800": not text, and no tokenizer (or UTF-8 file) takes it
+    bad = None if value.isascii() else _SURROGATE.search(value)
+    if bad:
+        raise RowError(f"{where}'{key}' holds an unpaired UTF-16 surrogate ({bad[0]!r} at character {bad.start()}), "
+                       "which is not text; fix the escape sequence that wrote it")
     return value
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def type_name(value: Any) -> str:
+    """A value's type in the words of the data file (JSON null, not Python's NoneType)."""
+    return "null" if value is None else type(value).__name__
+
+
+def shown(value: Any, limit: int = 60) -> str:
+    """A user value quoted for a message: repr (so surrogates and control characters are escaped), cut short."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 def check_messages(messages: Any, key: str, ordered: bool = True) -> Messages:
@@ -221,16 +285,16 @@ def check_messages(messages: Any, key: str, ordered: bool = True) -> Messages:
     if messages is None:
         raise RowError(f"'{key}' is null")
     if not isinstance(messages, list):
-        raise RowError(f"'{key}' must be a list of messages, got {type(messages).__name__}")
+        raise RowError(f"'{key}' must be a list of messages, got {type_name(messages)}")
     if not messages:
         raise RowError(f"'{key}' is an empty list")
     out = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             raise RowError(f"{key}[{i}] must be an object with 'role' and 'content'")
-        if m["role"] not in ROLES:
-            raise RowError(f"{key}[{i}] has unknown role {m['role']!r}; use one of {', '.join(ROLES)}")
-        out.append({"role": m["role"], "content": _text(m, "content")})
+        if not isinstance(m["role"], str) or m["role"] not in ROLES:
+            raise RowError(f"{key}[{i}] has unknown role {shown(m['role'])}; use one of {', '.join(ROLES)}")
+        out.append({"role": m["role"], "content": _text(m, "content", f"{key}[{i}]: ")})
     roles = [m["role"] for m in out]
     if not ordered:
         return out
@@ -245,7 +309,7 @@ def check_messages(messages: Any, key: str, ordered: bool = True) -> Messages:
 def parse_row(row: Any) -> tuple[Messages | None, Messages | None, str | None]:
     """(prompt, completion, text) of one raw row, or RowError."""
     if not isinstance(row, dict):
-        raise RowError(f"a row must be a JSON object, got {type(row).__name__}")
+        raise RowError(f"a row must be a JSON object, got {type_name(row)}")
     if "messages" in row:
         messages = check_messages(row["messages"], "messages")
         if messages[-1]["role"] != "assistant":
@@ -264,8 +328,13 @@ def parse_row(row: Any) -> tuple[Messages | None, Messages | None, str | None]:
         return prompt, completion, None
     if "text" in row:
         return None, None, _text(row, "text")
-    keys = ", ".join(map(str, row)) or "none"
-    raise RowError(f"missing key: a row needs 'messages', 'prompt' + 'completion', or 'text' (found: {keys})")
+    raise RowError(f"missing key: a row needs 'messages', 'prompt' + 'completion', or 'text' (found: {keys_of(row)})")
+
+
+def keys_of(row: dict, limit: int = 8) -> str:
+    """The keys a row has, for a message: the first few, each cut short, control characters escaped."""
+    keys = [k if isinstance(k, str) and k.isprintable() and len(k) <= 40 else shown(k, 40) for k in list(row)[:limit]]
+    return ", ".join(keys) + (f" and {len(row) - limit} more" if len(row) > limit else "") or "none"
 
 
 def _as_messages(value: Any, key: str, role: str, ordered: bool = True) -> Messages:
@@ -312,15 +381,49 @@ def load_sft_data(spec: str, tokenizer, max_length: int, completion_only: bool, 
     """Read, validate and tokenize every row (through the one formatting path)."""
     def convert(raw: Any) -> tuple[Encoded, Example]:
         prompt, completion, text = parse_row(raw)
+        bound = char_bound(tokenizer, max_length)
+        if prompt is not None and chars(prompt) > bound:
+            raise FormatError(f"nothing left to learn after truncation: the prompt alone is {chars(prompt):,} "
+                              f"characters, more than data.max_length={max_length} tokens can hold")
+        # the answer (or text) is cut at max_length tokens anyway: tokenize only a part that surely covers them
+        if text is not None and len(text) > bound:
+            text = text[:bound]
+        if completion is not None and chars(completion) > bound:
+            completion = [{**completion[-1], "content": completion[-1]["content"][:bound]}]
         enc = encode(tokenizer, prompt, completion, text, max_length, completion_only)
         return enc, Example(prompt, completion, text, "", 0)
 
     return load_rows(spec, convert, split, limit)
 
 
+def chars(messages: Messages) -> int:
+    return sum(len(m["content"]) for m in messages)
+
+
+@functools.lru_cache(maxsize=8)
+def _longest_token(tokenizer) -> int:
+    return max(map(len, tokenizer.get_vocab()), default=1)
+
+
+def char_bound(tokenizer, max_tokens: int) -> int:
+    """Characters beyond which text certainly takes more than `max_tokens` tokens.
+
+    No token covers more characters than its string in the vocabulary (bytes, for byte-level BPE) has; the
+    factor 4 leaves room for a normalizer that merges characters and for merges with the template's text. Rows
+    over it are cut or refused before tokenizing: tokenizing a 5 MB row takes ~5 s and ~1 GB of memory (SmolLM2's
+    tokenizer, one core), so a 50 MB one would take a minute and most of a small machine's memory.
+    """
+    return 4 * max_tokens * _longest_token(tokenizer)
+
+
 def _preview(raw: Any, limit: int = 200) -> str:
-    text = str(raw) if isinstance(raw, RowError) else json.dumps(raw, ensure_ascii=False, default=str)
-    return text if len(text) <= limit else text[:limit] + "…"
+    try:
+        text = str(raw) if isinstance(raw, RowError) else json.dumps(raw, ensure_ascii=False, default=str)
+    except (ValueError, RecursionError):  # circular or too deep: not from a file, but never fail over a preview
+        text = shown(raw, limit)
+    text = text if len(text) <= limit else text[:limit] + "…"
+    # a lone surrogate (from a "\ud800" escape) cannot be written as UTF-8: show it as its escape
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def write_rejects(path: Path, rejects: list[Reject]) -> None:

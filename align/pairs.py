@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from .data import Loaded, RowError, _as_messages, check_messages, load_rows
+from .data import Loaded, RowError, _as_messages, char_bound, chars, check_messages, load_rows, shown, type_name
 from .formatting import Messages, encode_whole
 
 IDENTICAL = "'chosen' and 'rejected' are identical: the pair teaches nothing"
@@ -45,7 +45,7 @@ def parse_pair(row: Any) -> tuple[Messages, Messages, Messages]:
     is the prompt.
     """
     if not isinstance(row, dict):
-        raise RowError(f"a row must be a JSON object, got {type(row).__name__}")
+        raise RowError(f"a row must be a JSON object, got {type_name(row)}")
     for key in ("chosen", "rejected"):
         if key not in row:
             raise RowError(f"missing key '{key}' (a preference row needs 'chosen' and 'rejected', and may have "
@@ -101,10 +101,20 @@ def _split_shared_prompt(chosen_raw: Any, rejected_raw: Any) -> tuple[Messages, 
 
 
 def row_margin(row: dict) -> float:
-    value = row.get("margin", 0.0)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise RowError(f"'margin' must be a finite number, got {value!r}")
-    return float(value)
+    """The row's own margin; absent, null or blank (a CSV/Parquet row without one) is 0. CSV cells are text, so a
+    numeric string is read as its number."""
+    value = row.get("margin")
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return 0.0
+    number = None
+    if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        try:
+            number = float(value)
+        except (ValueError, OverflowError):  # not a number, or an integer too big for a float
+            pass
+    if number is None or not math.isfinite(number):
+        raise RowError(f"'margin' must be a finite number, got {shown(value)}")
+    return number
 
 
 def encode_pair(tokenizer, prompt: Messages, chosen: Messages, rejected: Messages, max_length: int,
@@ -112,6 +122,9 @@ def encode_pair(tokenizer, prompt: Messages, chosen: Messages, rejected: Message
     """Both sides through the one formatting path; an answer that does not fit whole rejects the pair."""
     encoded = []
     for key, answer in (("chosen", chosen), ("rejected", rejected)):
+        if chars(prompt + answer) > char_bound(tokenizer, max_length):  # refused without tokenizing megabytes
+            raise RowError(f"'{key}': prompt + answer is over the max length {max_length} "
+                           f"({chars(prompt + answer):,} characters); the whole answer must fit")
         try:
             encoded.append(encode_whole(tokenizer, prompt, answer, max_length))
         except ValueError as e:

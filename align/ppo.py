@@ -36,7 +36,7 @@ from .guards import TrainingStopped, is_oom, out_of_memory
 from .losses import ppo_policy_loss, ppo_value_loss
 from .models import attach_lora, load_adapter_weights, load_base, lora_like, peft_lora_config, resolve_quantization
 from .roles import POLICY, REFERENCE, REWARD, VALUE, Batch, Roles, add_adapter_from, head_from, make_batch
-from .runs import make_manifest, sha256_path
+from .runs import make_manifest, remove_dir, sha256_path
 from .stage import Prepared, prepare, prepare_output, save_stage, up_to_date, use_cuda_defaults
 from .trained import open_run
 from .winrate import win_rate_report
@@ -359,6 +359,7 @@ def train_loop(prep: Prepared, roles: Roles, resume_from: Path | None) -> dict[s
 def train(prep: Prepared) -> Path:
     cfg = prep.cfg
     if up_to_date(cfg, prep.paths, prep.inputs):
+        remove_dir(prep.paths.work)  # a run killed after its output appeared may have left its checkpoints
         log.info("%s is up to date (same base model, data, reward model and config); nothing to train. Use "
                  "overwrite=true to train it again", prep.paths.out)
         return prep.paths.out

@@ -3,16 +3,23 @@
 A stage's finished output is `<runs_dir>/<run>/<stage>/`. It appears in one `rename`, so a reader never sees
 half an artifact: the stage trains in `<stage>.work/` (checkpoints, logs), assembles its output in a temporary
 sibling directory, and renames that into place as the last step.
+
+Temporary names carry their writer (`.NAME.HOST-PID.XXXXXXXX.tmp`, `.NAME.HOST-PID.TIME.old`), so that what a
+killed writer left behind is recognised (its process is gone) and removed by the next writer of the same name
+instead of piling up.
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
 import platform
+import re
 import shutil
+import socket
 import subprocess
 import tempfile
 import time
@@ -56,10 +63,63 @@ def json_hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
+_HOST = re.sub(r"[^A-Za-z0-9]+", "_", socket.gethostname()) or "host"
+
+
+def _writer() -> str:
+    """`HOST-PID` of this process, put in the names of its temporary files and directories."""
+    return f"{_HOST}-{os.getpid()}"
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale(directory: str | Path, name: str = "*") -> list[Path]:
+    """Remove the temporary entries (`.NAME.HOST-PID.*.tmp` / `.old`) in `directory` whose writer on this host is
+    gone — a process killed while it wrote `NAME` (any name by default). A live writer's are left alone."""
+    directory = Path(directory)
+    prefix = f".{glob.escape(name) if name != '*' else '*'}.{glob.escape(_HOST)}-"
+    pattern = re.compile(rf"\.(?:.+)\.{re.escape(_HOST)}-(\d+)\.[^/]+\.(?:tmp|old)")
+    removed = []
+    for entry in directory.glob(prefix + "*"):
+        m = pattern.fullmatch(entry.name)
+        if m is None or _alive(int(m.group(1))):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                entry.unlink()
+        removed.append(entry)
+    return removed
+
+
+def remove_dir(path: str | Path) -> None:
+    """Delete a directory so that no one ever sees it half-deleted: renamed aside in one step, then removed (a kill
+    during the removal leaves a stale `.NAME.HOST-PID.TIME.old` that remove_stale clears, not a partial NAME)."""
+    path = Path(path)
+    remove_stale(path.parent, path.name)
+    if not path.exists():
+        return
+    trash = path.with_name(f".{path.name}.{_writer()}.{time.time_ns()}.old")
+    os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    remove_stale(path.parent, path.name)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{_writer()}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
@@ -82,18 +142,20 @@ def atomic_dir(final: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield an empty temporary directory that becomes `final` only if the block finishes.
 
     With `overwrite`, an existing `final` is moved aside first and deleted only after the new one is in place.
+    What killed writers of `final` left (their temporary copies) is removed first.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     if is_nonempty_dir(final) and not overwrite:
         raise OutputError(f"{final} already exists and is not empty; pass overwrite=true to replace it")
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
+    remove_stale(final.parent, final.name)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.{_writer()}.", suffix=".tmp"))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes an owner-only directory
     try:
         yield tmp
         old = None
         if final.exists():
-            old = final.with_name(f".{final.name}.old-{os.getpid()}-{time.time_ns()}")
+            old = final.with_name(f".{final.name}.{_writer()}.{time.time_ns()}.old")
             os.replace(final, old)
         os.replace(tmp, final)
         _fsync_dir(final.parent)

@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from .data import RowError, parse_row
-from .errors import ModelError
+from .data import RowError, _as_messages, char_bound, chars, keys_of, parse_row
+from .errors import DataError, ModelError
 from .formatting import Messages, encode_scored
 from .heads import pad_batch, sequence_scores
 from .trained import model_config_for, open_run, pick_device
@@ -66,23 +66,28 @@ class ScoreRow:
 def parse_score_row(raw: Any) -> ScoreRow:
     """{"prompt", "response"}, {"messages"} (the last assistant message is scored) or {"prompt", "chosen",
     "rejected"} (and the implicit-prompt pair forms training accepts)."""
-    from .pairs import parse_pair
+    from .pairs import _answer, parse_pair
 
     if isinstance(raw, dict) and ("chosen" in raw or "rejected" in raw):
         prompt, chosen, rejected = parse_pair(raw)
         return ScoreRow(prompt, [chosen, rejected])
-    if isinstance(raw, dict) and "response" in raw:
-        if "prompt" not in raw:
-            raise RowError("missing key 'prompt' (a row to score needs 'prompt' + 'response', 'messages', or "
-                           "'prompt' + 'chosen' + 'rejected')")
-        raw = {"prompt": raw["prompt"], "completion": raw["response"]}
-    elif isinstance(raw, dict) and not ({"messages", "prompt", "completion"} & raw.keys()):
+    answer_row = isinstance(raw, dict) and (
+        "response" in raw or ("prompt" in raw and not ({"completion", "messages"} & raw.keys())))
+    if answer_row:  # {"prompt", "response"}; a lone "prompt" is one whose 'response' is missing
+        for key in ("prompt", "response"):
+            if key not in raw:
+                raise RowError(f"missing key '{key}' (a row to score needs 'prompt' + 'response', 'messages', or "
+                               "'prompt' + 'chosen' + 'rejected')")
+        prompt = _as_messages(raw["prompt"], "prompt", "user")
+        if prompt[-1]["role"] != "user":
+            raise RowError("'prompt' must end with a user message")
+        return ScoreRow(prompt, [_answer(raw["response"], "response")])
+    if isinstance(raw, dict) and not ({"messages", "prompt", "completion"} & raw.keys()):
         if "text" in raw:
             raise RowError("a reward model scores an answer to a prompt, not a plain 'text'; give 'prompt' + "
                            "'response' or 'messages'")
-        keys = ", ".join(map(str, raw)) or "none"
         raise RowError(f"missing key: a row to score needs 'prompt' + 'response', 'messages', or 'prompt' + "
-                       f"'chosen' + 'rejected' (found: {keys})")
+                       f"'chosen' + 'rejected' (found: {keys_of(raw)})")
     prompt, completion, text = parse_row(raw)
     if text is not None or prompt is None or completion is None:
         raise RowError("a reward model scores an answer to a prompt; give 'prompt' + 'response' or 'messages'")
@@ -102,10 +107,16 @@ class RewardModel:
     def encode(self, row: ScoreRow, max_length: int | None = None) -> list[list[int]]:
         """Token ids of each answer in the row, exactly as the reward stage encoded them in training."""
         limit = max_length or self.max_length
-        try:
-            return [encode_scored(self.tokenizer, row.prompt, a, limit) for a in row.answers]
-        except ValueError as e:
-            raise RowError(str(e)) from None
+        out = []
+        for key, a in zip(("'chosen': ", "'rejected': ") if row.is_pair else ("",), row.answers):
+            if chars(row.prompt + a) > char_bound(self.tokenizer, limit):  # refused without tokenizing megabytes
+                raise RowError(f"{key}prompt + answer is over the max length {limit} ({chars(row.prompt + a):,} "
+                               "characters); the score is read at the answer's final EOS, so the whole answer must fit")
+            try:
+                out.append(encode_scored(self.tokenizer, row.prompt, a, limit))
+            except ValueError as e:
+                raise RowError(f"{key}{e}") from None
+        return out
 
     def score(self, seqs: list[list[int]], batch_size: int = 8, progress: bool = False,
               desc: str | None = None) -> list[float]:
@@ -161,7 +172,7 @@ def _load_merged(path: Path, dev: torch.device):
 
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
-            str(path), dtype=torch.float32 if dev.type == "cpu" else "auto")
+            str(path), dtype=torch.float32 if dev.type == "cpu" else "auto", use_safetensors=True)
     except (OSError, ValueError) as e:
         raise ModelError(f"could not load {path} as a reward model: {e}") from None
     if model.config.num_labels != 1:
@@ -236,8 +247,12 @@ def read_input(spec: str) -> list[tuple[int, Any]]:
     from .data import jsonl_rows, read_rows
 
     if spec == "-":
-        return [(n, raw) for _, n, raw in jsonl_rows(sys.stdin.buffer, "<stdin>")]
-    return [(n, raw) for _, n, raw in read_rows(spec)]
+        rows = [(n, raw) for _, n, raw in jsonl_rows(sys.stdin.buffer, "<stdin>")]
+    else:
+        rows = [(n, raw) for _, n, raw in read_rows(spec)]
+    if not rows:
+        raise DataError(f"{'stdin' if spec == '-' else spec}: no rows to score (the input is empty)")
+    return rows
 
 
 OUTPUT_COLUMNS = ["row", "score", "chosen_score", "rejected_score", "margin", "correct", "error"]

@@ -93,6 +93,18 @@ async def _read_body(request, limit: int) -> bytes:
     return bytes(body)
 
 
+def _parse_json(body: bytes) -> Any:
+    if not body.strip():
+        raise _Reject(400, 'the request body is empty; send a JSON object {"items": [...]}')
+    try:
+        return json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise _Reject(400, f"malformed JSON: {e}") from None
+    except (ValueError, RecursionError) as e:  # valid syntax json cannot hold: a huge number, deep nesting
+        why = "arrays/objects nested too deeply" if isinstance(e, RecursionError) else str(e).split(";")[0]
+        raise _Reject(400, f"malformed JSON: {why}") from None
+
+
 def _items(payload: Any, limits: Limits) -> list[Any]:
     items = payload.get("items") if isinstance(payload, dict) else None
     if not isinstance(items, list):
@@ -132,10 +144,7 @@ def create_app(rm: RewardModel, limits: Limits | None = None, api_key: str | Non
             return denied()
         try:
             body = await _read_body(request, limits.max_body_bytes)
-            try:
-                payload = json.loads(body)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise _Reject(400, f"malformed JSON: {e}") from None
+            payload = _parse_json(body)
             items = _items(payload, limits)
             results, slots, seqs = encode_rows(rm, list(enumerate(items)), limits.max_length)
             bad = [(r["row"], r["error"]) for r in results if "error" in r]

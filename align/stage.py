@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from .runs import (
     json_hash,
     make_manifest,
     read_manifest,
+    remove_dir,
     sha256_path,
 )
 
@@ -142,7 +142,7 @@ def sft_parent(init_from_sft: str | None, model_ref) -> Path | None:
 
 
 def newest_checkpoint(work: Path) -> Path | None:
-    """The newest checkpoint whose writer finished (its trainer_state.json is written last)."""
+    """The newest complete checkpoint (align.checkpoint.is_complete): never one a killed writer left half-written."""
     from .checkpoint import checkpoints
 
     found = checkpoints(work)
@@ -166,20 +166,32 @@ def up_to_date(cfg: StageConfig, paths: StagePaths, inputs: dict[str, str]) -> b
 def prepare_output(cfg: StageConfig, paths: StagePaths, inputs: dict[str, str]) -> Path | None:
     """Make the work directory; return the checkpoint to resume from, if any.
 
-    A checkpoint is only resumed when it was made from the same inputs (data and config hashes).
+    A checkpoint is only resumed when it was made from the same inputs (data and config hashes). What a killed
+    run left half-done is removed first: incomplete checkpoint directories (the trainer then writes the same step
+    again into a fresh directory, and its rotation, which orders by modification time, never counts them) and
+    temporary files of killed writers.
     """
+    from .checkpoint import checkpoint_dirs, is_complete
+    from .runs import remove_stale
+
     inputs_file = paths.work / "inputs.json"
-    ckpt = newest_checkpoint(paths.work) if paths.work.is_dir() else None
-    if ckpt is not None and cfg.resume:
+    remove_stale(paths.run_dir, paths.work.name)
+    if cfg.resume and paths.work.is_dir() and checkpoint_dirs(paths.work):
         before = json.loads(inputs_file.read_text()) if inputs_file.is_file() else {}
         changed = sorted(k for k in set(before) | set(inputs) if before.get(k) != inputs.get(k))
         if changed:
             raise OutputError(f"{paths.work} holds checkpoints of an interrupted run made from other inputs "
                               f"({', '.join(changed)} changed). Use resume=false to start over, or another run name")
-        log.info("resuming from %s", ckpt)
-        return ckpt
-    if paths.work.exists():
-        shutil.rmtree(paths.work)
+        remove_stale(paths.work)
+        for partial in checkpoint_dirs(paths.work):
+            if not is_complete(partial):
+                log.warning("removing %s: its writing (or deletion) was interrupted", partial)
+                remove_dir(partial)
+        ckpt = newest_checkpoint(paths.work)
+        if ckpt is not None:
+            log.info("resuming from %s", ckpt)
+            return ckpt
+    remove_dir(paths.work)  # renamed aside first: never seen half-deleted
     paths.work.mkdir(parents=True)
     atomic_write_json(inputs_file, inputs)
     return None
@@ -232,6 +244,7 @@ def fit(cfg: StageConfig, paths: StagePaths, inputs: dict[str, str], make_traine
         loss_before: bool = True) -> tuple[Any, dict[str, Any]] | None:
     """Train (or resume) a transformers/TRL trainer; None when the finished output is already up to date."""
     if up_to_date(cfg, paths, inputs):
+        remove_dir(paths.work)  # a run killed after its output appeared may have left its checkpoints
         log.info("%s is up to date (same base model, data and config); nothing to train. Use overwrite=true to "
                  "train it again", paths.out)
         return None
@@ -301,5 +314,5 @@ def save_stage(cfg: StageConfig, paths: StagePaths, model, tokenizer, metrics: d
         atomic_write_text(tmp / "config.yaml", to_yaml(cfg))
         atomic_write_json(tmp / "metrics.json", metrics)
         atomic_write_json(tmp / "manifest.json", manifest)
-    shutil.rmtree(paths.work, ignore_errors=True)
+    remove_dir(paths.work)
     return paths.out

@@ -83,7 +83,7 @@ def test_cli_scores_a_file_with_bad_rows(tiny_reward_run, mixed_file, tmp_path):
     assert results[0]["correct"] is True and results[7]["margin"] > 0
     assert isinstance(results[1]["score"], float) and isinstance(results[3]["score"], float)
     assert "scored 4 of 8 rows; 2 pairs: accuracy 1.000" in out.stderr
-    assert "row 3: broken JSON" in out.stderr and "Traceback" not in out.stderr
+    assert ".jsonl:3: broken JSON" in out.stderr and "Traceback" not in out.stderr  # file:row
 
 
 def test_cli_reads_stdin_and_writes_stdout(tiny_reward_run, mixed_file):
