@@ -1,12 +1,13 @@
-"""Checkpoints of align's own training loops (PPO), in safetensors and JSON only — never pickle.
+"""Checkpoints in safetensors and JSON only — never pickle.
 
-A checkpoint is `<work>/checkpoint-<step>/` with `weights.safetensors` (trainable tensors), `optimizer.safetensors`
-(the optimizer's per-parameter state, flattened) and `trainer_state.json` (step, controller state, RNG, logs).
-The directory appears in one rename, so a reader never sees half of one.
+align's own loop (PPO) writes `<work>/checkpoint-<step>/` with `weights.safetensors` (trainable tensors),
+`optimizer.safetensors` (the optimizer's per-parameter state, flattened), `rng.safetensors` and
+`trainer_state.json` (step, controller state, logs); the directory appears in one rename.
 
 The transformers Trainer (SFT, reward, DPO) writes its `checkpoint-<step>/` in place, file by file, with
-trainer_state.json last — a process killed meanwhile leaves a directory without it, or with a cut one; and old
-checkpoints are deleted file by file. `is_complete` tells a checkpoint a resume can read from such remains.
+trainer_state.json last; with `SafetensorsCheckpoints` its optimizer, scheduler and RNG state are safetensors +
+JSON too. A process killed meanwhile leaves a directory without trainer_state.json, or with a cut one, and old
+checkpoints are deleted file by file: `is_complete` tells a checkpoint a resume can read from such remains.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from .runs import atomic_dir, atomic_write_json, remove_dir
 STATE = "trainer_state.json"
 # what a resume reads, besides trainer_state.json: ours, and the transformers Trainer's
 OURS = ("weights.safetensors", "optimizer.safetensors", "rng.safetensors")
-TRAINER = ("optimizer.pt", "scheduler.pt")
 TRAINER_WEIGHTS = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json")
 
 
@@ -93,7 +93,7 @@ def is_complete(path: Path) -> bool:
         return False
     if "step" in state:  # ours
         return all(n in names for n in OURS)
-    if not all(n in names for n in TRAINER) or not any(n.startswith("rng_state") for n in names):
+    if not all(n in names for n in TRAINER_SAFE):
         return False
     if "adapter_model.safetensors" in names:
         return "adapter_config.json" in names
@@ -123,3 +123,84 @@ def load_checkpoint(path: Path, optimizer: torch.optim.Optimizer) -> tuple[dict[
     optimizer_from_tensors(optimizer, load_file(str(path / "optimizer.safetensors")), state.pop("param_groups"))
     set_rng_state(load_file(str(path / "rng.safetensors")))
     return load_file(str(path / "weights.safetensors")), state
+
+
+# ---------------------------------------------------------------------------------------------- Trainer checkpoints
+
+TRAINER_SAFE = ("optimizer.safetensors", "optimizer.json", "scheduler.json", "rng.safetensors", "rng.json")
+TRAINER_PICKLES = ("optimizer.pt", "scheduler.pt", "rng_state.pth")
+
+
+class SafetensorsCheckpoints:
+    """Mixin for transformers Trainers: optimizer, scheduler and RNG state go to safetensors + JSON instead of
+    torch.save pickles, and come back from there, so resuming SFT, reward or DPO unpickles nothing.
+    (DeepSpeed and FSDP keep their own checkpoint formats.)"""
+
+    def _own_format(self) -> bool:
+        return not (self.is_deepspeed_enabled or self.is_fsdp_enabled)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        if not self._own_format():
+            return super()._save_optimizer_and_scheduler(output_dir)
+        if not self.args.should_save:
+            return
+        from safetensors.torch import save_file
+
+        tensors, groups = optimizer_to_tensors(self.optimizer)
+        save_file(tensors, str(Path(output_dir) / "optimizer.safetensors"))
+        atomic_write_json(Path(output_dir) / "optimizer.json", groups)
+        atomic_write_json(Path(output_dir) / "scheduler.json", self.lr_scheduler.state_dict())
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        if checkpoint is None or not self._own_format():
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        from safetensors.torch import load_file
+
+        path = Path(checkpoint)
+        refuse_pickles(path)
+        groups = json.loads((path / "optimizer.json").read_text(encoding="utf-8"))
+        optimizer_from_tensors(self.optimizer, load_file(str(path / "optimizer.safetensors")), groups)
+        self.lr_scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text(encoding="utf-8")))
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        if not self._own_format():
+            return super()._save_rng_state(output_dir)
+        import random
+
+        import numpy as np
+        from safetensors.torch import save_file
+
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        tensors = {**rng_state(), "numpy_keys": torch.from_numpy(keys.astype(np.int64))}
+        save_file(tensors, str(Path(output_dir) / "rng.safetensors"))
+        atomic_write_json(Path(output_dir) / "rng.json", {"python": random.getstate(),
+                                                          "numpy": [kind, int(pos), int(has_gauss), float(cached)]})
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        if checkpoint is None or not self._own_format():
+            return super()._load_rng_state(checkpoint)
+        import random
+
+        import numpy as np
+        from safetensors.torch import load_file
+
+        path = Path(checkpoint)
+        refuse_pickles(path)
+        tensors = load_file(str(path / "rng.safetensors"))
+        extra = json.loads((path / "rng.json").read_text(encoding="utf-8"))
+        version, state, gauss = extra["python"]
+        random.setstate((version, tuple(state), gauss))
+        kind, pos, has_gauss, cached = extra["numpy"]
+        np.random.set_state((kind, tensors.pop("numpy_keys").numpy().astype(np.uint32), pos, has_gauss, cached))
+        set_rng_state(tensors)
+
+
+def refuse_pickles(path: Path) -> None:
+    """A checkpoint whose optimizer/scheduler/RNG state exists only as pickles is refused, never unpickled."""
+    from .errors import OutputError
+
+    pickles = [n for n in TRAINER_PICKLES if (path / n).exists()]
+    if pickles and not all((path / n).is_file() for n in TRAINER_SAFE):
+        raise OutputError(f"{path} keeps its training state in pickle files ({', '.join(pickles)}), which align "
+                          "never loads (unpickling can run code). Start the stage over with resume=false")
+

@@ -176,7 +176,9 @@ def _collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
 def _trainer_class():
     from transformers import Trainer
 
-    class DPOTrainer(Trainer):
+    from .checkpoint import SafetensorsCheckpoints
+
+    class DPOTrainer(SafetensorsCheckpoints, Trainer):
         """transformers' Trainer with align's DPO losses over precomputed reference log-probs."""
 
         def __init__(self, *args, cfg: DPOConfig, **kwargs):

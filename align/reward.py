@@ -89,7 +89,9 @@ def build_trainer(prep: Prepared):
 def _trainer_class():
     from trl import RewardTrainer
 
-    class AlignRewardTrainer(RewardTrainer):
+    from .checkpoint import SafetensorsCheckpoints
+
+    class AlignRewardTrainer(SafetensorsCheckpoints, RewardTrainer):
         """TRL's RewardTrainer with the score read at each answer's EOS and align's loss (same maths + margin)."""
 
         def __init__(self, *args, constant_margin: float = 0.0, **kwargs):

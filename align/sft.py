@@ -42,6 +42,8 @@ def build_trainer(prep: Prepared):
     from trl import SFTConfig as TRLSFTConfig
     from trl import SFTTrainer
 
+    from .checkpoint import SafetensorsCheckpoints
+
     cfg = prep.cfg
     quantized = resolve_quantization(cfg.model) == "nf4"
     base = load_base(prep.model_ref.path, cfg.model)
@@ -53,8 +55,9 @@ def build_trainer(prep: Prepared):
     # it: max_length=None (no second truncation), no packing, no shuffling of its own (the sampler shuffles).
     args = TRLSFTConfig(**trainer_args(cfg, prep.paths.work), max_length=None, packing=False,
                         shuffle_dataset=False)
-    return SFTTrainer(model=model, args=args, train_dataset=_dataset(prep.train),
-                      eval_dataset=_dataset(prep.eval) if prep.eval else None, processing_class=prep.tokenizer)
+    trainer_cls = type("AlignSFTTrainer", (SafetensorsCheckpoints, SFTTrainer), {})
+    return trainer_cls(model=model, args=args, train_dataset=_dataset(prep.train),
+                       eval_dataset=_dataset(prep.eval) if prep.eval else None, processing_class=prep.tokenizer)
 
 
 def train(prep: Prepared) -> Path:

@@ -171,7 +171,7 @@ def prepare_output(cfg: StageConfig, paths: StagePaths, inputs: dict[str, str]) 
     again into a fresh directory, and its rotation, which orders by modification time, never counts them) and
     temporary files of killed writers.
     """
-    from .checkpoint import checkpoint_dirs, is_complete
+    from .checkpoint import checkpoint_dirs, is_complete, refuse_pickles
     from .runs import remove_stale
 
     inputs_file = paths.work / "inputs.json"
@@ -184,6 +184,7 @@ def prepare_output(cfg: StageConfig, paths: StagePaths, inputs: dict[str, str]) 
                               f"({', '.join(changed)} changed). Use resume=false to start over, or another run name")
         remove_stale(paths.work)
         for partial in checkpoint_dirs(paths.work):
+            refuse_pickles(partial)  # not removed either: it may be someone's; the message says what to do
             if not is_complete(partial):
                 log.warning("removing %s: its writing (or deletion) was interrupted", partial)
                 remove_dir(partial)

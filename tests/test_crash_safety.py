@@ -138,11 +138,6 @@ def loads(path: Path) -> None:
         json.loads(path.read_text())
     elif path.suffix == ".safetensors":
         load_file(path)
-    elif path.suffix in (".pt", ".pth"):
-        from transformers.trainer_pt_utils import safe_globals  # as the Trainer loads them (numpy RNG state)
-
-        with safe_globals():
-            torch.load(path, weights_only=True)
 
 
 def fully_readable(ckpt: Path) -> bool:
@@ -150,7 +145,8 @@ def fully_readable(ckpt: Path) -> bool:
     names = {p.name for p in ckpt.iterdir()}
     ours = "weights.safetensors" in names
     needed = ({"weights.safetensors", "optimizer.safetensors", "rng.safetensors"} if ours else
-              {"adapter_model.safetensors", "adapter_config.json", "optimizer.pt", "scheduler.pt", "rng_state.pth"})
+              {"adapter_model.safetensors", "adapter_config.json", "optimizer.safetensors", "optimizer.json",
+               "scheduler.json", "rng.safetensors", "rng.json"})
     if not (needed | {"trainer_state.json"}) <= names:
         return False
     try:
@@ -279,8 +275,8 @@ def trainer_checkpoint(work: Path, step: int) -> Path:
     """The files of a transformers Trainer checkpoint (contents do not matter to the rule)."""
     ckpt = work / f"checkpoint-{step}"
     ckpt.mkdir(parents=True)
-    for name in ("adapter_model.safetensors", "adapter_config.json", "optimizer.pt", "scheduler.pt", "rng_state.pth",
-                 "README.md", "training_args.bin"):
+    for name in ("adapter_model.safetensors", "adapter_config.json", "optimizer.safetensors", "optimizer.json",
+                 "scheduler.json", "rng.safetensors", "rng.json", "README.md", "training_args.bin"):
         (ckpt / name).write_bytes(b"x")
     (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": step, "log_history": []}) + "\n")
     return ckpt
@@ -295,7 +291,8 @@ def test_a_checkpoint_counts_only_when_everything_a_resume_reads_is_whole(tmp_pa
     (cut / "trainer_state.json").write_text(state[: len(state) // 2])
     unfinished = trainer_checkpoint(tmp_path, 3)  # killed before its state was written
     (unfinished / "trainer_state.json").unlink()
-    for step, lost in [(4, "optimizer.pt"), (5, "rng_state.pth"), (6, "adapter_config.json"), (7, "scheduler.pt")]:
+    for step, lost in [(4, "optimizer.safetensors"), (5, "rng.json"), (6, "adapter_config.json"),
+                       (7, "scheduler.json")]:
         (trainer_checkpoint(tmp_path, step) / lost).unlink()  # being deleted, file by file, when killed
     readable = trainer_checkpoint(tmp_path, 8)
     (readable / "README.md").unlink()  # a resume does not read it

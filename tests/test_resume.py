@@ -126,7 +126,8 @@ def test_sft_resumes_exactly_across_an_epoch_boundary(tmp_path, tiny_model_dir, 
     with pytest.raises(Crash):
         sft.run(cfg)
     ckpt = work / "checkpoint-3"
-    shutil.copy(work / "checkpoint-2" / "rng_state.pth", ckpt / "rng_state.pth")
+    for name in ("rng.safetensors", "rng.json"):
+        shutil.copy(work / "checkpoint-2" / name, ckpt / name)
     instrument(sft, monkeypatch, [])
     other = sft.run(cfg)
     assert [h["loss"] for h in curve(other)][:3] == [h["loss"] for h in curve(whole)][:3]

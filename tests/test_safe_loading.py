@@ -92,3 +92,45 @@ def test_a_base_model_with_only_pickled_weights_is_refused(tmp_path, tiny_model_
 
 def test_remote_code_is_off_unless_asked_for():
     assert ModelConfig().trust_remote_code is False
+
+
+def test_trainer_checkpoints_hold_no_pickled_state_and_a_pickled_one_is_refused(tmp_path, tiny_model_dir):
+    from conftest import pair_rows, write_jsonl
+
+    from align import sft
+    from align.config import SFTConfig, load_config
+    from align.errors import OutputError
+
+    data = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": r["prompt"], "completion": r["chosen"]}
+                                                for r in pair_rows([(a, 3) for a in range(2, 10)])])
+    overrides = [f"model.name_or_path={tiny_model_dir}", f"runs_dir={tmp_path / 'runs'}", "run=c", f"data.train={data}",
+                 "data.eval=", "training.max_steps=2", "training.batch_size=2", "training.save_steps=1", "samples=0"]
+    cfg = load_config(SFTConfig, None, [*overrides, "training.save_total_limit=5"])
+
+    class Stop(Exception):
+        pass
+
+    import trl
+    real = trl.SFTTrainer._save_checkpoint
+
+    def save_then_stop(self, *args, **kwargs):  # a crash right after the first checkpoint
+        real(self, *args, **kwargs)
+        raise Stop
+
+    trl.SFTTrainer._save_checkpoint = save_then_stop
+    try:
+        with pytest.raises(Stop):
+            sft.run(cfg)
+    finally:
+        trl.SFTTrainer._save_checkpoint = real
+    ckpt = tmp_path / "runs" / "c" / "sft.work" / "checkpoint-1"
+    names = {p.name for p in ckpt.iterdir()}
+    assert {"optimizer.safetensors", "scheduler.json", "rng.safetensors", "trainer_state.json"} <= names
+    assert not names & {"optimizer.pt", "scheduler.pt", "rng_state.pth"}
+    # the same checkpoint, its optimizer state swapped for a pickle carrying a payload: refused, not loaded
+    marker = tmp_path / "payload-ran"
+    (ckpt / "optimizer.safetensors").unlink()
+    (ckpt / "optimizer.pt").write_bytes(pickle.dumps({"state": Payload(marker)}))
+    with pytest.raises(OutputError, match="pickle files \\(optimizer.pt\\), which align never loads"):
+        sft.run(cfg)
+    assert not marker.exists() and (ckpt / "optimizer.pt").exists()
