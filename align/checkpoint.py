@@ -13,6 +13,7 @@ checkpoints are deleted file by file: `is_complete` tells a checkpoint a resume 
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,8 @@ from typing import Any
 import torch
 
 from .runs import atomic_dir, atomic_write_json, remove_dir
+
+log = logging.getLogger(__name__)
 
 STATE = "trainer_state.json"
 # what a resume reads, besides trainer_state.json: ours, and the transformers Trainer's
@@ -93,7 +96,8 @@ def is_complete(path: Path) -> bool:
         return False
     if "step" in state:  # ours
         return all(n in names for n in OURS)
-    if not all(n in names for n in TRAINER_SAFE):
+    rng = any(f"{n}.safetensors" in names and f"{n}.json" in names for n in ("rng", "rng_0"))
+    if not rng or not all(n in names for n in TRAINER_SAFE):
         return False
     if "adapter_model.safetensors" in names:
         return "adapter_config.json" in names
@@ -127,7 +131,7 @@ def load_checkpoint(path: Path, optimizer: torch.optim.Optimizer) -> tuple[dict[
 
 # ---------------------------------------------------------------------------------------------- Trainer checkpoints
 
-TRAINER_SAFE = ("optimizer.safetensors", "optimizer.json", "scheduler.json", "rng.safetensors", "rng.json")
+TRAINER_SAFE = ("optimizer.safetensors", "optimizer.json", "scheduler.json")  # and rng[_RANK].safetensors/.json
 TRAINER_PICKLES = ("optimizer.pt", "scheduler.pt", "rng_state.pth")
 
 
@@ -172,9 +176,14 @@ class SafetensorsCheckpoints:
 
         kind, keys, pos, has_gauss, cached = np.random.get_state()
         tensors = {**rng_state(), "numpy_keys": torch.from_numpy(keys.astype(np.int64))}
-        save_file(tensors, str(Path(output_dir) / "rng.safetensors"))
-        atomic_write_json(Path(output_dir) / "rng.json", {"python": random.getstate(),
-                                                          "numpy": [kind, int(pos), int(has_gauss), float(cached)]})
+        name = self._rng_name()
+        save_file(tensors, str(Path(output_dir) / f"{name}.safetensors"))
+        atomic_write_json(Path(output_dir) / f"{name}.json", {"python": random.getstate(),
+                                                              "numpy": [kind, int(pos), int(has_gauss), float(cached)]})
+
+    def _rng_name(self) -> str:
+        # each process of a multi-process run has its own random state
+        return f"rng_{self.args.process_index}" if self.args.world_size > 1 else "rng"
 
     def _load_rng_state(self, checkpoint: str | None) -> None:
         if checkpoint is None or not self._own_format():
@@ -186,8 +195,12 @@ class SafetensorsCheckpoints:
 
         path = Path(checkpoint)
         refuse_pickles(path)
-        tensors = load_file(str(path / "rng.safetensors"))
-        extra = json.loads((path / "rng.json").read_text(encoding="utf-8"))
+        name = self._rng_name()
+        if not (path / f"{name}.safetensors").is_file():
+            log.warning("%s has no random state for this process (%s): the resumed run will not be exact", path, name)
+            return
+        tensors = load_file(str(path / f"{name}.safetensors"))
+        extra = json.loads((path / f"{name}.json").read_text(encoding="utf-8"))
         version, state, gauss = extra["python"]
         random.setstate((version, tuple(state), gauss))
         kind, pos, has_gauss, cached = extra["numpy"]
@@ -200,7 +213,7 @@ def refuse_pickles(path: Path) -> None:
     from .errors import OutputError
 
     pickles = [n for n in TRAINER_PICKLES if (path / n).exists()]
-    if pickles and not all((path / n).is_file() for n in TRAINER_SAFE):
+    if pickles and not all((path / n).is_file() for n in (*TRAINER_SAFE, "rng.safetensors")):
         raise OutputError(f"{path} keeps its training state in pickle files ({', '.join(pickles)}), which align "
                           "never loads (unpickling can run code). Start the stage over with resume=false")
 
