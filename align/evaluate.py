@@ -117,10 +117,9 @@ def evaluate_policies(policies: list[str], baseline: str | None = None, reward_m
     paths = [champion_or(p) for p in policies]
     baseline = champion_or(baseline) if baseline else None
     model, tokenizer, cfg = load_policy(paths[0], device)
-    manifests = [read_manifest(p) for p in paths]
+    manifests = [read_manifest(paths[0])] + [open_run(p, POLICY_STAGES, "--policy")[0] for p in paths[1:]]
     names = ["default"] + [f"policy{i}" for i in range(1, len(paths))]
     for path, manifest, name in zip(paths[1:], manifests[1:], names[1:]):
-        open_run(path, POLICY_STAGES, "--policy")
         if manifest["base_model"] != manifests[0]["base_model"]:
             raise ModelError(f"{path} was trained on another base model than {paths[0]}")
         model.load_adapter(str(path), adapter_name=name, is_trainable=False)

@@ -7,6 +7,7 @@ optimizers skip parameters without a gradient), so the weights and the last chec
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterator
 
@@ -78,6 +79,18 @@ def out_of_memory(stage: str, batch_size: int, grad_accum: int, max_length: int,
         f"data.max_length={max_length} tokens. Halve training.batch_size and double training.grad_accum (same "
         f"effective batch), or lower data.max_length, or set training.gradient_checkpointing=true{also}; the last "
         f"checkpoint in {where} is kept and the same command resumes from it")
+
+
+@contextlib.contextmanager
+def oom_as_message(stage: str, cfg, where, also: str = "") -> Iterator[None]:
+    """Turn an out-of-memory error inside the block into one OutOfMemory message about `cfg`'s settings."""
+    try:
+        yield
+    except Exception as e:
+        if is_oom(e):
+            t = cfg.training
+            raise out_of_memory(stage, t.batch_size, t.grad_accum, cfg.data.max_length, str(where), also) from None
+        raise
 
 
 def is_oom(e: BaseException) -> bool:

@@ -121,8 +121,9 @@ def _transforms_logits(causal) -> bool:
 
 
 def _head_logps(head: torch.nn.Module, states: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    logits = head(states.to(head.weight.dtype)).float()
-    return logits.gather(1, tokens[:, None]).squeeze(1) - logits.logsumexp(-1)
+    from .losses import token_logps
+
+    return token_logps(head(states.to(head.weight.dtype))[None], tokens[None])[0]
 
 
 def chunked_logps(causal, head, input_ids: torch.Tensor, attention_mask: torch.Tensor, targets: torch.Tensor,

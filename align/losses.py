@@ -62,9 +62,7 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
     logits, labels = logits[:, :-1], labels[:, 1:]
     mask = labels != ignore_index
     safe = torch.where(mask, labels, 0)
-    logits = logits.float()
-    per_token = torch.gather(logits, 2, safe.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
-    return (per_token * mask).sum(-1), mask.sum(-1)
+    return (token_logps(logits, safe) * mask).sum(-1), mask.sum(-1)
 
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,

@@ -32,7 +32,7 @@ from .data import Example, RowError, _as_messages, char_bound, chars, load_rows
 from .errors import ConfigError
 from .formatting import FormatError, encode_prompt
 from .generate import Sampling, sample_batch
-from .guards import TrainingStopped, is_oom, out_of_memory
+from .guards import TrainingStopped, oom_as_message
 from .losses import ppo_policy_loss, ppo_value_loss
 from .models import attach_lora, load_adapter_weights, load_base, lora_like, peft_lora_config, resolve_quantization
 from .roles import POLICY, REFERENCE, REWARD, VALUE, Batch, Roles, add_adapter_from, head_from, make_batch
@@ -373,15 +373,9 @@ def train(prep: Prepared) -> Path:
                                "trainable_params": sum(p.numel() for p in _trainable(roles).values()),
                                "quantization": quantization, "resumed_from": ckpt.name if ckpt else None}
     start = time.time()
-    try:
+    with oom_as_message(STAGE, cfg, prep.paths.work, f"; generation holds rollout.batch_size={cfg.rollout.batch_size} "
+                        f"answers of up to rollout.max_new_tokens={cfg.rollout.max_new_tokens} at once"):
         metrics.update(train_loop(prep, roles, ckpt))
-    except Exception as e:
-        if is_oom(e):
-            t = cfg.training
-            raise out_of_memory(STAGE, t.batch_size, t.grad_accum, cfg.data.max_length, str(prep.paths.work),
-                                f"; generation holds rollout.batch_size={cfg.rollout.batch_size} answers of up to "
-                                f"rollout.max_new_tokens={cfg.rollout.max_new_tokens} at once") from None
-        raise
     metrics["train_seconds"] = time.time() - start
     from accelerate import PartialState
     if not PartialState().is_main_process:  # the main process evaluates and writes the output

@@ -230,6 +230,11 @@ def _markdown(home: Home, record: dict[str, Any], reports: dict[str, dict[str, A
     return "\n".join(out).rstrip() + "\n"
 
 
+def _sample_answer(report: dict[str, Any], i: int) -> str:
+    samples = report.get("samples") or []
+    return samples[i]["policy"] if i < len(samples) else "—"
+
+
 def _samples(reports: dict[str, dict[str, Any]], baseline_name: str) -> list[str]:
     if not reports:
         return []
@@ -239,8 +244,7 @@ def _samples(reports: dict[str, dict[str, Any]], baseline_name: str) -> list[str
     for i, sample in enumerate(first):
         out += [f"**Prompt:** {sample['prompt']}", "", f"| {baseline_name} | " + " | ".join(names) + " |",
                 "|---|" + "---|" * len(names)]
-        cells = [sample["reference"]] + [(reports[n].get("samples") or [{}] * (i + 1))[i].get("policy", "—")
-                                         if i < len(reports[n].get("samples") or []) else "—" for n in names]
+        cells = [sample["reference"]] + [_sample_answer(reports[n], i) for n in names]
         out.append("| " + " | ".join(c.replace("\n", "<br>").replace("|", "\\|") for c in cells) + " |")
         out.append("")
     return out

@@ -22,7 +22,7 @@ import torch
 from .config import StageConfig, to_yaml
 from .data import Loaded, check_reject_share, data_hash, write_rejects
 from .errors import ConfigError, OutputError
-from .guards import NonFiniteGuard, TrainingStopped, check_finite, is_oom, out_of_memory
+from .guards import NonFiniteGuard, TrainingStopped, check_finite, oom_as_message
 from .runs import (
     atomic_dir,
     atomic_write_json,
@@ -264,14 +264,8 @@ def fit(cfg: StageConfig, paths: StagePaths, inputs: dict[str, str], make_traine
     if loss_before and trainer.eval_dataset is not None and ckpt is None:
         metrics["eval_loss_before"] = trainer.evaluate()["eval_loss"]
     start = time.time()
-    try:
+    with oom_as_message(paths.out.name, cfg, paths.work):
         result = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
-    except Exception as e:
-        if is_oom(e):
-            t = cfg.training
-            raise out_of_memory(paths.out.name, t.batch_size, t.grad_accum, cfg.data.max_length, str(paths.work)
-                                ) from None
-        raise
     if guard.stopped:
         raise TrainingStopped(guard.stopped)
     metrics.update(train_loss=result.training_loss, steps=result.global_step, train_seconds=time.time() - start,
