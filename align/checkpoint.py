@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from .distributed import barrier
 from .runs import atomic_dir, atomic_write_json, remove_dir
 
 log = logging.getLogger(__name__)
@@ -177,9 +178,13 @@ class SafetensorsCheckpoints:
         kind, keys, pos, has_gauss, cached = np.random.get_state()
         tensors = {**rng_state(), "numpy_keys": torch.from_numpy(keys.astype(np.int64))}
         name = self._rng_name()
+        Path(output_dir).mkdir(parents=True, exist_ok=True)  # another process may not have made it yet
         save_file(tensors, str(Path(output_dir) / f"{name}.safetensors"))
         atomic_write_json(Path(output_dir) / f"{name}.json", {"python": random.getstate(),
                                                               "numpy": [kind, int(pos), int(has_gauss), float(cached)]})
+        # the main process writes trainer_state.json, which marks the checkpoint complete, after this: only once
+        # every process's random state is in it
+        barrier()
 
     def _rng_name(self) -> str:
         # each process of a multi-process run has its own random state

@@ -266,8 +266,9 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _setup_logging(quiet: bool) -> None:
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="align: %(message)s",
-                        stream=sys.stderr)
+    rank = int(os.environ.get("RANK", "0"))  # set by accelerate launch / torchrun; the main process narrates
+    logging.basicConfig(level=logging.WARNING if quiet or rank else logging.INFO,
+                        format=f"align[rank {rank}]: %(message)s" if rank else "align: %(message)s", stream=sys.stderr)
     # the libraries below are chatty at INFO; their warnings still show
     for name in ("transformers", "datasets", "peft", "trl", "accelerate", "bitsandbytes", "httpx", "urllib3", "absl"):
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -283,8 +284,8 @@ def _run_stage(stage: str, args: argparse.Namespace) -> int:
     from . import dpo, ppo, reward, sft
 
     out = {"sft": sft.run, "reward": reward.run, "dpo": dpo.run, "ppo": ppo.run}[stage](cfg)
-    metrics = json.loads((Path(out) / "metrics.json").read_text())
-    _print_summary(stage, out, metrics)
+    if int(os.environ.get("RANK", "0")) == 0:  # one summary from a multi-process run
+        _print_summary(stage, out, json.loads((Path(out) / "metrics.json").read_text()))
     return 0
 
 

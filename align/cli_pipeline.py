@@ -44,8 +44,14 @@ def add_parsers(sub) -> None:
 
 
 def run_command(args: argparse.Namespace) -> int:
+    from .distributed import launched
+    from .errors import ConfigError
     from .pipeline import load_pipeline, run
 
+    if launched():
+        raise ConfigError("`align run` drives the whole loop from one process (its evaluation, promotion and merge "
+                          "are single-process); launch the stages you want to scale out instead, e.g. "
+                          "`accelerate launch --config_file recipes/accelerate/ddp.yaml recipes/dpo.py ...`")
     config = args.config
     overrides = list(args.overrides)
     if config is not None and "=" in config and not config.endswith((".yaml", ".yml")):

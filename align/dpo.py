@@ -24,6 +24,7 @@ from datasets import Dataset
 
 from .config import DPOConfig
 from .data import Loaded
+from .distributed import is_main, main_first
 from .heads import answer_labels, labelled_logps, pad_batch
 from .losses import dpo_loss
 from .models import (
@@ -154,8 +155,9 @@ def build_trainer(prep: Prepared):
 
     cfg = prep.cfg
     model = build_model(prep)
-    ref_train = cached_reference_logps(prep, model, prep.train, cfg.data.train)
-    ref_eval = cached_reference_logps(prep, model, prep.eval, cfg.data.eval) if prep.eval else None
+    with main_first():  # the main process fills the cache; in a multi-process run the others then read it
+        ref_train = cached_reference_logps(prep, model, prep.train, cfg.data.train)
+        ref_eval = cached_reference_logps(prep, model, prep.eval, cfg.data.eval) if prep.eval else None
     args = trainer_args(cfg, prep.paths.work)
     args.pop("gradient_checkpointing", None)  # TrainingArguments knows it as activation_checkpointing (TRL: both)
     args = TrainingArguments(**args, remove_unused_columns=False, prediction_loss_only=True)
@@ -181,6 +183,10 @@ def _trainer_class():
     class DPOTrainer(SafetensorsCheckpoints, Trainer):
         """transformers' Trainer with align's DPO losses over precomputed reference log-probs."""
 
+        # the loss is a mean over the batch's pairs, so the Trainer must divide it by the accumulation steps (the
+        # batch holds `labels`, which alone would make it assume a loss already normalised over the whole step)
+        loss_is_scaled_for_ga = False
+
         def __init__(self, *args, cfg: DPOConfig, **kwargs):
             super().__init__(*args, **kwargs)
             self.cfg = cfg
@@ -199,8 +205,11 @@ def _trainer_class():
             # mean log-ratio to the reference on the data (a cheap drift signal; the sampled KL comes after training)
             metrics["logratio"] = ((chosen - inputs["ref_chosen"] + rejected - inputs["ref_rejected"]) / 2
                                    ).detach().mean()
-            for key, value in metrics.items():
-                self._metrics[mode][key].append(value.item())
+            keys = sorted(metrics)
+            # each process sees its own batches: the logged numbers are means over all of them
+            values = self.accelerator.gather(torch.stack([metrics[k].detach().float() for k in keys])[None])
+            for key, value in zip(keys, values.mean(0).tolist(), strict=True):
+                self._metrics[mode][key].append(value)
             return (loss, {"logps": logps.detach()}) if return_outputs else loss
 
         def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -220,7 +229,7 @@ def train(prep: Prepared) -> Path:
         metrics: dict[str, Any] = {}
         if trainer.eval_dataset is not None:
             metrics.update({k: v for k, v in trainer.evaluate().items() if k.startswith("eval_")})
-        if cfg.eval_prompts:
+        if cfg.eval_prompts and is_main():  # generation: the main process alone, it writes the output
             metrics["win_rate"] = win_rate_report(trainer.model, prep.tokenizer, cfg, reference)
         return metrics
 

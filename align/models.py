@@ -140,7 +140,14 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
 
 
 def device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    """This process's device: under a multi-process launcher each process has its own GPU (LOCAL_RANK)."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def _fsdp() -> bool:
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
 
 
 def resolve_quantization(cfg: ModelConfig) -> str:
@@ -174,7 +181,10 @@ def load_base(path: str, cfg: ModelConfig, task: str = "causal", pad_token_id: i
     if resolve_quantization(cfg) == "nf4":
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype)
+            bnb_4bit_compute_dtype=dtype,
+            # FSDP shards parameters by flattening them together: the packed 4-bit weights must then be stored in
+            # the same dtype as the rest (QLoRA + FSDP); a single GPU keeps the default uint8 storage
+            **({"bnb_4bit_quant_storage": dtype} if _fsdp() else {}))
         kwargs["device_map"] = {"": device().index or 0} if device().type == "cuda" else {"": "cpu"}
     try:
         with _quiet_new_head() if task == "score" else contextlib.nullcontext():

@@ -18,6 +18,7 @@ policy's.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -29,6 +30,7 @@ from .advantages import KLController, RunningMoments, gae, kl_per_token, masked_
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import PPOConfig
 from .data import Example, RowError, _as_messages, char_bound, chars, load_rows
+from .distributed import any_rank, gather, is_main, mean_over_ranks, on_main, weights_spread, world_size
 from .errors import ConfigError
 from .formatting import FormatError, encode_prompt
 from .generate import Sampling, sample_batch
@@ -76,6 +78,11 @@ def prompt_loader(cfg: PPOConfig):
 
 def setup(cfg: PPOConfig) -> Prepared:
     """Everything that can fail on user input, before a model is loaded."""
+    sharded = [k for k in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED")
+               if os.environ.get(k, "false").lower() in ("1", "true")]
+    if sharded:
+        raise ConfigError("PPO switches its four roles' adapters inside one model, which FSDP and DeepSpeed shard "
+                          "and wrap; launch it with recipes/accelerate/ddp.yaml (data parallel) instead")
     if not cfg.reward_model:
         raise ConfigError("reward_model= is required: PPO raises a reward model's score. Train one with "
                           "`align reward`, then pass reward_model=runs/<run>/reward")
@@ -171,7 +178,7 @@ def advantages_of(cfg: PPOConfig, batch: Batch, r: dict[str, Any], kl_coef: floa
     """Rewards → per-token shaped rewards → GAE advantages and returns."""
     p = cfg.ppo
     scores = r["scores"] - cfg.rollout.missing_eos_penalty * (~batch.ended).float()
-    moments.update(scores)
+    moments.update(gather(scores))  # every process normalises with the statistics of all processes' rewards
     if p.normalize_reward:
         scores = (scores - moments.mean) / max(moments.std, 1e-6)
     if p.reward_clip is not None:
@@ -192,6 +199,7 @@ def update(roles: Roles, cfg: PPOConfig, batch: Batch, r: dict[str, Any], a: dic
     sums: dict[str, list[float]] = {}
     n = batch.ids.shape[0]
     accum = 0
+    bad: list[str] = []
     for _ in range(cfg.ppo.epochs):
         order = torch.randperm(n)
         for start in range(0, n, t.batch_size):
@@ -205,25 +213,31 @@ def update(roles: Roles, cfg: PPOConfig, batch: Batch, r: dict[str, Any], a: dic
             vf_loss, vf = ppo_value_loss(values, r["old_values"][rows], a["returns"][rows], mb.resp_mask,
                                          cfg.ppo.value_clip_range)
             loss = pg_loss + cfg.ppo.value_coef * vf_loss
-            if not torch.isfinite(loss):
-                optimizer.zero_grad(set_to_none=True)
-                raise FloatingPointError(f"non-finite PPO loss (policy {pg_loss.item()}, value {vf_loss.item()})")
-            accelerator.backward(loss / t.grad_accum)
+            if torch.isfinite(loss):
+                accelerator.backward(loss / t.grad_accum)
+            else:  # reported at the optimizer step, which every process reaches together
+                bad.append(f"non-finite PPO loss (policy {pg_loss.item()}, value {vf_loss.item()})")
             accum += 1
             if accum % t.grad_accum == 0:
-                _optimizer_step(optimizer, params, t.max_grad_norm, accelerator, sums)
+                _optimizer_step(optimizer, params, t.max_grad_norm, accelerator, sums, bad)
             for key, value in {"policy_loss": pg_loss, "value_loss": vf_loss, **pg, **vf,
                                "entropy": (ent * mb.resp_mask).sum() / mb.resp_mask.sum().clamp(min=1)}.items():
                 sums.setdefault(key, []).append(float(value.detach()))
     if accum % t.grad_accum:
-        _optimizer_step(optimizer, params, t.max_grad_norm, accelerator, sums)
+        _optimizer_step(optimizer, params, t.max_grad_norm, accelerator, sums, bad)
     return {k: sum(v) / len(v) for k, v in sums.items()}
 
 
 def _optimizer_step(optimizer, params: dict[str, list[torch.nn.Parameter]], max_norm: float, accelerator,
-                    sums) -> None:
+                    sums, bad: list[str]) -> None:
     """Clip the policy's and the value model's gradients separately: a large value-loss gradient early in
-    training must not shrink the policy's step through one shared norm."""
+    training must not shrink the policy's step through one shared norm.
+
+    A non-finite loss on any process skips the step on all of them (one skipping alone would leave the others
+    waiting for its gradients)."""
+    if any_rank(bool(bad)):
+        optimizer.zero_grad(set_to_none=True)
+        raise FloatingPointError(bad[0] if bad else "non-finite PPO loss in another process")
     for role, group in params.items():
         if accelerator.num_processes > 1:  # roles switch adapters inside one module, so sync gradients by hand
             for p in group:
@@ -260,6 +274,8 @@ def _trainable(roles: Roles) -> dict[str, torch.nn.Parameter]:
 
 def _check_scores(r: dict[str, Any], step: int) -> None:
     bad = ~torch.isfinite(r["scores"])
+    if any_rank(bool(bad.any())) and not bad.any():  # every process skips the step together
+        raise FloatingPointError(f"step {step}: non-finite reward(s) in another process")
     if bad.any():
         shown = [f"  prompt {r['prompts'][i][-1]['content'][:80]!r} -> answer {r['texts'][i][:80]!r}"
                  for i in torch.nonzero(bad).flatten().tolist()[:3]]
@@ -296,7 +312,7 @@ def train_loop(prep: Prepared, roles: Roles, resume_from: Path | None) -> dict[s
     moments = RunningMoments()
     state: dict[str, Any] = {"log_history": [], "kl_over": 0, "bad_steps": 0}
     first = 0
-    torch.manual_seed(t.seed + accelerator.process_index)
+    torch.manual_seed(t.seed + accelerator.process_index)  # processes sample different answers
     if resume_from is not None:
         weights, state = load_checkpoint(resume_from, optimizer)
         with torch.no_grad():
@@ -306,11 +322,17 @@ def train_loop(prep: Prepared, roles: Roles, resume_from: Path | None) -> dict[s
         controller = KLController(**state.pop("controller"))
         moments = RunningMoments(**state.pop("moments"))
         first = state.pop("step")
+        if accelerator.num_processes > 1:  # the checkpoint holds the main process's random state only
+            torch.manual_seed(t.seed + accelerator.process_index + first * accelerator.num_processes)
+            log.warning("multi-process PPO resumed at step %d: the processes' sampling continues from fresh seeds, "
+                        "so the run is not an exact continuation", first)
         log.info("resumed PPO at step %d from %s", first, resume_from)
     n_prompts = len(prep.train.encoded)
     bar = tqdm(range(first, t.max_steps), initial=first, total=t.max_steps, desc="ppo", unit="step", file=sys.stderr)
+    b, world, rank = cfg.rollout.batch_size, accelerator.num_processes, accelerator.process_index
     for step in bar:
-        rows = prompt_rows(n_prompts, cfg.rollout.batch_size, step, t.seed)
+        # each process answers its own share of the step's prompts (rollout.batch_size is per process)
+        rows = prompt_rows(n_prompts, b * world, step, t.seed)[rank * b:(rank + 1) * b]
         batch, r = rollout(roles, prep, rows)
         start = time.monotonic()
         try:
@@ -318,6 +340,7 @@ def train_loop(prep: Prepared, roles: Roles, resume_from: Path | None) -> dict[s
             a = advantages_of(cfg, batch, r, controller.coef, moments)
             metrics = _step_metrics(batch, r, a, controller.coef)
             metrics.update(update(roles, cfg, batch, r, a, optimizer, params, accelerator))
+            metrics = mean_over_ranks(metrics)  # one KL for the controller, one set of numbers in the log
             state["bad_steps"] = 0
         except FloatingPointError as e:
             state["bad_steps"] += 1
@@ -359,7 +382,8 @@ def train_loop(prep: Prepared, roles: Roles, resume_from: Path | None) -> dict[s
 def train(prep: Prepared) -> Path:
     cfg = prep.cfg
     if up_to_date(cfg, prep.paths, prep.inputs):
-        remove_dir(prep.paths.work)  # a run killed after its output appeared may have left its checkpoints
+        # a run killed after its output appeared may have left its checkpoints
+        on_main(lambda: remove_dir(prep.paths.work), lambda: None)
         log.info("%s is up to date (same base model, data, reward model and config); nothing to train. Use "
                  "overwrite=true to train it again", prep.paths.out)
         return prep.paths.out
@@ -377,8 +401,8 @@ def train(prep: Prepared) -> Path:
                         f"answers of up to rollout.max_new_tokens={cfg.rollout.max_new_tokens} at once"):
         metrics.update(train_loop(prep, roles, ckpt))
     metrics["train_seconds"] = time.time() - start
-    from accelerate import PartialState
-    if not PartialState().is_main_process:  # the main process evaluates and writes the output
+    metrics.update(processes=world_size(), rank_weight_spread=weights_spread(_trainable(roles)))
+    if not is_main():  # the main process evaluates and writes the output
         return prep.paths.out
     history = metrics["log_history"]
     if history:

@@ -19,6 +19,7 @@ from datasets import Dataset
 
 from .config import RewardConfig
 from .data import Loaded
+from .distributed import is_main
 from .heads import scoring_pad_id, sequence_scores
 from .losses import expected_calibration_error, pairwise_reward_loss
 from .models import (
@@ -94,6 +95,8 @@ def _trainer_class():
     class AlignRewardTrainer(SafetensorsCheckpoints, RewardTrainer):
         """TRL's RewardTrainer with the score read at each answer's EOS and align's loss (same maths + margin)."""
 
+        loss_is_scaled_for_ga = False  # a mean over the batch's pairs: the Trainer divides by accumulation steps
+
         def __init__(self, *args, constant_margin: float = 0.0, **kwargs):
             super().__init__(*args, **kwargs)
             self.constant_margin = constant_margin
@@ -168,6 +171,8 @@ def train(prep: Prepared) -> Path:
     cfg = prep.cfg
 
     def metrics_after(trainer) -> dict[str, Any]:
+        if not is_main():  # plain forward passes, no collectives: the main process, which writes the output
+            return {}
         metrics: dict[str, Any] = {"train_probe": training_probe(trainer, prep.train)}
         if prep.eval is not None:
             held_out = evaluate_pairs(trainer.model, prep.tokenizer, prep.eval, cfg.training.batch_size,

@@ -17,6 +17,7 @@ from datasets import Dataset
 
 from .config import SFTConfig
 from .data import Loaded, load_sft_data
+from .distributed import is_main
 from .generate import compare_with_base
 from .models import attach_lora, load_base, resolve_quantization
 from .stage import Prepared, finish, prepare, trainer_args, use_cuda_defaults
@@ -68,7 +69,7 @@ def train(prep: Prepared) -> Path:
         if trainer.eval_dataset is not None:
             metrics["eval_loss_after"] = trainer.evaluate()["eval_loss"]
             metrics["eval_perplexity_after"] = math.exp(min(metrics["eval_loss_after"], 50))
-        if prep.eval and cfg.samples:
+        if prep.eval and cfg.samples and is_main():  # generation: the main process alone, it writes the output
             prompts = [e.prompt for e in prep.eval.examples if e.prompt][: cfg.samples]
             metrics["samples"] = compare_with_base(trainer.model, prep.tokenizer, prompts)
         return metrics

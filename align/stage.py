@@ -21,6 +21,7 @@ import torch
 
 from .config import StageConfig, to_yaml
 from .data import Loaded, check_reject_share, data_hash, write_rejects
+from .distributed import is_main, main_first, on_main, weights_spread, world_size
 from .errors import ConfigError, OutputError
 from .guards import NonFiniteGuard, TrainingStopped, check_finite, oom_as_message
 from .runs import (
@@ -74,7 +75,16 @@ class Prepared:
 def prepare(stage: str, cfg: StageConfig, make_loader: Callable[[Any], Callable[[str, str, int | None], Loaded]],
             init_from_sft: str | None = None, adjust_tokenizer: Callable[[Any], None] | None = None) -> Prepared:
     """Everything that can fail on user input, before a model is loaded: output place, base model, parent SFT
-    stage, tokenizer, and both data splits (read, validated, tokenized by `make_loader(tokenizer)`)."""
+    stage, tokenizer, and both data splits (read, validated, tokenized by `make_loader(tokenizer)`).
+
+    In a multi-process run the main process goes first: it may convert the base model into the cache and write
+    reject files, which the others then find done."""
+    with main_first():
+        return _prepare(stage, cfg, make_loader, init_from_sft, adjust_tokenizer)
+
+
+def _prepare(stage: str, cfg: StageConfig, make_loader: Callable[[Any], Callable[[str, str, int | None], Loaded]],
+             init_from_sft: str | None, adjust_tokenizer: Callable[[Any], None] | None) -> Prepared:
     from .models import load_tokenizer, resolve_model
 
     paths = StagePaths.of(cfg, stage)
@@ -164,6 +174,12 @@ def up_to_date(cfg: StageConfig, paths: StagePaths, inputs: dict[str, str]) -> b
 
 
 def prepare_output(cfg: StageConfig, paths: StagePaths, inputs: dict[str, str]) -> Path | None:
+    """Make the work directory; return the checkpoint to resume from, if any (every process of a multi-process
+    run gets it; only the main process touches the directory)."""
+    return on_main(lambda: _prepare_output(cfg, paths, inputs), lambda: newest_checkpoint(paths.work))
+
+
+def _prepare_output(cfg: StageConfig, paths: StagePaths, inputs: dict[str, str]) -> Path | None:
     """Make the work directory; return the checkpoint to resume from, if any.
 
     A checkpoint is only resumed when it was made from the same inputs (data and config hashes). What a killed
@@ -236,6 +252,8 @@ def trainer_args(cfg: StageConfig, work: Path) -> dict[str, Any]:
         "eval_steps": t.eval_steps,
         "report_to": t.report_to or "none",
         "dataloader_num_workers": 0,
+        # every trainable LoRA/head weight takes part in each forward pass: DDP need not search for unused ones
+        "ddp_find_unused_parameters": False,
         **use_cuda_defaults(cfg),
     }
 
@@ -245,7 +263,8 @@ def fit(cfg: StageConfig, paths: StagePaths, inputs: dict[str, str], make_traine
         loss_before: bool = True) -> tuple[Any, dict[str, Any]] | None:
     """Train (or resume) a transformers/TRL trainer; None when the finished output is already up to date."""
     if up_to_date(cfg, paths, inputs):
-        remove_dir(paths.work)  # a run killed after its output appeared may have left its checkpoints
+        # a run killed after its output appeared may have left its checkpoints
+        on_main(lambda: remove_dir(paths.work), lambda: None)
         log.info("%s is up to date (same base model, data and config); nothing to train. Use overwrite=true to "
                  "train it again", paths.out)
         return None
@@ -263,16 +282,30 @@ def fit(cfg: StageConfig, paths: StagePaths, inputs: dict[str, str], make_traine
         "quantization": quantization, "resumed_from": ckpt.name if ckpt else None}
     if loss_before and trainer.eval_dataset is not None and ckpt is None:
         metrics["eval_loss_before"] = trainer.evaluate()["eval_loss"]
+        _unprepare(trainer)
     start = time.time()
     with oom_as_message(paths.out.name, cfg, paths.work):
         result = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
     if guard.stopped:
         raise TrainingStopped(guard.stopped)
     metrics.update(train_loss=result.training_loss, steps=result.global_step, train_seconds=time.time() - start,
-                   skipped_steps=guard.skipped)
+                   skipped_steps=guard.skipped, processes=world_size(),
+                   rank_weight_spread=weights_spread(trainable_weights(trainer.model)))
     metrics.update(after(trainer))
     metrics["log_history"] = trainer.state.log_history
     return trainer, metrics
+
+
+def _unprepare(trainer) -> None:
+    """Undo what an evaluation before training leaves behind in a multi-process run.
+
+    Evaluating first marks the bare model as prepared by accelerate, and train() then skips wrapping it in
+    DistributedDataParallel: every process would train alone on its own batches, gradients never averaged
+    (tests/test_multiprocess.py catches this through the ranks' weights)."""
+    model = trainer.model
+    if world_size() > 1 and getattr(model, "_is_accelerate_prepared", False):
+        del model._is_accelerate_prepared
+        trainer.accelerator._models[:] = [m for m in trainer.accelerator._models if m is not model]
 
 
 def finish(stage: str, prep: Prepared, make_trainer: Callable[[], Any], after: Callable[[Any], dict[str, Any]],
@@ -292,13 +325,21 @@ def finish(stage: str, prep: Prepared, make_trainer: Callable[[], Any], after: C
     return save_stage(cfg, prep.paths, trainer.model, prep.tokenizer, metrics, manifest, adapters)
 
 
+def trainable_weights(model) -> dict[str, torch.Tensor]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
 def save_stage(cfg: StageConfig, paths: StagePaths, model, tokenizer, metrics: dict[str, Any],
                manifest: dict[str, Any], adapters: list[str] | None = None,
                extra_files: Callable[[Path], None] | None = None) -> Path:
     """Write adapter, tokenizer (with chat template), resolved config, metrics and manifest — atomically.
 
     `adapters` picks which adapters to save (e.g. the policy, not the frozen reference it was trained against).
+    In a multi-process run the main process writes; the others return at once (and exit: waiting at a barrier
+    while the main process evaluates and writes could outlast the process group's timeout).
     """
+    if not is_main():
+        return paths.out
     check_finite(((n, p) for n, p in model.named_parameters() if "lora_" in n or "modules_to_save" in n),
                  str(paths.out))
     with atomic_dir(paths.out, overwrite=cfg.overwrite) as tmp:

@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 from conftest import ROOT, write_jsonl
 from safetensors.torch import load_file
@@ -148,3 +149,18 @@ def test_sampled_kl_is_zero_against_itself_and_leaves_the_rng_alone(sft_run):
     with torch.no_grad():  # a different reference (the adapter off) gives a different, positive-on-average number
         other = sampled_kl(model, tok, prompts, 4, lambda m: m.disable_adapter())
     assert other != 0.0
+
+
+def test_accumulating_two_half_batches_is_one_whole_batch(tmp_path, tiny_model_dir, reward_data_files, sft_run):
+    """DPO batches carry `labels`, which made the Trainer skip dividing the loss by the accumulation steps:
+    2 × 2 pairs accumulated logged (and stepped on) twice the loss of one batch of the same 4 pairs."""
+    runs = {}
+    for name, batch, accum in (("whole", 4, 1), ("halves", 2, 2)):
+        cfg = make_cfg(tmp_path, tiny_model_dir, reward_data_files, f"init_from_sft={sft_run}", f"run={name}",
+                       f"training.batch_size={batch}", f"training.grad_accum={accum}", "training.max_steps=3",
+                       "data.eval=", "eval_prompts=", "lora.dropout=0", "training.warmup_ratio=0")
+        out = dpo.run(cfg)
+        runs[name] = (json.loads((out / "metrics.json").read_text()), load_file(out / "adapter_model.safetensors"))
+    (m_whole, w_whole), (m_halves, w_halves) = runs["whole"], runs["halves"]
+    assert m_halves["train_loss"] == pytest.approx(m_whole["train_loss"], rel=1e-4)
+    assert max((w_whole[k] - w_halves[k]).abs().max().item() for k in w_whole) < 2e-4

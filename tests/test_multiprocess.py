@@ -1,0 +1,121 @@
+"""Scale-out: stages under `accelerate launch` with two CPU processes (gloo), as a user launches them.
+
+Two processes with batch b see, at each optimizer step, the same examples as one process with batch b and two
+accumulation steps (accelerate hands rank r the batches r, r+2, ... of the same shuffled order), and DDP averages
+their gradients, so the adapters must match the one-process run's within float rounding, and both ranks must
+hold the same weights (each run records the largest difference in metrics.json).
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, pair_rows, write_jsonl
+from safetensors.torch import load_file
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(processes: int, args: list[str], cwd) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    if processes == 1:
+        cmd = [sys.executable, "-m", "align.cli", *args]
+    else:
+        # --multi_gpu picks torchrun-style process spawning; on a machine without GPUs the group uses gloo on CPUs
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(ROOT / "recipes" / "accelerate" / "ddp.yaml"), "--num_processes", str(processes),
+               "--main_process_port", str(free_port()), "-m", "align.cli", *args]
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+def adapter(out) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "adapter_model.safetensors"))
+
+
+def assert_same_adapter(a: dict, b: dict, atol: float) -> None:
+    assert a.keys() == b.keys()
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst <= atol, f"adapters differ by up to {worst}"
+
+
+def stage_args(stage: str, tmp, run: str, tiny, train, evals, batch: int, accum: int, *extra: str) -> list[str]:
+    return [stage, f"model.name_or_path={tiny}", f"runs_dir={tmp / 'runs'}", f"run={run}", f"data.train={train}",
+            f"data.eval={evals}", f"training.batch_size={batch}", f"training.grad_accum={accum}",
+            "training.max_steps=3", "training.learning_rate=5e-3", "training.warmup_ratio=0",
+            "training.logging_steps=1",
+            "lora.r=4", "lora.alpha=8", "lora.dropout=0", *extra]
+
+
+def check_pair(tmp, stage: str, tiny, train, evals, *extra: str, atol: float = 2e-5) -> tuple[dict, dict]:
+    """Run `stage` in two processes (batch 2) and in one (batch 2 × 2 accumulation steps); compare."""
+    two = launch(2, stage_args(stage, tmp, "two", tiny, train, evals, 2, 1, *extra), tmp)
+    launch(1, stage_args(stage, tmp, "one", tiny, train, evals, 2, 2, *extra), tmp)
+    assert two.stdout.count(f"{stage} finished") == 1  # one summary, from the main process
+    m2 = json.loads((tmp / "runs" / "two" / stage / "metrics.json").read_text())
+    m1 = json.loads((tmp / "runs" / "one" / stage / "metrics.json").read_text())
+    assert m2["processes"] == 2 and m1["processes"] == 1
+    assert m2["rank_weight_spread"] <= 1e-7  # both ranks ended with the same weights
+    assert not (tmp / "runs" / "two" / f"{stage}.work").exists()
+    assert_same_adapter(adapter(tmp / "runs" / "two" / stage), adapter(tmp / "runs" / "one" / stage), atol)
+    return m2, m1
+
+
+def test_sft_two_processes_match_one(tmp_path, tiny_model_dir):
+    rows = [{"prompt": r["prompt"], "completion": r["chosen"]} for r in pair_rows([(a, 3) for a in range(2, 14)])]
+    train = write_jsonl(tmp_path / "sft.jsonl", rows)
+    m2, m1 = check_pair(tmp_path, "sft", tiny_model_dir, train, "", "samples=0")
+    assert m2["steps"] == m1["steps"] == 3
+    assert m2["train_loss"] == pytest.approx(m1["train_loss"], rel=1e-4)
+
+
+def test_dpo_two_processes_match_one(tmp_path, tiny_model_dir, reward_data_files, sft_run):
+    train, evals = reward_data_files
+    m2, m1 = check_pair(tmp_path, "dpo", tiny_model_dir, train, evals, f"init_from_sft={sft_run}", "beta=0.5",
+                        "eval_prompts=")
+    # the same held-out pairs, evaluated by both processes together, give the same preference accuracy
+    assert m2["eval_accuracy"] == pytest.approx(m1["eval_accuracy"], abs=1e-6)
+    assert m2["eval_loss"] == pytest.approx(m1["eval_loss"], rel=1e-4)
+    assert m2["train_loss"] == pytest.approx(m1["train_loss"], rel=1e-4)
+    assert list((tmp_path / "runs" / "two" / "cache").glob("reference-logps-*.safetensors"))
+
+
+def test_reward_two_processes_match_one(tmp_path, tiny_model_dir, reward_data_files):
+    train, evals = reward_data_files
+    m2, m1 = check_pair(tmp_path, "reward", tiny_model_dir, train, evals)
+    assert m2["eval_accuracy"] == pytest.approx(m1["eval_accuracy"], abs=1e-6)
+
+
+def test_ppo_recipe_under_accelerate_launch(tmp_path, tiny_model_dir, sft_run, tiny_reward_run):
+    """PPO's own loop: each process answers its share of the prompts, gradients are averaged by hand, the KL
+    controller and reward statistics see every process's numbers."""
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": r["prompt"]} for r in pair_rows(
+        [(a, 5) for a in range(2, 10)])])
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "recipes/accelerate/ddp.yaml"),
+        "--num_processes", "2", "--main_process_port", str(free_port()), str(ROOT / "recipes" / "ppo.py"),
+        f"model.name_or_path={tiny_model_dir}", f"data.train={prompts}", f"init_from_sft={sft_run}",
+        f"reward_model={tiny_reward_run}", "training.max_steps=2", "rollout.batch_size=2", "rollout.max_new_tokens=4",
+        "training.batch_size=2", "training.save_steps=1", "eval_prompts=", "training.logging_steps=1"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert proc.stdout.count("ppo finished") == 1
+    out = tmp_path / "runs" / "demo" / "ppo"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["processes"] == 2 and metrics["rank_weight_spread"] <= 1e-7
+    assert [h["step"] for h in metrics["log_history"]] == [1, 2]
+    assert all(torch.isfinite(torch.tensor(h["reward_mean"])) for h in metrics["log_history"])
+    assert set(load_file(out / "adapter_model.safetensors")) and (out / "value" / "value_head.safetensors").is_file()
+    assert not (tmp_path / "runs" / "demo" / "ppo.work").exists()
