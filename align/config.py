@@ -88,6 +88,9 @@ class TrainingConfig:
     max_bad_steps: int = opt(3, "a step with NaN/inf gradients (or, in PPO, rewards or losses) is skipped; this "
                              "many in a row stop training", _positive, "must be >= 1")
     gradient_checkpointing: bool | None = opt(None, "recompute activations to save memory; empty = on CUDA only")
+    padding_free: bool = opt(False, "SFT and DPO: put each batch's sequences end to end in one row, without padding "
+                             "(positions restart for each, attention stays within each): the same loss, and no "
+                             "compute spent on padding when lengths vary")
     seed: int = opt(42, "seed for data order, LoRA init and dropout")
     logging_steps: int = opt(5, "log metrics every N steps", _positive, "must be >= 1")
     save_steps: int = opt(50, "checkpoint every N steps (resume continues from the newest)", _positive, "must be >= 1")

@@ -25,7 +25,8 @@ from datasets import Dataset
 from .config import DPOConfig
 from .data import Loaded
 from .distributed import is_main, main_first
-from .heads import answer_labels, labelled_logps, pad_batch
+from .formatting import IGNORE
+from .heads import answer_labels, labelled_logps, pack_batch, packed_logps, pad_batch
 from .losses import dpo_loss
 from .models import (
     adapter_role,
@@ -84,21 +85,29 @@ def reference(model):
     return adapter_role(model, REFERENCE if REFERENCE in getattr(model, "peft_config", {}) else None)
 
 
-def _batch(pairs: list[EncodedPair], pad_id: int, device) -> dict[str, torch.Tensor]:
-    """Chosen then rejected, right-padded; labels keep only answer tokens (prompt and padding are IGNORE)."""
+def _batch(pairs: list[EncodedPair], pad_id: int, device, packed: bool = False) -> dict[str, torch.Tensor]:
+    """Chosen then rejected, right-padded (or end to end in one row when `packed`); labels keep only answer tokens
+    (prompt and padding are IGNORE)."""
     seqs = [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs]
     prompt_lens = [p.prompt_len for p in pairs] * 2
+    if packed:
+        labels = [[IGNORE] * n + s[n:] for s, n in zip(seqs, prompt_lens, strict=True)]
+        return pack_batch(seqs, labels, device)
     ids, mask = pad_batch(seqs, pad_id, device=device)
     return {"input_ids": ids, "attention_mask": mask, "labels": answer_labels(ids, mask, prompt_lens)}
 
 
 def answer_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(2B,) summed answer log-probs and answer lengths of a _batch."""
+    if "owner" in batch:
+        return packed_logps(model, batch["input_ids"], batch["position_ids"], batch["labels"], batch["owner"],
+                            int(batch["owner"][0, -1]) + 1)
     return labelled_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
 
 
 @torch.no_grad()
-def reference_logps(model, pairs: list[EncodedPair], pad_id: int, batch_size: int) -> torch.Tensor:
+def reference_logps(model, pairs: list[EncodedPair], pad_id: int, batch_size: int, packed: bool = False
+                    ) -> torch.Tensor:
     """(N, 2) reference log-probs of (chosen, rejected) for every pair: the only reference forward passes."""
     device = next(model.parameters()).device
     was_training = model.training
@@ -109,7 +118,7 @@ def reference_logps(model, pairs: list[EncodedPair], pad_id: int, batch_size: in
     with reference(model), tqdm(total=len(pairs), desc="reference log-probs", unit="pair", file=sys.stderr) as bar:
         for start in range(0, len(pairs), batch_size):
             chunk = pairs[start:start + batch_size]
-            logps, _ = answer_logps(model, _batch(chunk, pad_id, device))
+            logps, _ = answer_logps(model, _batch(chunk, pad_id, device, packed))
             out.append(torch.stack(logps.float().cpu().chunk(2), dim=1))
             bar.update(len(chunk))
     model.train(was_training)
@@ -131,7 +140,8 @@ def cached_reference_logps(prep: Prepared, model, loaded: Loaded, spec: str) -> 
         if cached.shape[0] == len(loaded.encoded):
             log.info("reference log-probs of %s from %s", spec, path)
             return cached
-    logps = reference_logps(model, loaded.encoded, prep.tokenizer.pad_token_id, cfg.training.batch_size)
+    logps = reference_logps(model, loaded.encoded, prep.tokenizer.pad_token_id, cfg.training.batch_size,
+                            cfg.training.padding_free)
     if cfg.cache_reference:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
@@ -164,12 +174,12 @@ def build_trainer(prep: Prepared):
     return _trainer_class()(
         model=model, args=args, train_dataset=_dataset(prep.train, ref_train),
         eval_dataset=_dataset(prep.eval, ref_eval) if prep.eval else None,
-        data_collator=lambda rows: _collate(rows, prep.tokenizer.pad_token_id), cfg=cfg)
+        data_collator=lambda rows: _collate(rows, prep.tokenizer.pad_token_id, cfg.training.padding_free), cfg=cfg)
 
 
-def _collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+def _collate(rows: list[dict], pad_id: int, packed: bool) -> dict[str, torch.Tensor]:
     pairs = [EncodedPair(r["chosen_ids"], r["rejected_ids"], 0.0, r["prompt_len"]) for r in rows]
-    batch = _batch(pairs, pad_id, "cpu")
+    batch = _batch(pairs, pad_id, "cpu", packed)
     batch["ref_chosen"] = torch.tensor([r["ref_chosen"] for r in rows])
     batch["ref_rejected"] = torch.tensor([r["ref_rejected"] for r in rows])
     return batch

@@ -105,13 +105,45 @@ def labelled_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     head = causal.get_output_embeddings()
     targets = labels[:, 1:]
     picked = targets != IGNORE
-    if int(picked.sum()) * head.weight.shape[0] > CHUNK_ELEMENTS and not _transforms_logits(causal):
+    # (the chunked path calls the decoder directly; under DistributedDataParallel only a call of the wrapped model
+    # synchronises gradients, so multi-process runs keep the plain path)
+    if int(picked.sum()) * head.weight.shape[0] > CHUNK_ELEMENTS and not _transforms_logits(causal) \
+            and not isinstance(model, torch.nn.parallel.DistributedDataParallel):
         return chunked_logps(causal, head, input_ids, attention_mask, targets, picked)
     cols = (labels != IGNORE).any(0).nonzero()
     start = max(int(cols[0]) - 1, 0) if len(cols) else 0
     logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
                    logits_to_keep=labels.shape[1] - start).logits
     return sequence_logps(logits, labels[:, start:])
+
+
+def packed_logps(model, input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor,
+                 owner: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Padding-free variant of labelled_logps: (1, N) sequences end to end, `position_ids` restarting at 0 for
+    each (transformers then keeps attention inside each sequence), `owner[t]` = which of the n sequences token t
+    belongs to. Returns (n,) summed answer log-probs and (n,) answer token counts.
+
+    Logits are made only at the positions that predict a labelled token (logits_to_keep as indices)."""
+    from .losses import token_logps
+
+    picked = (labels[0, 1:] != IGNORE).nonzero().flatten()  # position t predicts token t + 1
+    logits = model(input_ids=input_ids, position_ids=position_ids, use_cache=False, logits_to_keep=picked).logits
+    per_token = token_logps(logits, labels[:, 1:][:, picked])[0]
+    rows = owner[0, 1:][picked]
+    sums = torch.zeros(n, dtype=per_token.dtype, device=per_token.device).index_add(0, rows, per_token)
+    return sums, torch.bincount(rows, minlength=n)
+
+
+def pack_batch(seqs: list[list[int]], labels: list[list[int]], device: torch.device | str = "cpu"
+               ) -> dict[str, torch.Tensor]:
+    """Token lists and their labels → one padding-free row: input_ids, position_ids, labels, owner (all (1, N))."""
+    ids = torch.tensor([t for s in seqs for t in s], dtype=torch.long)
+    positions = torch.cat([torch.arange(len(s)) for s in seqs])
+    owner = torch.cat([torch.full((len(s),), i, dtype=torch.long) for i, s in enumerate(seqs)])
+    lab = torch.tensor([t for lab_ in labels for t in lab_], dtype=torch.long)
+    lab[positions == 0] = IGNORE  # a sequence's first token is not predicted by the previous sequence's last
+    return {k: v[None].to(device) for k, v in
+            {"input_ids": ids, "position_ids": positions, "labels": lab, "owner": owner}.items()}
 
 
 def _transforms_logits(causal) -> bool:

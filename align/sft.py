@@ -55,7 +55,7 @@ def build_trainer(prep: Prepared):
     # Sequences arrive tokenized, labelled and truncated by align's formatting path, so TRL must not redo any of
     # it: max_length=None (no second truncation), no packing, no shuffling of its own (the sampler shuffles).
     args = TRLSFTConfig(**trainer_args(cfg, prep.paths.work), max_length=None, packing=False,
-                        shuffle_dataset=False)
+                        shuffle_dataset=False, padding_free=cfg.training.padding_free)
     trainer_cls = type("AlignSFTTrainer", (SafetensorsCheckpoints, SFTTrainer), {})
     return trainer_cls(model=model, args=args, train_dataset=_dataset(prep.train),
                        eval_dataset=_dataset(prep.eval) if prep.eval else None, processing_class=prep.tokenizer)

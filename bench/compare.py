@@ -315,6 +315,7 @@ def run_align(stage: str, model_dir: Path, data: dict[str, Path], s, work: Path)
                  f"training.learning_rate={LR}", f"training.lr_scheduler={SCHEDULE}",
                  f"training.warmup_ratio={WARMUP_RATIO}", f"training.seed={SEED}"]
     overrides += {"sft": ["samples=0"], "reward": [], "dpo": ["eval_prompts=", "cache_reference=false"]}[stage]
+    overrides += s.align_overrides  # speed options under test, e.g. training.padding_free=true
     cfg = load_config(cls, None, overrides)
     meter = make_meter(s.warmup - 1 if s.profile else None)
     timing = {"ref_seconds": 0.0}
@@ -474,7 +475,10 @@ def main(argv=None) -> int:
     p.add_argument("--tokenizer")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--align-overrides", default="", help="space-separated KEY=VALUE overrides for align's side "
+                   "only (e.g. 'training.padding_free=true'), to measure one option against the same baseline")
     s = p.parse_args(argv)
+    s.align_overrides = s.align_overrides.split()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     t_start = time.monotonic()
     cuda = torch.cuda.is_available()
@@ -503,7 +507,8 @@ def main(argv=None) -> int:
               "settings": {"seq": s.seq, "batch": s.batch, "steps": s.steps, "warmup": s.warmup,
                            "quantization": s.quantization, "gradient_checkpointing": s.gradient_checkpointing,
                            "bf16": cuda, "lora": LORA, "learning_rate": LR, "lr_scheduler": SCHEDULE,
-                           "peak_bf16_flops": peak_flops()}, "rows": []}
+                           "peak_bf16_flops": peak_flops(), "align_overrides": s.align_overrides},
+              "rows": []}
     out = Path(s.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"compare_{date.strftime('%Y-%m-%d')}{s.tag}"

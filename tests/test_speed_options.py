@@ -1,0 +1,102 @@
+"""Every speed option keeps the loss of the plain path: the same run with and without it, on a tiny Llama, ends
+with the same per-step losses and (nearly) the same adapter. Speed itself is measured in bench/, not here."""
+
+import json
+
+import pytest
+from conftest import chat, pair_rows, write_jsonl
+from safetensors.torch import load_file
+
+from align import dpo, sft
+from align.config import DPOConfig, SFTConfig, load_config
+
+
+def losses(out) -> list[float]:
+    history = json.loads((out / "metrics.json").read_text())["log_history"]
+    return [h["loss"] for h in history if "loss" in h]
+
+
+def assert_same_run(plain, fast, atol: float = 1e-4) -> None:
+    assert losses(fast) == pytest.approx(losses(plain), rel=1e-4)
+    assert len(losses(plain)) >= 3
+    a, b = load_file(plain / "adapter_model.safetensors"), load_file(fast / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < atol
+
+
+def varied_lengths() -> list[dict]:
+    """Answers from a few tokens to a few dozen, so a padded batch is mostly padding in its short rows."""
+    return [chat(f"What is {a} + {b}?", f"{a} + {b} = {a + b}." + " Let me check it once more." * (a % 5))
+            for a in range(2, 14) for b in (3, 7)]
+
+
+def test_sft_padding_free_equals_padded(tmp_path, tiny_model_dir, monkeypatch):
+    from trl.trainer import sft_trainer
+
+    rows_per_batch = {False: set(), True: set()}
+    real = sft_trainer.DataCollatorForLanguageModeling.torch_call
+
+    def spy(self, examples):
+        out = real(self, examples)
+        rows_per_batch[self.padding_free].add(out["input_ids"].shape[0])
+        return out
+
+    monkeypatch.setattr(sft_trainer.DataCollatorForLanguageModeling, "torch_call", spy)
+    data = write_jsonl(tmp_path / "sft.jsonl", varied_lengths())
+    outs = {}
+    for flag in (False, True):
+        cfg = load_config(SFTConfig, None, [
+            f"model.name_or_path={tiny_model_dir}", f"runs_dir={tmp_path / 'runs'}", f"run=pf-{flag}",
+            f"data.train={data}", f"data.eval={data}", "data.eval_limit=8", "training.learning_rate=5e-3",
+            "training.batch_size=4", "training.max_steps=4", "training.logging_steps=1", "lora.r=8",
+            "lora.dropout=0", "samples=0", f"training.padding_free={flag}"])
+        outs[flag] = sft.run(cfg)
+    assert rows_per_batch == {False: {4}, True: {1}}  # the option did pack: one row per batch of 4
+    assert_same_run(outs[False], outs[True])
+    m = {flag: json.loads((out / "metrics.json").read_text()) for flag, out in outs.items()}
+    assert m[True]["eval_loss_after"] == pytest.approx(m[False]["eval_loss_after"], rel=1e-4)
+
+
+def test_packed_answer_logps_equal_padded_ones(tiny_model_dir, reward_data_files):
+    """The same pairs, padded or end to end: the same log-probs and token counts, and the same gradients."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from align.pairs import pair_loader
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    cfg = load_config(DPOConfig, None, [f"data.train={reward_data_files[0]}"])
+    pairs = pair_loader(cfg.data)(tok)(str(reward_data_files[0]), "train", 5).encoded
+    results = {}
+    for packed in (False, True):
+        model.zero_grad()
+        batch = dpo._batch(pairs, tok.pad_token_id, "cpu", packed)
+        logps, counts = dpo.answer_logps(model, batch)
+        logps.sum().backward()
+        results[packed] = (logps.detach(), counts, model.model.embed_tokens.weight.grad.clone())
+        if packed:
+            assert batch["input_ids"].shape[0] == 1 and "attention_mask" not in batch
+    (lp, n, g), (lp_packed, n_packed, g_packed) = results[False], results[True]
+    assert n_packed.tolist() == n.tolist() and len(n) == 10
+    assert torch.allclose(lp_packed, lp, atol=1e-4, rtol=1e-5)
+    assert torch.allclose(g_packed, g, atol=1e-5, rtol=1e-4)
+
+
+def test_dpo_padding_free_equals_padded(tmp_path, tiny_model_dir, reward_data_files, sft_run):
+    rows = pair_rows([(a, b) for a in range(2, 12) for b in (3, 7)])
+    for i, r in enumerate(rows):  # lengths that vary within a batch
+        r["chosen"] += " I checked it twice." * (i % 4)
+    train = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    outs = {}
+    for flag in (False, True):
+        cfg = load_config(DPOConfig, None, [
+            f"model.name_or_path={tiny_model_dir}", f"runs_dir={tmp_path / 'runs'}", f"run=pf-{flag}",
+            f"data.train={train}", f"data.eval={reward_data_files[1]}", "data.eval_limit=8",
+            f"init_from_sft={sft_run}", "training.learning_rate=5e-3", "training.batch_size=4",
+            "training.max_steps=4", "training.logging_steps=1", "beta=0.5", "sft_weight=0.5", "eval_prompts=",
+            "lora.dropout=0", f"training.padding_free={flag}"])
+        outs[flag] = dpo.run(cfg)
+    assert_same_run(outs[False], outs[True])
+    m = {flag: json.loads((out / "metrics.json").read_text()) for flag, out in outs.items()}
+    assert m[True]["eval_loss"] == pytest.approx(m[False]["eval_loss"], rel=1e-4)
