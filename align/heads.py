@@ -101,15 +101,13 @@ def labelled_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     """
     from .losses import sequence_logps
 
-    causal = unwrap(model)
-    head = causal.get_output_embeddings()
     targets = labels[:, 1:]
     picked = targets != IGNORE
-    # (the chunked path calls the decoder directly; under DistributedDataParallel only a call of the wrapped model
-    # synchronises gradients, so multi-process runs keep the plain path)
-    if int(picked.sum()) * head.weight.shape[0] > CHUNK_ELEMENTS and not _transforms_logits(causal) \
-            and not isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        return chunked_logps(causal, head, input_ids, attention_mask, targets, picked)
+    if _chunk(model, int(picked.sum())):
+        owner = torch.arange(targets.shape[0], device=targets.device)[:, None].expand_as(targets)[picked]
+        per_token = chunked_token_logps(unwrap(model), input_ids, attention_mask, position_ids(attention_mask),
+                                        targets, picked)
+        return _per_sequence(per_token, owner, targets.shape[0])
     cols = (labels != IGNORE).any(0).nonzero()
     start = max(int(cols[0]) - 1, 0) if len(cols) else 0
     logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
@@ -117,21 +115,37 @@ def labelled_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     return sequence_logps(logits, labels[:, start:])
 
 
-def packed_logps(model, input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor,
+def packed_logps(model, input_ids: torch.Tensor, positions: torch.Tensor, labels: torch.Tensor,
                  owner: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Padding-free variant of labelled_logps: (1, N) sequences end to end, `position_ids` restarting at 0 for
-    each (transformers then keeps attention inside each sequence), `owner[t]` = which of the n sequences token t
+    """Padding-free variant of labelled_logps: (1, N) sequences end to end, `positions` restarting at 0 for each
+    (transformers then keeps attention inside each sequence), `owner[0, t]` = which of the n sequences token t
     belongs to. Returns (n,) summed answer log-probs and (n,) answer token counts.
 
-    Logits are made only at the positions that predict a labelled token (logits_to_keep as indices)."""
+    Logits are made only at the positions that predict a labelled token (logits_to_keep as indices), in chunks
+    when there are many."""
     from .losses import token_logps
 
-    picked = (labels[0, 1:] != IGNORE).nonzero().flatten()  # position t predicts token t + 1
-    logits = model(input_ids=input_ids, position_ids=position_ids, use_cache=False, logits_to_keep=picked).logits
-    per_token = token_logps(logits, labels[:, 1:][:, picked])[0]
-    rows = owner[0, 1:][picked]
-    sums = torch.zeros(n, dtype=per_token.dtype, device=per_token.device).index_add(0, rows, per_token)
-    return sums, torch.bincount(rows, minlength=n)
+    targets = labels[:, 1:]
+    picked = targets != IGNORE
+    rows = owner[:, 1:][picked]
+    if _chunk(model, int(picked.sum())):
+        return _per_sequence(chunked_token_logps(unwrap(model), input_ids, None, positions, targets, picked), rows, n)
+    keep = picked[0].nonzero().flatten()  # position t predicts token t + 1
+    logits = model(input_ids=input_ids, position_ids=positions, use_cache=False, logits_to_keep=keep).logits
+    return _per_sequence(token_logps(logits, targets[:, keep])[0], rows, n)
+
+
+def _per_sequence(per_token: torch.Tensor, owner: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    sums = torch.zeros(n, dtype=per_token.dtype, device=per_token.device).index_add(0, owner, per_token)
+    return sums, torch.bincount(owner, minlength=n)
+
+
+def _chunk(model, n_tokens: int) -> bool:
+    """Whether to take the chunked path. Not under DistributedDataParallel: the chunked path calls the decoder
+    directly, and only a call of the wrapped model synchronises gradients."""
+    causal = unwrap(model)
+    return (n_tokens * causal.get_output_embeddings().weight.shape[0] > CHUNK_ELEMENTS
+            and not _transforms_logits(causal) and not isinstance(model, torch.nn.parallel.DistributedDataParallel))
 
 
 def pack_batch(seqs: list[list[int]], labels: list[list[int]], device: torch.device | str = "cpu"
@@ -158,19 +172,19 @@ def _head_logps(head: torch.nn.Module, states: torch.Tensor, tokens: torch.Tenso
     return token_logps(head(states.to(head.weight.dtype))[None], tokens[None])[0]
 
 
-def chunked_logps(causal, head, input_ids: torch.Tensor, attention_mask: torch.Tensor, targets: torch.Tensor,
-                  picked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def chunked_token_logps(causal, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                        positions: torch.Tensor, targets: torch.Tensor, picked: torch.Tensor) -> torch.Tensor:
+    """Log-probs of the picked target tokens, in the order of `targets[picked]`: the decoder runs once, the
+    vocabulary projection runs over a few rows at a time and is recomputed in the backward pass."""
     from torch.utils.checkpoint import checkpoint
 
-    hidden = causal.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                                  position_ids=position_ids(attention_mask), use_cache=False).last_hidden_state
+    head = causal.get_output_embeddings()
+    hidden = causal.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                                  use_cache=False).last_hidden_state
     states, tokens = hidden[:, :-1][picked], targets[picked]
     rows = max(1, CHUNK_ELEMENTS // head.weight.shape[0])
-    per_token = torch.cat([checkpoint(_head_logps, head, states[i:i + rows], tokens[i:i + rows], use_reentrant=False)
-                           for i in range(0, len(tokens), rows)])
-    owner = torch.arange(targets.shape[0], device=targets.device)[:, None].expand_as(targets)[picked]
-    sums = torch.zeros(targets.shape[0], dtype=per_token.dtype, device=per_token.device).index_add(0, owner, per_token)
-    return sums, picked.sum(-1)
+    return torch.cat([checkpoint(_head_logps, head, states[i:i + rows], tokens[i:i + rows], use_reentrant=False)
+                      for i in range(0, len(tokens), rows)])
 
 
 def scoring_pad_id(tokenizer) -> int:

@@ -100,3 +100,28 @@ def test_dpo_padding_free_equals_padded(tmp_path, tiny_model_dir, reward_data_fi
     assert_same_run(outs[False], outs[True])
     m = {flag: json.loads((out / "metrics.json").read_text()) for flag, out in outs.items()}
     assert m[True]["eval_loss"] == pytest.approx(m[False]["eval_loss"], rel=1e-4)
+
+
+def test_packed_answer_logps_chunked_equal_unchunked(tiny_model_dir, reward_data_files, monkeypatch):
+    """Padding-free batches with many answer tokens take the chunked vocabulary projection: same numbers."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from align import heads
+    from align.pairs import pair_loader
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    cfg = load_config(DPOConfig, None, [f"data.train={reward_data_files[0]}"])
+    pairs = pair_loader(cfg.data)(tok)(str(reward_data_files[0]), "train", 3).encoded
+    batch = dpo._batch(pairs, tok.pad_token_id, "cpu", packed=True)
+    results = []
+    for chunk in (1 << 40, 1):  # never chunked; one answer token per chunk
+        monkeypatch.setattr(heads, "CHUNK_ELEMENTS", chunk)
+        model.zero_grad()
+        logps, counts = dpo.answer_logps(model, batch)
+        logps.sum().backward()
+        results.append((logps.detach(), counts, model.model.layers[0].mlp.up_proj.weight.grad.clone()))
+    (lp, n, g), (lp_c, n_c, g_c) = results
+    assert n.tolist() == n_c.tolist() and min(n.tolist()) > 0
+    assert torch.allclose(lp, lp_c, atol=1e-5) and torch.allclose(g, g_c, atol=1e-5, rtol=1e-4)
