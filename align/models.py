@@ -229,19 +229,34 @@ def _quiet_new_head():
         hf_logging.set_verbosity(level)
 
 
-def attach_lora(model, cfg: LoraConfig, quantized: bool, gradient_checkpointing: bool, task: str = "causal"):
-    """Wrap the frozen base in a fresh trainable LoRA adapter (PEFT); a score head trains and saves with it."""
+def attach_lora(model, cfg: LoraConfig, quantized: bool, gradient_checkpointing: bool, task: str = "causal",
+                upcast: bool | None = None):
+    """Wrap the frozen base in a fresh trainable LoRA adapter (PEFT); a score head trains and saves with it.
+
+    4-bit bases: `upcast` (ModelConfig.upcast; None = for float16 compute only) moves the unquantized weights to
+    float32 first. Whatever it says, every trainable weight ends in float32 (the optimizer's updates would
+    vanish in bfloat16)."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     if quantized:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
-                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+        if upcast if upcast is not None else model.dtype == torch.float16:
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                                    gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.requires_grad_(False)
+            if gradient_checkpointing:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                model.enable_input_require_grads()  # so checkpointed layers see an input that needs gradients
     try:
-        return get_peft_model(model, peft_lora_config(cfg, task))
+        peft_model = get_peft_model(model, peft_lora_config(cfg, task))
     except ValueError as e:
         names = sorted({re.sub(r"^.*\.", "", n) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
         raise ModelError(f"lora.target_modules={cfg.target_modules!r}: {e}. Linear modules in this model: "
                          f"{', '.join(names)}") from e
+    for p in peft_model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+    return peft_model
 
 
 def peft_lora_config(cfg: LoraConfig, task: str = "causal"):

@@ -107,7 +107,7 @@ def build_roles(prep: Prepared) -> Roles:
     if checkpointing and not quantized:  # (the 4-bit path enables it in attach_lora)
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         base.enable_input_require_grads()
-    model = attach_lora(base, lora, quantized, checkpointing)
+    model = attach_lora(base, lora, quantized, checkpointing, upcast=cfg.model.upcast)
     dev = next(p for p in model.parameters()).device
     if prep.sft is not None:
         load_adapter_weights(model, prep.sft)

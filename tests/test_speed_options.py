@@ -125,3 +125,37 @@ def test_packed_answer_logps_chunked_equal_unchunked(tiny_model_dir, reward_data
     (lp, n, g), (lp_c, n_c, g_c) = results
     assert n.tolist() == n_c.tolist() and min(n.tolist()) > 0
     assert torch.allclose(lp, lp_c, atol=1e-5) and torch.allclose(g, g_c, atol=1e-5, rtol=1e-4)
+
+
+def test_4bit_base_without_upcast_keeps_bf16_weights_and_the_loss(tmp_path, tiny_model_dir, monkeypatch):
+    """model.upcast=false (the default for bfloat16): the unquantized weights of a 4-bit base stay in bfloat16
+    instead of float32 copies; trainable weights are float32 either way; the loss curve stays within bfloat16
+    rounding of the upcast one."""
+    import torch
+
+    from align import models
+
+    dtypes = {}
+    real = models.attach_lora
+
+    def spy(model, *args, upcast=None, **kwargs):
+        peft_model = real(model, *args, upcast=upcast, **kwargs)
+        embed = peft_model.get_base_model().get_input_embeddings().weight
+        trainable = {p.dtype for p in peft_model.parameters() if p.requires_grad}
+        dtypes[upcast] = (embed.dtype, trainable)
+        return peft_model
+
+    monkeypatch.setattr(sft, "attach_lora", spy)
+    data = write_jsonl(tmp_path / "sft.jsonl", varied_lengths())
+    outs = {}
+    for upcast in (True, False):
+        cfg = load_config(SFTConfig, None, [
+            f"model.name_or_path={tiny_model_dir}", "model.quantization=nf4", "model.dtype=bfloat16",
+            f"model.upcast={upcast}", f"runs_dir={tmp_path / 'runs'}", f"run=up-{upcast}", f"data.train={data}",
+            "data.eval=", "training.learning_rate=5e-3", "training.batch_size=4", "training.max_steps=4",
+            "training.logging_steps=1", "lora.r=8", "lora.dropout=0", "samples=0"])
+        outs[upcast] = sft.run(cfg)
+    assert dtypes == {True: (torch.float32, {torch.float32}), False: (torch.bfloat16, {torch.float32})}
+    plain, lean = losses(outs[True]), losses(outs[False])
+    assert len(plain) == 4 and lean == pytest.approx(plain, rel=2e-2)
+    assert lean[-1] < lean[0]  # and it learns
