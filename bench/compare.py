@@ -139,6 +139,7 @@ def make_meter(profile_step: int | None = None):
             self.ends: list[tuple[float, int, int, int]] = []  # (time, tokens, sequences, padded tokens) so far
             self.peak_gb = None
             self.started = time.perf_counter()
+            self.losses: list[float] = []  # training loss of every optimizer step (logging_steps=1 on both sides)
 
         def attach(self, trainer):
             inner = trainer.training_step
@@ -177,6 +178,10 @@ def make_meter(profile_step: int | None = None):
                 self.profiler = None
             self.ends.append((time.perf_counter(), self.tokens, self.seqs, self.width))
 
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                self.losses.append(float(logs["loss"]))
+
         def on_train_end(self, args, state, control, **kwargs):
             if torch.cuda.is_available():
                 self.peak_gb = torch.cuda.max_memory_allocated() / GB
@@ -192,6 +197,7 @@ def make_meter(profile_step: int | None = None):
             return {"timed_steps": steps, "seconds": t1 - t0, "tokens": k1 - k0, "sequences": s1 - s0,
                     "tok_s_median_step": (k1 - k0) / (median * steps) if median else None,
                     "padded_tokens": w1 - w0, "tok_s": (k1 - k0) / (t1 - t0), "step_seconds": times,
+                    "losses": self.losses,
                     "mean_seq_len": (k1 - k0) / max(1, s1 - s0), "padding_share": 1 - (k1 - k0) / max(1, w1 - w0)}
 
     return Meter(profile_step)
@@ -276,7 +282,7 @@ def baseline_trainer(stage: str, model_dir: Path, data: dict[str, Path], s: argp
                              target_modules=LORA["target_modules"],
                              task_type="SEQ_CLS" if stage == "reward" else "CAUSAL_LM")
     common = {"output_dir": str(out), "per_device_train_batch_size": s.batch, "max_steps": s.warmup + s.steps,
-              "learning_rate": LR, "lr_scheduler_type": SCHEDULE, "warmup_steps": WARMUP_RATIO, "logging_steps": 1000,
+              "learning_rate": LR, "lr_scheduler_type": SCHEDULE, "warmup_steps": WARMUP_RATIO, "logging_steps": 1,
               "save_strategy": "no", "report_to": "none", "bf16": cuda, "gradient_checkpointing": s.gradient_checkpointing,
               "seed": SEED, "data_seed": SEED, "use_cpu": not cuda, "dataloader_num_workers": 0, "max_length": s.seq}
     file = data["sft" if stage == "sft" else "pairs"]
@@ -309,7 +315,7 @@ def run_align(stage: str, model_dir: Path, data: dict[str, Path], s, work: Path)
     overrides = [f"model.name_or_path={model_dir}", f"model.quantization={s.quantization}",
                  f"runs_dir={work / 'align-runs'}", f"run={stage}", "overwrite=true", "resume=false",
                  f"data.train={file}", "data.eval=", f"data.max_length={s.seq}", f"training.batch_size={s.batch}",
-                 f"training.max_steps={s.warmup + s.steps}", "training.logging_steps=1000",
+                 f"training.max_steps={s.warmup + s.steps}", "training.logging_steps=1",
                  "training.save_steps=1000", f"training.gradient_checkpointing={str(s.gradient_checkpointing).lower()}",
                  f"lora.r={LORA['r']}", f"lora.alpha={LORA['alpha']}", f"lora.dropout={LORA['dropout']}",
                  f"training.learning_rate={LR}", f"training.lr_scheduler={SCHEDULE}",
@@ -379,6 +385,9 @@ def make_row(stage: str, shape: str, params: int, config, base: dict | None, our
             row["speedup_steps_only"] = row["align_step_tok_s"] / row["baseline_tok_s"]
         if row["baseline_peak_gb"] and row["align_peak_gb"]:
             row["memory_ratio"] = row["align_peak_gb"] / row["baseline_peak_gb"]
+        a, b = row["align_detail"]["losses"], row["baseline_detail"]["losses"]
+        if a and len(a) == len(b):  # same data, model and settings: the curves should agree within noise
+            row["loss_max_rel_diff"] = max(abs(x - y) / max(abs(y), 1e-8) for x, y in zip(a, b, strict=True))
     return row
 
 
@@ -426,6 +435,13 @@ def markdown(report: dict) -> str:
                        "includes that pass shared out over the steps. Training steps alone:"), ""]
         lines += [f"- {r['model']}: {r['align_step_tok_s']:,.0f} tok/s ({r['speedup_steps_only']:.2f}× the baseline); "
                   f"reference pass {r['align_detail']['ref_seconds']:.1f} s" for r in dpo]
+    curves = [r for r in report["rows"] if "loss_max_rel_diff" in r]
+    if curves:
+        lines += ["", "Training loss per optimizer step, baseline → align (the options under test must keep it):", ""]
+        lines += [f"- {r['stage']} {r['model']}: " + ", ".join(
+            f"{b:.4g}→{a:.4g}" for b, a in zip(r["baseline_detail"]["losses"], r["align_detail"]["losses"],
+                                               strict=True)) + f" (largest relative difference "
+                  f"{100 * r['loss_max_rel_diff']:.1f}%)" for r in curves]
     lines += ["", ("| stage | model | side | mean s/step | median s/step | tok/s at median step | tokens/step | "
                    "mean non-pad seq len | padding share | setup s |"),
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
