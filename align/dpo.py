@@ -116,14 +116,20 @@ def reference_logps(model, pairs: list[EncodedPair], pad_id: int, batch_size: in
     out = []
     from tqdm.auto import tqdm
 
+    # pairs of similar length go together (no gradients here, so the order is free): little padding to compute
+    order = sorted(range(len(pairs)), key=lambda i: max(len(pairs[i].chosen_ids), len(pairs[i].rejected_ids)))
     with reference(model), tqdm(total=len(pairs), desc="reference log-probs", unit="pair", file=sys.stderr) as bar:
         for start in range(0, len(pairs), batch_size):
-            chunk = pairs[start:start + batch_size]
+            chunk = [pairs[i] for i in order[start:start + batch_size]]
             logps, _ = answer_logps(model, _batch(chunk, pad_id, device, packed))
             out.append(torch.stack(logps.float().cpu().chunk(2), dim=1))
             bar.update(len(chunk))
     model.train(was_training)
-    return torch.cat(out) if out else torch.zeros(0, 2)
+    if not out:
+        return torch.zeros(0, 2)
+    result = torch.empty(len(pairs), 2)
+    result[torch.tensor(order)] = torch.cat(out)
+    return result
 
 
 def cached_reference_logps(prep: Prepared, model, loaded: Loaded, spec: str) -> torch.Tensor:
