@@ -6,6 +6,7 @@ their gradients, so the adapters must match the one-process run's within float r
 hold the same weights (each run records the largest difference in metrics.json).
 """
 
+import contextlib
 import json
 import os
 import socket
@@ -119,3 +120,47 @@ def test_ppo_recipe_under_accelerate_launch(tmp_path, tiny_model_dir, sft_run, t
     assert all(torch.isfinite(torch.tensor(h["reward_mean"])) for h in metrics["log_history"])
     assert set(load_file(out / "adapter_model.safetensors")) and (out / "value" / "value_head.safetensors").is_file()
     assert not (tmp_path / "runs" / "demo" / "ppo.work").exists()
+
+
+def test_two_process_run_killed_midway_resumes_to_the_same_adapter(tmp_path, tiny_model_dir):
+    """SIGKILL to the whole launcher once a checkpoint is complete, then the same command: each process picks up
+    its own random state (dropout is on) and the run ends where an uninterrupted one does."""
+    import signal
+    import time
+
+    from align.checkpoint import checkpoints
+
+    rows = [{"prompt": r["prompt"], "completion": r["chosen"]} for r in pair_rows([(a, 3) for a in range(2, 14)])]
+    train = write_jsonl(tmp_path / "sft.jsonl", rows)
+
+    def args(run: str) -> list[str]:
+        return [*stage_args("sft", tmp_path, run, tiny_model_dir, train, "", 2, 1, "samples=0"),
+                "training.max_steps=24", "training.save_steps=4", "lora.dropout=0.1"]
+
+    launch(2, args("whole"), tmp_path)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(ROOT / "recipes" / "accelerate" / "ddp.yaml"), "--num_processes", "2", "--main_process_port",
+           str(free_port()), "-m", "align.cli", *args("cut")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    work = tmp_path / "runs" / "cut" / "sft.work"
+    deadline = time.monotonic() + 300
+    while not (work.is_dir() and any(c.name == "checkpoint-8" for c in checkpoints(work))):
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before checkpoint-8"
+        time.sleep(0.05)
+    import psutil
+
+    launcher = psutil.Process(proc.pid)
+    everyone = [*launcher.children(recursive=True), launcher]  # workers run in process groups of their own
+    for p in everyone:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.send_signal(signal.SIGKILL)
+    proc.wait()
+    psutil.wait_procs(everyone, timeout=30)
+    assert not (tmp_path / "runs" / "cut" / "sft").exists()  # killed before it finished
+    launch(2, args("cut"), tmp_path)
+    m = json.loads((tmp_path / "runs" / "cut" / "sft" / "metrics.json").read_text())
+    assert m["resumed_from"] and m["rank_weight_spread"] == 0
+    assert_same_adapter(adapter(tmp_path / "runs" / "cut" / "sft"), adapter(tmp_path / "runs" / "whole" / "sft"),
+                        atol=1e-6)
