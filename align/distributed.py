@@ -10,6 +10,7 @@ the launcher stops the others, so a barrier never waits for a dead rank. In one 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 from collections.abc import Callable, Iterator
 from typing import TypeVar
@@ -24,11 +25,16 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+# how long a process may wait at a barrier: the others wait while the main process converts a GGUF base or reads
+# and tokenizes a large dataset first, which can outlast NCCL's default of 10 minutes
+BARRIER_TIMEOUT = datetime.timedelta(hours=3)
+
+
 def state():
     """accelerate's process state (starts the process group on first use under a launcher)."""
     from accelerate import PartialState
 
-    return PartialState(cpu=not torch.cuda.is_available())
+    return PartialState(cpu=not torch.cuda.is_available(), timeout=BARRIER_TIMEOUT)
 
 
 def world_size() -> int:

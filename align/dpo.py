@@ -24,7 +24,8 @@ from datasets import Dataset
 
 from .config import DPOConfig
 from .data import Loaded
-from .distributed import is_main, main_first
+from .distributed import gather, is_main, world_size
+from .distributed import rank as rank_of
 from .formatting import IGNORE
 from .heads import answer_labels, labelled_logps, pack_batch, packed_logps, pad_batch
 from .losses import dpo_loss
@@ -132,6 +133,26 @@ def reference_logps(model, pairs: list[EncodedPair], pad_id: int, batch_size: in
     return result
 
 
+def shared_reference_logps(model, pairs: list[EncodedPair], pad_id: int, batch_size: int, packed: bool
+                           ) -> torch.Tensor:
+    """reference_logps, with the pairs shared out over the processes of a multi-process run (rank r takes pairs
+    r, r + world, ...) and the results gathered: every process ends with all rows, in the data's order."""
+    world = world_size()
+    if world == 1:
+        return reference_logps(model, pairs, pad_id, batch_size, packed)
+    rank, n = rank_of(), len(pairs)
+    share = -(-n // world)
+    mine = torch.zeros(share, 2)
+    part = reference_logps(model, pairs[rank::world], pad_id, batch_size, packed)
+    mine[:len(part)] = part
+    every = gather(mine)  # (world × share, 2): rank r's rows at [r × share, r × share + its count)
+    out = torch.empty(n, 2)
+    for r in range(world):
+        count = len(range(r, n, world))
+        out[r::world] = every[r * share:r * share + count]
+    return out
+
+
 def cached_reference_logps(prep: Prepared, model, loaded: Loaded, spec: str) -> torch.Tensor:
     """Reference log-probs, from the run's cache when the same data and reference made them before."""
     from safetensors.torch import load_file, save_file
@@ -147,9 +168,9 @@ def cached_reference_logps(prep: Prepared, model, loaded: Loaded, spec: str) -> 
         if cached.shape[0] == len(loaded.encoded):
             log.info("reference log-probs of %s from %s", spec, path)
             return cached
-    logps = reference_logps(model, loaded.encoded, prep.tokenizer.pad_token_id, cfg.training.batch_size,
-                            cfg.training.padding_free)
-    if cfg.cache_reference:
+    logps = shared_reference_logps(model, loaded.encoded, prep.tokenizer.pad_token_id, cfg.training.batch_size,
+                                   cfg.training.padding_free)
+    if cfg.cache_reference and is_main():
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         save_file({"logps": logps.contiguous()}, str(tmp))
@@ -172,9 +193,8 @@ def build_trainer(prep: Prepared):
 
     cfg = prep.cfg
     model = build_model(prep)
-    with main_first():  # the main process fills the cache; in a multi-process run the others then read it
-        ref_train = cached_reference_logps(prep, model, prep.train, cfg.data.train)
-        ref_eval = cached_reference_logps(prep, model, prep.eval, cfg.data.eval) if prep.eval else None
+    ref_train = cached_reference_logps(prep, model, prep.train, cfg.data.train)
+    ref_eval = cached_reference_logps(prep, model, prep.eval, cfg.data.eval) if prep.eval else None
     args = trainer_args(cfg, prep.paths.work)
     args.pop("gradient_checkpointing", None)  # TrainingArguments knows it as activation_checkpointing (TRL: both)
     args = TrainingArguments(**args, remove_unused_columns=False, prediction_loss_only=True)

@@ -89,7 +89,13 @@ def test_dpo_two_processes_match_one(tmp_path, tiny_model_dir, reward_data_files
     assert m2["eval_accuracy"] == pytest.approx(m1["eval_accuracy"], abs=1e-6)
     assert m2["eval_loss"] == pytest.approx(m1["eval_loss"], rel=1e-4)
     assert m2["train_loss"] == pytest.approx(m1["train_loss"], rel=1e-4)
-    assert list((tmp_path / "runs" / "two" / "cache").glob("reference-logps-*.safetensors"))
+    # the reference pass was shared out over both processes and gathered back in the data's order
+    caches = sorted((tmp_path / "runs" / "two" / "cache").glob("reference-logps-*.safetensors"))
+    assert len(caches) == 2  # training and held-out pairs
+    for cache in caches:
+        two = load_file(str(cache))["logps"]
+        one = load_file(str(tmp_path / "runs" / "one" / "cache" / cache.name))["logps"]
+        assert two.shape == one.shape and torch.allclose(two, one, atol=1e-5)
 
 
 def test_reward_two_processes_match_one(tmp_path, tiny_model_dir, reward_data_files):
