@@ -15,8 +15,10 @@ from .runs import atomic_write_text
 from .versions import Home
 
 ROWS = [  # (label, key in the headline metrics, format)
-    ("gold-judge win-rate", "gold_win_rate", "{:.1%}"), ("  length-controlled", "gold_lc_win_rate", "{:.1%}"),
-    ("reward-model win-rate", "rm_win_rate", "{:.1%}"), ("  length-controlled", "rm_lc_win_rate", "{:.1%}"),
+    ("gold-judge win-rate", "gold_win_rate", "{:.1%}"), ("  95% interval", "gold_ci95", "interval"),
+    ("  wins / ties / losses (sign test p)", "gold", "counts"), ("  length-controlled", "gold_lc_win_rate", "{:.1%}"),
+    ("reward-model win-rate", "rm_win_rate", "{:.1%}"), ("  95% interval", "rm_ci95", "interval"),
+    ("  wins / ties / losses (sign test p)", "rm", "counts"), ("  length-controlled", "rm_lc_win_rate", "{:.1%}"),
     ("KL to its reference (nats/answer)", "kl_to_reference", "{:.3f}"),
     ("KL to the baseline (nats/answer)", "kl_estimate", "{:.3f}"),
 ]
@@ -34,6 +36,20 @@ def _fmt(fmt: str, value: Any) -> str:
     return "—" if value is None else fmt.format(value)
 
 
+def _cell(fmt: str, metrics: dict[str, Any], key: str) -> str:
+    """One table cell; "interval" and "counts" rows combine several numbers of a judge (key = its prefix)."""
+    if fmt == "interval":
+        ci = metrics.get(key)
+        return "—" if not ci else f"{ci[0]:.1%} – {ci[1]:.1%}"
+    if fmt == "counts":
+        if metrics.get(f"{key}_wins") is None:
+            return "—"
+        p = metrics.get(f"{key}_sign_test_p")
+        return (f"{metrics[f'{key}_wins']} / {metrics[f'{key}_ties']} / {metrics[f'{key}_losses']}"
+                + (f" (p = {p:.2g})" if p is not None else ""))
+    return _fmt(fmt, metrics.get(key))
+
+
 def _read_json(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     return json.loads(p.read_text(encoding="utf-8")) if p.is_file() else {}
@@ -44,7 +60,7 @@ def metrics_table(policies: dict[str, dict[str, Any]], baseline_name: str) -> st
     lines = [f"| metric | baseline: {baseline_name} | " + " | ".join(names) + " |",
              "|---|---|" + "---|" * len(names)]
     for label, key, fmt in ROWS:
-        lines.append(f"| {label} | — | " + " | ".join(_fmt(fmt, policies[n].get(key)) for n in names) + " |")
+        lines.append(f"| {label} | — | " + " | ".join(_cell(fmt, policies[n], key) for n in names) + " |")
     for label, pkey, bkey, fmt in PAIRED:
         base = next((policies[n][bkey] for n in names if policies[n].get(bkey) is not None), None)
         lines.append(f"| {label} | {_fmt(fmt, base)} | " + " | ".join(_fmt(fmt, policies[n].get(pkey))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import math
 from typing import Any
 
 import torch
@@ -100,6 +101,28 @@ def _rate(wins: list[int]) -> float:
     return sum(1.0 if w > 0 else 0.5 if w == 0 else 0.0 for w in wins) / len(wins)
 
 
+def win_statistics(wins: list[int]) -> dict[str, Any]:
+    """How sure a win-rate is. `wins`: +1 / 0 / -1 per prompt (policy better / tie / baseline better).
+
+    Returns the counts, a 95% interval for the win-rate (ties half; normal approximation over the per-prompt
+    outcomes 1 / 0.5 / 0) and the two-sided sign-test p-value over the decided prompts (ties left out): the
+    chance of a split at least this uneven if neither policy were better."""
+    n = len(wins)
+    w, lost = sum(x > 0 for x in wins), sum(x < 0 for x in wins)
+    out: dict[str, Any] = {"wins": w, "ties": n - w - lost, "losses": lost}
+    if n == 0:
+        return {**out, "ci95": None, "sign_test_p": None}
+    outcomes = [1.0 if x > 0 else 0.5 if x == 0 else 0.0 for x in wins]
+    mean = sum(outcomes) / n
+    var = sum((o - mean) ** 2 for o in outcomes) / (n - 1) if n > 1 else 0.0
+    half = 1.96 * math.sqrt(var / n)
+    out["ci95"] = [max(0.0, mean - half), min(1.0, mean + half)]
+    decided = w + lost
+    tail = sum(math.comb(decided, k) for k in range(min(w, lost) + 1)) / 2 ** decided if decided else 1.0
+    out["sign_test_p"] = min(1.0, 2 * tail)
+    return out
+
+
 def win_rate_report(model, tokenizer, cfg, reference_ctx, shared: dict | None = None) -> dict[str, Any]:
     """Policy (the model's active adapter) against the reference (inside `reference_ctx(model)`). `shared` keeps
     the reference's answers and the loaded reward model for the next policy judged against the same reference."""
@@ -129,6 +152,7 @@ def win_rate_report(model, tokenizer, cfg, reference_ctx, shared: dict | None = 
     if judge is not None and judged:
         wins = [judge.judge_pair(q, pt, rt, a) for q, a, pt, rt in judged]
         report.update(gold_win_rate=_rate(wins), gold_n=len(judged),
+                      **{f"gold_{k}": v for k, v in win_statistics(wins).items()},
                       gold_lc_win_rate=_length_controlled(wins, [pt for *_, pt, _ in judged],
                                                           [rt for *_, rt in judged]),
                       gold_score_policy=sum(judge.gold_score(q, pt, a) for q, a, pt, _ in judged) / len(judged),
@@ -159,6 +183,7 @@ def _rm_win_rate(path: str, messages: list[Messages], policy, ref, shared: dict)
     texts = [(policy[i][0], ref[i][0]) for i, _, _ in kept]
     wins = [1 if a > b else -1 if a < b else 0 for a, b in zip(pol, rf)]
     return {"rm_win_rate": _rate(wins) if wins else None, "rm_n": len(wins),
+            **{f"rm_{k}": v for k, v in win_statistics(wins).items()},
             "rm_lc_win_rate": _length_controlled(wins, [p for p, _ in texts], [r for _, r in texts]) if wins else None,
             "rm_score_policy": sum(pol) / len(pol) if pol else None,
             "rm_score_reference": sum(rf) / len(rf) if rf else None}

@@ -16,6 +16,23 @@ def test_win_rate_counts_a_tie_as_half():
         win_rate([])
 
 
+def test_win_statistics_by_hand():
+    from align.winrate import win_statistics
+
+    # 3 wins, 0 losses, 1 tie: outcomes 1, 1, 1, 0.5 → mean 0.875; sample variance (3 × 0.125² + 0.375²) / 3
+    # = 0.0625, SE = sqrt(0.0625 / 4) = 0.125, half-width 1.96 × 0.125 = 0.245 → [0.63, 1.0] (capped at 1);
+    # sign test over the 3 decided: P(0 losses) = 1/8, two-sided 0.25
+    s = win_statistics([1, 1, 0, 1])
+    assert (s["wins"], s["ties"], s["losses"]) == (3, 1, 0)
+    assert s["ci95"] == pytest.approx([0.63, 1.0]) and s["sign_test_p"] == pytest.approx(0.25)
+    # 8 wins, 2 losses: P(≤ 2 of 10) = (1 + 10 + 45) / 1024 = 56/1024, two-sided 0.109375
+    assert win_statistics([1] * 8 + [-1] * 2)["sign_test_p"] == pytest.approx(0.109375)
+    # an even split is no evidence at all; only ties: nothing decided
+    assert win_statistics([1, -1, 1, -1])["sign_test_p"] == 1.0
+    assert win_statistics([0, 0])["sign_test_p"] == 1.0 and win_statistics([0, 0])["ci95"] == [0.5, 0.5]
+    assert win_statistics([])["ci95"] is None
+
+
 def test_length_controlled_win_rate_equals_the_plain_rate_at_equal_lengths():
     r = length_controlled_win_rate([1, 1, 1, 0], [20, 20, 20, 20], [20, 20, 20, 20])
     # intercept-only logistic fit: σ(a) = mean outcome = 0.75, slope 0

@@ -74,6 +74,9 @@ def test_report_exists_and_every_image_it_shows_exists(loop):
         data = (report.parent / image).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
     assert "## Decision" in text and "| gold-judge win-rate |" in text and "**Prompt:**" in text
+    # how sure each win-rate is: counts with a sign test, and an interval, for every policy judged by gold
+    assert re.search(r"\|\s+wins / ties / losses \(sign test p\) \| — \| \d+ / \d+ / \d+ \(p = [0-9.e-]+\) \|", text)
+    assert re.search(r"\|\s+95% interval \| — \| \d+\.\d% – \d+\.\d% \|", text)
 
 
 def test_a_second_run_with_unchanged_inputs_trains_nothing(loop, monkeypatch, capsys):
