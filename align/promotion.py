@@ -27,6 +27,10 @@ class PromotionRule:
     max_kl: float | None = opt(2.0, "KL budget: a candidate whose KL to its reference (nats per answer) is above "
                                "this is not promoted; empty = no budget", lambda v: v is None or v > 0,
                                "must be > 0 or empty")
+    max_p: float | None = opt(None, "promote only when the judge's sign test says the win is unlikely to be chance: "
+                              "p-value at most this (e.g. 0.05; needs enough prompts: with 32, even 5 wins to 1 loss "
+                              "gives p = 0.22); empty = no test", lambda v: v is None or 0 < v <= 1,
+                              "must be in (0, 1] or empty")
 
 
 def judged_rate(report: dict[str, Any], rule: PromotionRule) -> tuple[str, float | None]:
@@ -49,6 +53,10 @@ def check(report: dict[str, Any], rule: PromotionRule) -> dict[str, Any]:
         why_not.append(f"no {key} in its evaluation (no {missing})")
     elif rate <= 0.5 + rule.margin:
         why_not.append(f"{key} {rate:.3f} is not above 0.5 + margin {rule.margin:g}")
+    if rule.max_p is not None and rate is not None:
+        p = report.get(f"{key.split('_')[0]}_sign_test_p")
+        if p is None or p > rule.max_p:
+            why_not.append(f"its sign test p = {'unknown' if p is None else f'{p:.2g}'} is over max_p {rule.max_p:g}")
     if rule.max_kl is not None and kl is not None and kl > rule.max_kl:
         why_not.append(f"KL to its reference {kl:.3f} is over the budget {rule.max_kl:g}")
     return {"metric": key, "value": rate, "kl_to_reference": kl, "passed": not why_not, "why_not": why_not}

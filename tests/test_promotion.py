@@ -27,6 +27,20 @@ def test_a_win_rate_within_the_margin_is_not_promoted():
                            "0.5 + margin 0.02")
 
 
+def test_a_win_that_could_be_chance_is_not_promoted_when_a_sign_test_is_asked_for():
+    # the demo's DPO: 56.2% on 32 prompts, 5 wins / 26 ties / 1 loss, p = 0.22
+    noisy = {**report(gold=0.562), "gold_sign_test_p": 0.22}
+    assert decide({"dpo": noisy}, PromotionRule(), "SFT (v1)")["promote"] == "dpo"  # no test asked for
+    d = decide({"dpo": noisy}, PromotionRule(max_p=0.05), "SFT (v1)")
+    assert d["promote"] is None and "its sign test p = 0.22 is over max_p 0.05" in d["reason"]
+    clear = {**report(gold=0.565), "gold_sign_test_p": 1.3e-5}
+    assert decide({"dpo": clear}, PromotionRule(max_p=0.05), "SFT (v1)")["promote"] == "dpo"
+    # the reward model's test when it is the judge; no p at all fails the test
+    rm = {**report(rm=0.6), "rm_sign_test_p": 0.01, "gold_sign_test_p": 0.9}
+    assert decide({"ppo": rm}, PromotionRule(max_p=0.05), "SFT (v1)")["promote"] == "ppo"
+    assert decide({"ppo": report(gold=0.7)}, PromotionRule(max_p=0.05), "SFT (v1)")["promote"] is None
+
+
 def test_a_winner_over_the_kl_budget_is_not_promoted():
     d = decide({"ppo": report(gold=0.9, kl=3.5)}, PromotionRule(max_kl=2.0), "SFT")
     assert d["promote"] is None
