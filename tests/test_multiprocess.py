@@ -170,3 +170,20 @@ def test_two_process_run_killed_midway_resumes_to_the_same_adapter(tmp_path, tin
     assert m["resumed_from"] and m["rank_weight_spread"] == 0
     assert_same_adapter(adapter(tmp_path / "runs" / "cut" / "sft"), adapter(tmp_path / "runs" / "whole" / "sft"),
                         atol=1e-6)
+
+
+def test_what_does_not_scale_out_says_so(tmp_path, monkeypatch, capsys):
+    """`align run` drives one process, and PPO cannot run sharded: both refuse with a message, before any work."""
+    from align import ppo
+    from align.cli import main
+    from align.config import PPOConfig, load_config
+    from align.errors import ConfigError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["run", "name=x", f"runs_dir={tmp_path}"]) == 2
+    assert "`align run` drives the whole loop from one process" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(ConfigError, match="launch it with recipes/accelerate/ddp.yaml"):
+        ppo.setup(load_config(PPOConfig, None, [f"runs_dir={tmp_path}"]))
