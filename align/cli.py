@@ -266,7 +266,9 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _setup_logging(quiet: bool) -> None:
-    rank = int(os.environ.get("RANK", "0"))  # set by accelerate launch / torchrun; the main process narrates
+    from .distributed import launch_rank
+
+    rank = launch_rank()  # the main process of a multi-process run narrates
     logging.basicConfig(level=logging.WARNING if quiet or rank else logging.INFO,
                         format=f"align[rank {rank}]: %(message)s" if rank else "align: %(message)s", stream=sys.stderr)
     # the libraries below are chatty at INFO; their warnings still show
@@ -284,7 +286,9 @@ def _run_stage(stage: str, args: argparse.Namespace) -> int:
     from . import dpo, ppo, reward, sft
 
     out = {"sft": sft.run, "reward": reward.run, "dpo": dpo.run, "ppo": ppo.run}[stage](cfg)
-    if int(os.environ.get("RANK", "0")) == 0:  # one summary from a multi-process run
+    from .distributed import launch_rank
+
+    if launch_rank() == 0:  # one summary from a multi-process run
         _print_summary(stage, out, json.loads((Path(out) / "metrics.json").read_text()))
     return 0
 

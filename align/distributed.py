@@ -25,6 +25,24 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def launch_rank() -> int:
+    """This process's rank as the launcher set it (RANK), read without starting the process group."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def launch_local_rank() -> int:
+    """This process's index on its machine (LOCAL_RANK): which of the machine's GPUs it uses."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def sharded_by() -> str | None:
+    """"FSDP" or "DeepSpeed" when `accelerate launch` was given such a config, else None."""
+    for key, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
+        if os.environ.get(key, "false").lower() in ("1", "true"):
+            return name
+    return None
+
+
 # how long a process may wait at a barrier: the others wait while the main process converts a GGUF base or reads
 # and tokenizes a large dataset first, which can outlast NCCL's default of 10 minutes
 BARRIER_TIMEOUT = datetime.timedelta(hours=3)

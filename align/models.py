@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from .config import LoraConfig, ModelConfig
+from .distributed import launch_local_rank, sharded_by
 from .errors import ModelError
 from .runs import atomic_dir, atomic_write_json, sha256_file
 
@@ -143,11 +144,7 @@ def device() -> torch.device:
     """This process's device: under a multi-process launcher each process has its own GPU (LOCAL_RANK)."""
     if not torch.cuda.is_available():
         return torch.device("cpu")
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-
-
-def _fsdp() -> bool:
-    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
+    return torch.device("cuda", launch_local_rank())
 
 
 def resolve_quantization(cfg: ModelConfig) -> str:
@@ -184,7 +181,7 @@ def load_base(path: str, cfg: ModelConfig, task: str = "causal", pad_token_id: i
             bnb_4bit_compute_dtype=dtype,
             # FSDP shards parameters by flattening them together: the packed 4-bit weights must then be stored in
             # the same dtype as the rest (QLoRA + FSDP); a single GPU keeps the default uint8 storage
-            **({"bnb_4bit_quant_storage": dtype} if _fsdp() else {}))
+            **({"bnb_4bit_quant_storage": dtype} if sharded_by() == "FSDP" else {}))
         kwargs["device_map"] = {"": device().index or 0} if device().type == "cuda" else {"": "cpu"}
     try:
         with _quiet_new_head() if task == "score" else contextlib.nullcontext():

@@ -18,7 +18,6 @@ policy's.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -30,7 +29,15 @@ from .advantages import KLController, RunningMoments, gae, kl_per_token, masked_
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import PPOConfig
 from .data import Example, RowError, _as_messages, char_bound, chars, load_rows
-from .distributed import any_rank, gather, is_main, mean_over_ranks, on_main, weights_spread, world_size
+from .distributed import (
+    any_rank,
+    gather,
+    is_main,
+    mean_over_ranks,
+    sharded_by,
+    weights_spread,
+    world_size,
+)
 from .errors import ConfigError
 from .formatting import FormatError, encode_prompt
 from .generate import Sampling, sample_batch
@@ -38,8 +45,8 @@ from .guards import TrainingStopped, oom_as_message
 from .losses import ppo_policy_loss, ppo_value_loss
 from .models import attach_lora, load_adapter_weights, load_base, lora_like, peft_lora_config, resolve_quantization
 from .roles import POLICY, REFERENCE, REWARD, VALUE, Batch, Roles, add_adapter_from, head_from, make_batch
-from .runs import make_manifest, remove_dir, sha256_path
-from .stage import Prepared, prepare, prepare_output, save_stage, up_to_date, use_cuda_defaults
+from .runs import make_manifest, sha256_path
+from .stage import Prepared, nothing_to_train, prepare, prepare_output, save_stage, use_cuda_defaults
 from .trained import open_run
 from .winrate import win_rate_report
 
@@ -78,10 +85,8 @@ def prompt_loader(cfg: PPOConfig):
 
 def setup(cfg: PPOConfig) -> Prepared:
     """Everything that can fail on user input, before a model is loaded."""
-    sharded = [k for k in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED")
-               if os.environ.get(k, "false").lower() in ("1", "true")]
-    if sharded:
-        raise ConfigError("PPO switches its four roles' adapters inside one model, which FSDP and DeepSpeed shard "
+    if sharded_by():
+        raise ConfigError(f"PPO switches its four roles' adapters inside one model, which {sharded_by()} would shard "
                           "and wrap; launch it with recipes/accelerate/ddp.yaml (data parallel) instead")
     if not cfg.reward_model:
         raise ConfigError("reward_model= is required: PPO raises a reward model's score. Train one with "
@@ -381,11 +386,7 @@ def train_loop(prep: Prepared, roles: Roles, resume_from: Path | None) -> dict[s
 
 def train(prep: Prepared) -> Path:
     cfg = prep.cfg
-    if up_to_date(cfg, prep.paths, prep.inputs):
-        # a run killed after its output appeared may have left its checkpoints
-        on_main(lambda: remove_dir(prep.paths.work), lambda: None)
-        log.info("%s is up to date (same base model, data, reward model and config); nothing to train. Use "
-                 "overwrite=true to train it again", prep.paths.out)
+    if nothing_to_train(cfg, prep.paths, prep.inputs, "base model, data, reward model and config"):
         return prep.paths.out
     ckpt = prepare_output(cfg, prep.paths, prep.inputs)
     from transformers import set_seed

@@ -173,6 +173,18 @@ def up_to_date(cfg: StageConfig, paths: StagePaths, inputs: dict[str, str]) -> b
                       "model). Use another run name (run=NAME) or overwrite=true to replace it")
 
 
+def nothing_to_train(cfg: StageConfig, paths: StagePaths, inputs: dict[str, str],
+                     made_from: str = "base model, data and config") -> bool:
+    """up_to_date, and then say so and clear the work dir (a run killed after its output appeared may have left
+    its checkpoints there)."""
+    if not up_to_date(cfg, paths, inputs):
+        return False
+    on_main(lambda: remove_dir(paths.work), lambda: None)
+    log.info("%s is up to date (same %s); nothing to train. Use overwrite=true to train it again", paths.out,
+             made_from)
+    return True
+
+
 def prepare_output(cfg: StageConfig, paths: StagePaths, inputs: dict[str, str]) -> Path | None:
     """Make the work directory; return the checkpoint to resume from, if any (every process of a multi-process
     run gets it; only the main process touches the directory)."""
@@ -262,11 +274,7 @@ def fit(cfg: StageConfig, paths: StagePaths, inputs: dict[str, str], make_traine
         train: Loaded, evals: Loaded | None, after: Callable[[Any], dict[str, Any]], quantization: str,
         loss_before: bool = True) -> tuple[Any, dict[str, Any]] | None:
     """Train (or resume) a transformers/TRL trainer; None when the finished output is already up to date."""
-    if up_to_date(cfg, paths, inputs):
-        # a run killed after its output appeared may have left its checkpoints
-        on_main(lambda: remove_dir(paths.work), lambda: None)
-        log.info("%s is up to date (same base model, data and config); nothing to train. Use overwrite=true to "
-                 "train it again", paths.out)
+    if nothing_to_train(cfg, paths, inputs):
         return None
     ckpt = prepare_output(cfg, paths, inputs)
     from transformers import set_seed

@@ -27,16 +27,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(processes: int, args: list[str], cwd) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def launcher(processes: int, target: list[str]) -> list[str]:
+    """The command a user types: `accelerate launch --config_file recipes/accelerate/ddp.yaml ... TARGET` (on a
+    machine without GPUs the processes form a gloo group on CPUs); one process is a plain `python TARGET`."""
     if processes == 1:
-        cmd = [sys.executable, "-m", "align.cli", *args]
-    else:
-        # --multi_gpu picks torchrun-style process spawning; on a machine without GPUs the group uses gloo on CPUs
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(ROOT / "recipes" / "accelerate" / "ddp.yaml"), "--num_processes", str(processes),
-               "--main_process_port", str(free_port()), "-m", "align.cli", *args]
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+        return [sys.executable, *target]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+            str(ROOT / "recipes" / "accelerate" / "ddp.yaml"), "--num_processes", str(processes),
+            "--main_process_port", str(free_port()), *target]
+
+
+def launch(processes: int, args: list[str], cwd) -> subprocess.CompletedProcess:
+    proc = subprocess.run(launcher(processes, ["-m", "align.cli", *args]), cwd=cwd, env=ENV, capture_output=True,
+                          text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
 
@@ -109,14 +115,12 @@ def test_ppo_recipe_under_accelerate_launch(tmp_path, tiny_model_dir, sft_run, t
     controller and reward statistics see every process's numbers."""
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": r["prompt"]} for r in pair_rows(
         [(a, 5) for a in range(2, 10)])])
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "recipes/accelerate/ddp.yaml"),
-        "--num_processes", "2", "--main_process_port", str(free_port()), str(ROOT / "recipes" / "ppo.py"),
-        f"model.name_or_path={tiny_model_dir}", f"data.train={prompts}", f"init_from_sft={sft_run}",
+    proc = subprocess.run(launcher(2, [
+        str(ROOT / "recipes" / "ppo.py"), f"model.name_or_path={tiny_model_dir}", f"data.train={prompts}",
+        f"init_from_sft={sft_run}",
         f"reward_model={tiny_reward_run}", "training.max_steps=2", "rollout.batch_size=2", "rollout.max_new_tokens=4",
-        "training.batch_size=2", "training.save_steps=1", "eval_prompts=", "training.logging_steps=1"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        "training.batch_size=2", "training.save_steps=1", "eval_prompts=", "training.logging_steps=1"]),
+        cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert proc.stdout.count("ppo finished") == 1
     out = tmp_path / "runs" / "demo" / "ppo"
@@ -144,12 +148,8 @@ def test_two_process_run_killed_midway_resumes_to_the_same_adapter(tmp_path, tin
                 "training.max_steps=24", "training.save_steps=4", "lora.dropout=0.1"]
 
     launch(2, args("whole"), tmp_path)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(ROOT / "recipes" / "accelerate" / "ddp.yaml"), "--num_processes", "2", "--main_process_port",
-           str(free_port()), "-m", "align.cli", *args("cut")]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(launcher(2, ["-m", "align.cli", *args("cut")]), cwd=tmp_path, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     work = tmp_path / "runs" / "cut" / "sft.work"
     deadline = time.monotonic() + 300
     while not (work.is_dir() and any(c.name == "checkpoint-8" for c in checkpoints(work))):
@@ -157,8 +157,8 @@ def test_two_process_run_killed_midway_resumes_to_the_same_adapter(tmp_path, tin
         time.sleep(0.05)
     import psutil
 
-    launcher = psutil.Process(proc.pid)
-    everyone = [*launcher.children(recursive=True), launcher]  # workers run in process groups of their own
+    parent = psutil.Process(proc.pid)
+    everyone = [*parent.children(recursive=True), parent]  # workers run in process groups of their own
     for p in everyone:
         with contextlib.suppress(psutil.NoSuchProcess):
             p.send_signal(signal.SIGKILL)
