@@ -144,6 +144,15 @@ class SafetensorsCheckpoints:
     def _own_format(self) -> bool:
         return not (self.is_deepspeed_enabled or self.is_fsdp_enabled)
 
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        # transformers pickles its TrainingArguments into every checkpoint; nothing reads them back, and a run
+        # directory should hold no pickle at all, so they are kept as readable JSON instead
+        super()._save(output_dir, state_dict=state_dict)
+        path = Path(output_dir or self.args.output_dir)
+        if self.args.should_save and (path / "training_args.bin").exists():
+            atomic_write_json(path / "training_args.json", json.loads(self.args.to_json_string()))
+            (path / "training_args.bin").unlink()
+
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         if not self._own_format():
             return super()._save_optimizer_and_scheduler(output_dir)

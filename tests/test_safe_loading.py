@@ -126,7 +126,8 @@ def test_trainer_checkpoints_hold_no_pickled_state_and_a_pickled_one_is_refused(
     ckpt = tmp_path / "runs" / "c" / "sft.work" / "checkpoint-1"
     names = {p.name for p in ckpt.iterdir()}
     assert {"optimizer.safetensors", "scheduler.json", "rng.safetensors", "trainer_state.json"} <= names
-    assert not names & {"optimizer.pt", "scheduler.pt", "rng_state.pth"}
+    assert not names & {"optimizer.pt", "scheduler.pt", "rng_state.pth", "training_args.bin"}
+    assert json.loads((ckpt / "training_args.json").read_text())["save_steps"] == 1
     # the same checkpoint, its optimizer state swapped for a pickle carrying a payload: refused, not loaded
     marker = tmp_path / "payload-ran"
     (ckpt / "optimizer.safetensors").unlink()
