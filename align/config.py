@@ -187,7 +187,12 @@ class PPOSection:
     epochs: int = opt(2, "passes of PPO updates over each rollout batch", _positive, "must be >= 1")
     clip_range: float = opt(0.2, "policy ratio clip ε", _positive, "must be > 0")
     value_clip_range: float = opt(0.2, "value clip around the rollout's value estimates", _positive, "must be > 0")
-    value_coef: float = opt(0.1, "weight of the value loss", lambda v: v >= 0, "must be >= 0")
+    value_coef: float = opt(0.1, "weight of the value loss; the value model has its own adapter, head and gradient "
+                            "clipping, so under AdamW this hardly changes its pace (0 = frozen): value_learning_rate "
+                            "does", lambda v: v >= 0, "must be >= 0")
+    value_learning_rate: float | None = opt(None, "learning rate of the value adapter and head; empty = "
+                                            "training.learning_rate", lambda v: v is None or v > 0,
+                                            "must be > 0 or empty")
     gamma: float = opt(1.0, "discount per token", lambda v: 0 < v <= 1, "must be in (0, 1]")
     lam: float = opt(0.95, "GAE λ", lambda v: 0 <= v <= 1, "must be in [0, 1]")
     whiten_advantages: bool = opt(True, "normalise advantages to mean 0, std 1 per rollout batch")

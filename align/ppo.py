@@ -307,9 +307,12 @@ def train_loop(prep: Prepared, roles: Roles, resume_from: Path | None) -> dict[s
     t, p = cfg.training, cfg.ppo
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     named = _trainable(roles)
-    params = {"policy": [p for n, p in named.items() if f".{POLICY}." in n],
-              "value": [p for n, p in named.items() if f".{POLICY}." not in n]}
-    optimizer = torch.optim.AdamW(list(named.values()), lr=t.learning_rate, weight_decay=t.weight_decay)
+    params = {"policy": [w for n, w in named.items() if f".{POLICY}." in n],
+              "value": [w for n, w in named.items() if f".{POLICY}." not in n]}
+    # one optimizer, two groups: the value model may learn at its own pace (its loss weight barely matters to AdamW)
+    optimizer = torch.optim.AdamW([{"params": params["policy"], "lr": t.learning_rate},
+                                   {"params": params["value"], "lr": p.value_learning_rate or t.learning_rate}],
+                                  weight_decay=t.weight_decay)
     from transformers import get_scheduler
     scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=int(t.warmup_ratio * t.max_steps),
                               num_training_steps=t.max_steps)

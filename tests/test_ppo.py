@@ -236,3 +236,23 @@ def test_a_reward_model_on_another_base_is_loaded_separately_and_said_so(tmp_pat
     for prompt, text in zip(r["prompts"], r["texts"]):
         seqs += roles.separate_rm.encode(ScoreRow(prompt, [[{"role": "assistant", "content": text or " "}]]))
     assert torch.allclose(r["scores"], torch.tensor(roles.separate_rm.score(seqs)))
+
+
+def test_the_value_model_learns_at_its_own_rate_and_leaves_the_policy_alone(tmp_path, peaky, monkeypatch):
+    monkeypatch.setattr(Roles, "rewards", contains_token(1000))
+    slow = ppo.run(make_cfg(tmp_path / "a", peaky, "training.max_steps=1"))  # value lr = training lr = 1e-3
+    fast = ppo.run(make_cfg(tmp_path / "b", peaky, "training.max_steps=1", "ppo.value_learning_rate=1e-2"))
+    # one step: the advantages come from values estimated before any update, so the policy's update is the same
+    pa, pb = load_file(slow / "adapter_model.safetensors"), load_file(fast / "adapter_model.safetensors")
+    assert pa.keys() == pb.keys() and all(torch.equal(pa[k], pb[k]) for k in pa)
+    # the value model starts as the reward model; AdamW moves each weight by about lr per step, so 10× the rate
+    # moves it about 10× as far (its loss weight value_coef would not)
+    start = load_file(peaky["reward"] / "adapter_model.safetensors")
+
+    def moved(run: Path) -> float:
+        value = load_file(run / "value" / "adapter_model.safetensors")
+        common = [k for k in value if k in start and value[k].shape == start[k].shape]
+        assert common
+        return float(sum((value[k] - start[k]).abs().sum() for k in common))
+
+    assert moved(fast) > 5 * moved(slow) > 0
