@@ -227,12 +227,12 @@ def _quiet_new_head():
 
 
 def attach_lora(model, cfg: LoraConfig, quantized: bool, gradient_checkpointing: bool, task: str = "causal",
-                upcast: bool | None = None):
+                upcast: bool | None = None, compile: bool = False):
     """Wrap the frozen base in a fresh trainable LoRA adapter (PEFT); a score head trains and saves with it.
 
     4-bit bases: `upcast` (ModelConfig.upcast; None = for float16 compute only) moves the unquantized weights to
     float32 first. Whatever it says, every trainable weight ends in float32 (the optimizer's updates would
-    vanish in bfloat16)."""
+    vanish in bfloat16). `compile` (TrainingConfig.compile): the decoder layers go through torch.compile."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     if quantized:
@@ -253,6 +253,10 @@ def attach_lora(model, cfg: LoraConfig, quantized: bool, gradient_checkpointing:
     for p in peft_model.parameters():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
+    if compile:
+        from .compiled import compile_decoder_layers
+
+        compile_decoder_layers(peft_model)
     return peft_model
 
 
@@ -305,14 +309,19 @@ def adapter_role(model, name: str | None, trainable: tuple[str, ...] = ("default
         return
     active = model.active_adapter
     model.base_model.set_adapter(name)
+    _only_trainable(model, trainable)  # inside the role too: the same flags each time spare compiled layers a graph
     try:
         yield model
     finally:
         model.base_model.set_adapter(active)
-        # set_adapter marks only the active adapter trainable; put the stage's own policy back
-        for param_name, p in model.named_parameters():
-            if ".lora_" in param_name:
-                p.requires_grad_(any(f".{t}." in param_name for t in trainable))
+        _only_trainable(model, trainable)
+
+
+def _only_trainable(model, trainable: tuple[str, ...]) -> None:
+    """set_adapter marks only the active adapter trainable; put the stage's own policy back."""
+    for param_name, p in model.named_parameters():
+        if ".lora_" in param_name:
+            p.requires_grad_(any(f".{t}." in param_name for t in trainable))
 
 
 def load_adapter_weights(model, adapter_dir: Path, adapter: str | None = None) -> int:

@@ -88,6 +88,10 @@ def setup(cfg: PPOConfig) -> Prepared:
     if sharded_by():
         raise ConfigError(f"PPO switches its four roles' adapters inside one model, which {sharded_by()} would shard "
                           "and wrap; launch it with recipes/accelerate/ddp.yaml (data parallel) instead")
+    if cfg.training.compile:
+        raise ConfigError("training.compile=true is for SFT, reward and DPO; PPO's rollouts generate token by token "
+                          "through the same layers, which compiled layers would recompile as the cache grows. "
+                          "Set training.compile=false for PPO")
     if not cfg.reward_model:
         raise ConfigError("reward_model= is required: PPO raises a reward model's score. Train one with "
                           "`align reward`, then pass reward_model=runs/<run>/reward")

@@ -49,7 +49,7 @@ def build_trainer(prep: Prepared):
     quantized = resolve_quantization(cfg.model) == "nf4"
     base = load_base(prep.model_ref.path, cfg.model)
     model = attach_lora(base, cfg.lora, quantized, use_cuda_defaults(cfg)["gradient_checkpointing"],
-                        upcast=cfg.model.upcast)
+                        upcast=cfg.model.upcast, compile=cfg.training.compile)
     trainable, total = model.get_nb_trainable_parameters()
     log.info("LoRA adapter: %s trainable of %s parameters (%.2f%%)", f"{trainable:,}", f"{total:,}",
              100 * trainable / total)

@@ -89,6 +89,11 @@ def _prepare(stage: str, cfg: StageConfig, make_loader: Callable[[Any], Callable
 
     paths = StagePaths.of(cfg, stage)
     check_new_output(cfg, paths)
+    if cfg.training.compile:
+        from .compiled import check_compiler
+        from .models import device
+
+        check_compiler(device())
     model_ref = resolve_model(cfg.model)
     sft = sft_parent(init_from_sft, model_ref)
     tokenizer = load_tokenizer(model_ref.path, cfg.model.trust_remote_code)

@@ -159,3 +159,64 @@ def test_4bit_base_without_upcast_keeps_bf16_weights_and_the_loss(tmp_path, tiny
     plain, lean = losses(outs[True]), losses(outs[False])
     assert len(plain) == 4 and lean == pytest.approx(plain, rel=2e-2)
     assert lean[-1] < lean[0]  # and it learns
+
+
+def compiled_calls() -> int:
+    import torch._dynamo
+
+    return torch._dynamo.utils.counters["stats"]["calls_captured"]
+
+
+def test_sft_compiled_layers_keep_the_loss(tmp_path, tiny_model_dir):
+    """training.compile: the decoder layers run through torch.compile (checked by dynamo's own counter), and the
+    run ends with the eager run's losses and adapter (dropout off: compiled dropout draws other random numbers)."""
+    data = write_jsonl(tmp_path / "sft.jsonl", varied_lengths())
+    outs = {}
+    for flag in (False, True):
+        before = compiled_calls()
+        cfg = load_config(SFTConfig, None, [
+            f"model.name_or_path={tiny_model_dir}", f"runs_dir={tmp_path / 'runs'}", f"run=c-{flag}",
+            f"data.train={data}", f"data.eval={data}", "data.eval_limit=8", "training.learning_rate=5e-3",
+            "training.batch_size=4", "training.max_steps=4", "training.logging_steps=1", "lora.r=8",
+            "lora.dropout=0", "samples=0", f"training.compile={flag}"])
+        outs[flag] = sft.run(cfg)
+        assert (compiled_calls() > before) == flag
+    assert_same_run(outs[False], outs[True])
+
+
+def test_reward_and_dpo_compiled_layers_keep_the_loss(tmp_path, tiny_model_dir, reward_data_files, sft_run):
+    """The same for the reward model (score head outside the compiled layers) and DPO (the frozen reference
+    adapter and the policy run through the same compiled layers)."""
+    from align import reward
+    from align.config import RewardConfig
+
+    common = [f"model.name_or_path={tiny_model_dir}", f"data.train={reward_data_files[0]}",
+              f"data.eval={reward_data_files[1]}", "data.eval_limit=8", "training.learning_rate=5e-3",
+              "training.batch_size=4", "training.max_steps=3", "training.logging_steps=1", "lora.dropout=0"]
+    for cls, stage, extra in ((RewardConfig, reward, []),
+                              (DPOConfig, dpo, [f"init_from_sft={sft_run}", "beta=0.5", "eval_prompts="])):
+        outs = {}
+        for flag in (False, True):
+            before = compiled_calls()
+            outs[flag] = stage.run(load_config(cls, None, [*common, *extra, f"runs_dir={tmp_path / cls.stage}",
+                                                           f"run=c-{flag}", f"training.compile={flag}"]))
+            assert (compiled_calls() > before) == flag
+        assert_same_run(outs[False], outs[True])
+
+
+def test_compile_refused_where_it_cannot_work(tmp_path, monkeypatch):
+    """PPO refuses training.compile before anything loads; on a CPU without a C++ compiler the message says which
+    compiler to install instead of failing in the first step."""
+    import torch
+
+    from align import compiled, ppo
+    from align.config import PPOConfig
+    from align.errors import ConfigError
+
+    cfg = load_config(PPOConfig, None, [f"runs_dir={tmp_path}", "training.compile=true", "reward_model=x"])
+    with pytest.raises(ConfigError, match="training.compile=true is for SFT, reward and DPO"):
+        ppo.setup(cfg)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(ConfigError, match=r"C\+\+ compiler \(g\+\+ or clang\+\+\)"):
+        compiled.check_compiler(torch.device("cpu"))
+    compiled.check_compiler(torch.device("cuda"))  # inductor brings Triton there
