@@ -105,8 +105,8 @@ def labelled_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     picked = targets != IGNORE
     if _chunk(model, int(picked.sum())):
         owner = torch.arange(targets.shape[0], device=targets.device)[:, None].expand_as(targets)[picked]
-        per_token = chunked_token_logps(unwrap(model), input_ids, attention_mask, position_ids(attention_mask),
-                                        targets, picked)
+        per_token = chunked_token_logps(model, input_ids, attention_mask, position_ids(attention_mask), targets,
+                                        picked)
         return _per_sequence(per_token, owner, targets.shape[0])
     cols = (labels != IGNORE).any(0).nonzero()
     start = max(int(cols[0]) - 1, 0) if len(cols) else 0
@@ -129,7 +129,7 @@ def packed_logps(model, input_ids: torch.Tensor, positions: torch.Tensor, labels
     picked = targets != IGNORE
     rows = owner[:, 1:][picked]
     if _chunk(model, int(picked.sum())):
-        return _per_sequence(chunked_token_logps(unwrap(model), input_ids, None, positions, targets, picked), rows, n)
+        return _per_sequence(chunked_token_logps(model, input_ids, None, positions, targets, picked), rows, n)
     keep = picked[0].nonzero().flatten()  # position t predicts token t + 1
     logits = model(input_ids=input_ids, position_ids=positions, use_cache=False, logits_to_keep=keep).logits
     return _per_sequence(token_logps(logits, targets[:, keep])[0], rows, n)
@@ -141,11 +141,9 @@ def _per_sequence(per_token: torch.Tensor, owner: torch.Tensor, n: int) -> tuple
 
 
 def _chunk(model, n_tokens: int) -> bool:
-    """Whether to take the chunked path. Not under DistributedDataParallel: the chunked path calls the decoder
-    directly, and only a call of the wrapped model synchronises gradients."""
+    """Whether to take the chunked path: many answer tokens, and a model whose logits are the plain projection."""
     causal = unwrap(model)
-    return (n_tokens * causal.get_output_embeddings().weight.shape[0] > CHUNK_ELEMENTS
-            and not _transforms_logits(causal) and not isinstance(model, torch.nn.parallel.DistributedDataParallel))
+    return n_tokens * causal.get_output_embeddings().weight.shape[0] > CHUNK_ELEMENTS and not _transforms_logits(causal)
 
 
 def pack_batch(seqs: list[list[int]], labels: list[list[int]], device: torch.device | str = "cpu"
@@ -172,19 +170,32 @@ def _head_logps(head: torch.nn.Module, states: torch.Tensor, tokens: torch.Tenso
     return token_logps(head(states.to(head.weight.dtype))[None], tokens[None])[0]
 
 
-def chunked_token_logps(causal, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+def chunked_token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                         positions: torch.Tensor, targets: torch.Tensor, picked: torch.Tensor) -> torch.Tensor:
     """Log-probs of the picked target tokens, in the order of `targets[picked]`: the decoder runs once, the
     vocabulary projection runs over a few rows at a time and is recomputed in the backward pass."""
     from torch.utils.checkpoint import checkpoint
 
-    head = causal.get_output_embeddings()
-    hidden = causal.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                                  use_cache=False).last_hidden_state
+    head = unwrap(model).get_output_embeddings()
+    hidden = final_hidden_states(model, input_ids=input_ids, attention_mask=attention_mask, position_ids=positions)
     states, tokens = hidden[:, :-1][picked], targets[picked]
     rows = max(1, CHUNK_ELEMENTS // head.weight.shape[0])
     return torch.cat([checkpoint(_head_logps, head, states[i:i + rows], tokens[i:i + rows], use_reentrant=False)
                       for i in range(0, len(tokens), rows)])
+
+
+def final_hidden_states(model, **inputs) -> torch.Tensor:
+    """(B, T, H) output of the decoder stack, from a call of `model` itself with logits for one position only.
+
+    Calling the model (not its decoder) keeps any wrapper in the path: under DistributedDataParallel only a call of
+    the wrapped model prepares the gradient synchronisation of the backward pass."""
+    captured: list[torch.Tensor] = []
+    hook = unwrap(model).get_decoder().register_forward_hook(lambda _m, _i, out: captured.append(out[0]))
+    try:
+        model(**inputs, use_cache=False, logits_to_keep=1)
+    finally:
+        hook.remove()
+    return captured[-1]
 
 
 def scoring_pad_id(tokenizer) -> int:

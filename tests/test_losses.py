@@ -157,4 +157,6 @@ def test_chunked_answer_logps_equal_the_plain_path_with_gradients(tiny_model_dir
     assert torch.equal(n_plain, n_chunked) and n_plain.tolist() == [3, 2]
     assert torch.allclose(plain, chunked, atol=1e-5)
     assert g_plain.keys() == g_chunked.keys() and g_plain
-    assert all(torch.allclose(g_plain[k], g_chunked[k], atol=1e-5) for k in g_plain)
+    # float32 matmuls of other shapes round differently: per tensor, within 1e-4 of the gradient's size (a wrong
+    # or missing token is off by the order of the gradient itself)
+    assert all((g_plain[k] - g_chunked[k]).norm() <= 1e-4 * g_plain[k].norm() for k in g_plain)
