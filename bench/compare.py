@@ -263,13 +263,15 @@ def baseline_trainer(stage: str, model_dir: Path, data: dict[str, Path], s: argp
     from trl import DPOConfig, DPOTrainer, RewardConfig, RewardTrainer, SFTConfig, SFTTrainer
 
     cuda = torch.cuda.is_available()
+    bf16 = cuda if getattr(s, "bf16", None) is None else s.bf16  # bench/cpu_memory.py asks for it on a CPU
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    kwargs = {"dtype": torch.bfloat16 if cuda else torch.float32}
+    kwargs = {"dtype": torch.bfloat16 if bf16 else torch.float32}
     if s.quantization == "nf4":
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16)
-        kwargs["device_map"] = {"": 0}
+        if cuda:
+            kwargs["device_map"] = {"": 0}
     if stage == "reward":
         model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1, **kwargs)
     else:
@@ -283,7 +285,7 @@ def baseline_trainer(stage: str, model_dir: Path, data: dict[str, Path], s: argp
                              task_type="SEQ_CLS" if stage == "reward" else "CAUSAL_LM")
     common = {"output_dir": str(out), "per_device_train_batch_size": s.batch, "max_steps": s.warmup + s.steps,
               "learning_rate": LR, "lr_scheduler_type": SCHEDULE, "warmup_steps": WARMUP_RATIO, "logging_steps": 1,
-              "save_strategy": "no", "report_to": "none", "bf16": cuda, "gradient_checkpointing": s.gradient_checkpointing,
+              "save_strategy": "no", "report_to": "none", "bf16": bf16, "gradient_checkpointing": s.gradient_checkpointing,
               "seed": SEED, "data_seed": SEED, "use_cpu": not cuda, "dataloader_num_workers": 0, "max_length": s.seq}
     file = data["sft" if stage == "sft" else "pairs"]
     dataset = load_dataset("json", data_files=str(file), split="train")

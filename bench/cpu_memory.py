@@ -1,16 +1,19 @@
-"""CPU stand-in for the GPU memory table, for sessions without a GPU: peak resident memory of plain TRL against
-align's own stage on the same random-initialised model, data and settings, each side in a process of its own.
+"""CPU stand-in for the GPU memory table, for sessions without a GPU: peak memory of plain TRL against align's own
+stage on the same random-initialised model, data and settings, each side in a process of its own.
 
     python bench/cpu_memory.py --shape qwen2.5-0.5b --layers 2 --seq 1024 --stages sft,reward,dpo
+    python bench/cpu_memory.py --shape qwen2.5-0.5b --layers 2 --seq 512 --precision bf16-nf4 --tag _bf16_nf4
 
 The model has the real shape's vocabulary and widths but only `--layers` decoder layers, so the vocabulary-sized
 tensors (logits, their softmax and gradients) weigh as much against the rest as they do at the 0.5B / 1.5B shapes on
 a GPU, and a CPU step takes seconds rather than minutes. Both sides are the ones bench/compare.py runs (its
-`run_baseline` / `run_align`, float32, no quantization: bitsandbytes' 4-bit path is a GPU matter). Peak memory is
-the process's `ru_maxrss` at the end of training; `floor` is its resident memory after imports and before the model
-loads, the same for both sides within a few MB. CPU tokens/s are printed too, but CPU timings say little about a GPU,
-and neither does the ratio against TRL: TRL's fused log-prob head has a Triton kernel on CUDA and a different torch
-path on CPU. Use it to see align's own memory move (an option, a change) where no GPU is at hand.
+`run_baseline` / `run_align`): float32 and unquantized by default, or with `--precision bf16-nf4` an NF4 base and
+bfloat16 autocast, the dtypes of a GPU run (bitsandbytes has CPU kernels). The headline is the peak of live tensors
+during training, read by torch's MemTracker: the CPU counterpart of `torch.cuda.max_memory_allocated`. The process's
+`ru_maxrss` is reported next to it (`floor`: resident memory after imports, before the model loads). CPU tokens/s
+are printed too, but CPU timings say little about a GPU, and neither does the DPO ratio against TRL: TRL's fused
+log-prob head has a Triton kernel on CUDA and a different torch path on CPU. Use it to see align's own memory move
+(an option, a change) where no GPU is at hand.
 Results: bench/results/cpu_memory_<date><tag>.json and .md, rows shaped like compare.py's.
 """
 
@@ -39,38 +42,125 @@ def rss_gib() -> float:
 
 
 def child(side: str, stage: str, model_dir: str, data_dir: str, seq: int, batch: int, steps: int,
-          overrides: list[str]) -> dict:
-    """One side's run, in this process: its peak resident memory and what compare.py measures."""
+          overrides: list[str], precision: str) -> dict:
+    """One side's run, in this process: its peak resident memory, the peak of its live tensors during training,
+    and what compare.py measures."""
     floor = rss_gib()
-    s = argparse.Namespace(quantization="none", gradient_checkpointing=True, batch=batch, warmup=1, steps=steps,
-                           seq=seq, profile=False, align_overrides=overrides)
+    if precision == "bf16-nf4":
+        gpu_like_on_cpu()
+    gpu_like = precision == "bf16-nf4"
+    if gpu_like:
+        overrides = ["model.dtype=bfloat16", *overrides]
+    s = argparse.Namespace(quantization="nf4" if gpu_like else "none", gradient_checkpointing=True, bf16=gpu_like,
+                           batch=batch, warmup=1, steps=steps, seq=seq, profile=False, align_overrides=overrides)
     data = {"sft": Path(data_dir) / "sft.jsonl", "pairs": Path(data_dir) / "pairs.jsonl"}
     run = cmp.run_baseline if side == "baseline" else cmp.run_align
+    tensors = meter_training()
     r = run(stage, Path(model_dir), data, s, Path(data_dir).parent / f"work-{side}")
     return {"peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB, "floor_gib": floor,
+            "tensor_peak_gib": tensors["peak"] / GIB, "tensor_peak_by_kind_gib": tensors["by_kind"],
             "tok_s": r.get("tok_s_incl_ref", r["tok_s"]), "losses": r["losses"]}
+
+
+class LiveTensors:
+    """Peak bytes of tensor storages alive at once: every storage an operator makes (through the dispatcher) plus
+    those of the model given, each counted once and until it is freed (a weak reference's callback). The CPU
+    counterpart of torch.cuda.max_memory_allocated; torch's MemTracker works the same way but insists on hooking
+    every parameter's gradient, which frozen LoRA bases refuse."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        self.live: dict[int, tuple[object, int]] = {}
+        self.now = self.peak = 0
+        meter = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                meter.add(out)
+                return out
+
+        self.mode = Mode()
+
+    def add(self, obj) -> None:
+        import weakref
+
+        import torch
+        from torch.utils._pytree import tree_flatten
+
+        for t in tree_flatten(obj)[0]:
+            if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+                continue
+            st = t.untyped_storage()
+            key = id(st)
+            if key in self.live or st.nbytes() == 0:
+                continue
+            self.live[key] = (weakref.ref(st, lambda _ref, key=key: self._freed(key)), st.nbytes())
+            self.now += st.nbytes()
+            self.peak = max(self.peak, self.now)
+
+    def _freed(self, key: int) -> None:
+        _ref, nbytes = self.live.pop(key, (None, 0))
+        self.now -= nbytes
+
+
+def meter_training() -> dict:
+    """Peak bytes of live tensors during Trainer.train (model weights, gradients, optimizer states, activations,
+    temporaries), counted by LiveTensors. Work done before train() (align's DPO reference pass, no_grad) is not
+    inside it."""
+    from transformers import Trainer
+
+    found: dict = {"peak": 0, "by_kind": {}}
+    inner = Trainer.train
+
+    def train(self, *args, **kwargs):
+        meter = LiveTensors()
+        meter.add([*self.model.parameters(), *self.model.buffers()])
+        found["by_kind"]["weights"] = meter.now / GIB
+        with meter.mode:
+            out = inner(self, *args, **kwargs)
+        found["peak"] = meter.peak
+        return out
+
+    Trainer.train = train
+    return found
+
+
+def gpu_like_on_cpu() -> None:
+    """align's side as on a GPU: bfloat16 autocast in the Trainer (align turns it on by torch.cuda.is_available();
+    here it is told). compare.py's baseline takes `bf16` from its settings."""
+    from align import stage
+
+    inner_defaults = stage.use_cuda_defaults
+    stage.use_cuda_defaults = lambda cfg: {**inner_defaults(cfg), "bf16": True}
 
 
 def markdown(report: dict) -> str:
     st = report["settings"]
-    lines = [f"# align vs plain TRL, peak resident memory on CPU ({report['date']})", "",
+    model = ("NF4 base, bfloat16 autocast (as on a GPU)" if st.get("precision") == "bf16-nf4"
+             else "float32, unquantized")
+    lines = [f"# align vs plain TRL, peak memory on CPU ({report['date']})", "",
              f"- device: {report['device']}; versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()),
-             f"- model: {st['shape']} widths and vocabulary, {st['layers']} decoder layers, random weights, float32",
+             f"- model: {st['shape']} widths and vocabulary, {st['layers']} decoder layers, random weights, {model}",
              f"- settings: seq {st['seq']}, batch {st['batch']} rows (a pair is 2 sequences), {st['steps']} + 1 steps, "
              f"LoRA r={cmp.LORA['r']} all-linear, gradient checkpointing; align overrides: "
              f"{' '.join(st['align_overrides']) or 'none'}",
-             "- peak = ru_maxrss of the side's own process (GiB); floor = resident after imports, before the model",
+             "- live tensors = peak bytes of tensors alive during Trainer.train (torch's MemTracker: weights, gradients, "
+             "optimizer states, activations, temporaries), the CPU counterpart of torch.cuda.max_memory_allocated; "
+             "resident = ru_maxrss of the side's own process, above its resident memory after imports (floor)",
              "- TRL's fused log-prob head runs its Triton kernel only on CUDA/XPU; on CPU it scores every position in "
-             "torch tiles, so a ratio against TRL here is not a forecast of the GPU one. What carries over is align's "
-             "own memory moving between versions or options.", "",
-             "| stage | baseline peak GiB | align peak GiB | memory ratio | baseline above floor | align above floor "
-             "| baseline tok/s (CPU) | align tok/s (CPU) | losses baseline / align |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "torch tiles, so a ratio against TRL's DPO here is not a forecast of the GPU one. What carries over is "
+             "align's own memory moving between versions or options.", "",
+             "| stage | baseline live tensors GiB | align live tensors GiB | memory ratio | baseline resident above floor "
+             "| align resident above floor | align peak by kind (GiB) | losses baseline / align |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in report["rows"]:
         b, a = r["baseline"], r["align"]
-        lines.append(f"| {r['stage']} | {b['peak_gib']:.2f} | {a['peak_gib']:.2f} | {r['memory_ratio']:.2f}× | "
-                     f"{b['peak_gib'] - b['floor_gib']:.2f} | {a['peak_gib'] - a['floor_gib']:.2f} | "
-                     f"{b['tok_s']:.0f} | {a['tok_s']:.0f} | "
+        kinds = ", ".join(f"{k} {v:.2f}" for k, v in sorted(a["tensor_peak_by_kind_gib"].items(), key=lambda kv: -kv[1]))
+        lines.append(f"| {r['stage']} | {b['tensor_peak_gib']:.2f} | {a['tensor_peak_gib']:.2f} | "
+                     f"{r['memory_ratio']:.2f}× | {b['peak_gib'] - b['floor_gib']:.2f} | "
+                     f"{a['peak_gib'] - a['floor_gib']:.2f} | {kinds} | "
                      f"{', '.join(f'{x:.4f}' for x in b['losses'])} / {', '.join(f'{x:.4f}' for x in a['losses'])} |")
     return "\n".join(lines) + "\n"
 
@@ -89,11 +179,14 @@ def main(argv=None) -> int:
     p.add_argument("--tokenizer")
     p.add_argument("--out", default=str(ps.ROOT / "bench" / "results"))
     p.add_argument("--tag", default="")
+    p.add_argument("--precision", choices=("fp32", "bf16-nf4"), default="fp32",
+                   help="fp32: unquantized float32 (fast on any CPU); bf16-nf4: NF4 base and bfloat16 autocast as on "
+                   "a GPU (bitsandbytes' CPU kernels; slow without AVX512-BF16: use few layers and a short --seq)")
     p.add_argument("--child", nargs=4, metavar=("SIDE", "STAGE", "MODEL", "DATA"), help=argparse.SUPPRESS)
     s = p.parse_args(argv)
     overrides = s.align_overrides.split()
     if s.child:
-        print("RESULT " + json.dumps(child(*s.child, s.seq, s.batch, s.steps, overrides)), flush=True)
+        print("RESULT " + json.dumps(child(*s.child, s.seq, s.batch, s.steps, overrides, s.precision)), flush=True)
         return 0
     if s.shape not in ps.SHAPES:
         p.error(f"unknown shape {s.shape}; one of {', '.join(sorted(ps.SHAPES))}")
@@ -111,25 +204,27 @@ def main(argv=None) -> int:
     report = {"date": date.isoformat(timespec="seconds"), "device": f"CPU ({platform.machine()}, "
               f"{os.cpu_count()} cores)", "versions": cmp.versions(), "rows": [],
               "settings": {"shape": s.shape, "layers": s.layers, "seq": s.seq, "batch": s.batch, "steps": s.steps,
-                           "align_overrides": overrides}}
+                           "align_overrides": overrides, "precision": s.precision}}
     for stage in [x for x in s.stages.split(",") if x]:
         sides = {}
         for side in ("baseline", "align"):
             cmd = [sys.executable, __file__, "--child", side, stage, str(model_dir), str(data_dir), "--seq",
-                   str(s.seq), "--batch", str(s.batch), "--steps", str(s.steps), "--align-overrides", s.align_overrides]
+                   str(s.seq), "--batch", str(s.batch), "--steps", str(s.steps), "--align-overrides", s.align_overrides,
+                   "--precision", s.precision]
             done = subprocess.run(cmd, capture_output=True, text=True)
             found = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
             if not found:
                 sys.stderr.write(done.stderr[-4000:])
                 raise SystemExit(f"{stage} {side} failed (exit {done.returncode}); its log tail is above")
             sides[side] = json.loads(found[-1][len("RESULT "):])
-            print(f"{stage} {side}: peak {sides[side]['peak_gib']:.2f} GiB, {sides[side]['tok_s']:.0f} tok/s",
-                  flush=True)
+            print(f"{stage} {side}: peak resident {sides[side]['peak_gib']:.2f} GiB, live tensors "
+                  f"{sides[side]['tensor_peak_gib']:.2f} GiB, {sides[side]['tok_s']:.0f} tok/s", flush=True)
         b, a = sides["baseline"], sides["align"]
         report["rows"].append({"stage": stage, "model": name, "baseline_tok_s": b["tok_s"], "align_tok_s": a["tok_s"],
-                               "speedup": a["tok_s"] / b["tok_s"], "baseline_peak_gb": b["peak_gib"],
-                               "align_peak_gb": a["peak_gib"], "memory_ratio": a["peak_gib"] / b["peak_gib"],
-                               "baseline": b, "align": a})
+                               "speedup": a["tok_s"] / b["tok_s"], "baseline_peak_gb": b["tensor_peak_gib"],
+                               "align_peak_gb": a["tensor_peak_gib"],
+                               "memory_ratio": a["tensor_peak_gib"] / b["tensor_peak_gib"],
+                               "rss_memory_ratio": a["peak_gib"] / b["peak_gib"], "baseline": b, "align": a})
     out = Path(s.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"cpu_memory_{date.strftime('%Y-%m-%d')}{s.tag}"

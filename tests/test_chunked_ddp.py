@@ -24,10 +24,10 @@ def lora_model(model_dir):
 
 
 def shard_grads(model, rows: slice) -> dict[str, torch.Tensor]:
-    """Gradients of the summed answer log-probs of ROWS[rows], through the chunked path (one token per chunk)."""
+    """Gradients of the summed answer log-probs of ROWS[rows], through the chunked path (the caller sets
+    heads.CHUNK_ELEMENTS = 1: one token per chunk)."""
     from align import heads
 
-    heads.CHUNK_ELEMENTS = 1
     ids, mask = heads.pad_batch(ROWS[rows], pad_id=0)
     labels = heads.answer_labels(ids, mask, PROMPT_LENS[rows])
     model.zero_grad()
@@ -41,6 +41,7 @@ def worker(rank: int, model_dir: str, init_file: str, out_dir: str) -> None:
     try:
         from align import heads
 
+        heads.CHUNK_ELEMENTS = 1  # this process only
         calls = []
         real = heads.chunked_token_logps
         heads.chunked_token_logps = lambda *a: calls.append(1) or real(*a)
@@ -52,9 +53,12 @@ def worker(rank: int, model_dir: str, init_file: str, out_dir: str) -> None:
         torch.distributed.destroy_process_group()
 
 
-def test_chunked_logps_synchronise_gradients_under_ddp(tmp_path, tiny_model_dir):
+def test_chunked_logps_synchronise_gradients_under_ddp(tmp_path, tiny_model_dir, monkeypatch):
     import torch.multiprocessing as mp
 
+    from align import heads
+
+    monkeypatch.setattr(heads, "CHUNK_ELEMENTS", 1)
     mp.spawn(worker, args=(str(tiny_model_dir), str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     ranks = [load_file(str(tmp_path / f"grads_{r}.safetensors")) for r in (0, 1)]
     assert [int(g.pop("chunked_calls")) for g in ranks] == [1, 1]  # the chunked path ran, under DDP
