@@ -89,7 +89,10 @@ def answer_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_
 # Above this many (answer tokens × vocabulary) logits, answer log-probs are computed chunk by chunk with the
 # vocabulary projection recomputed in the backward pass, so the full logits never exist at once (measured on an
 # H100, DPO at seq 2048: the full answer logits and their backward made the peak 15 GB at 0.5B, 25 GB at 7B).
-CHUNK_ELEMENTS = 1 << 26
+# A chunk's logits, their float32 copy and logsumexp's temporary are alive together: 2^24 elements (110 rows at
+# Qwen2.5's 152k vocabulary) keep that under ~200 MB; 2^26 held 0.34 GiB more at the peak of a DPO step
+# (bench/cpu_memory.py --chunk-elements, 0.5B widths, seq 1024), for no speed gained on the CPU.
+CHUNK_ELEMENTS = 1 << 24
 
 
 def labelled_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor

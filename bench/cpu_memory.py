@@ -146,7 +146,7 @@ def markdown(report: dict) -> str:
              f"- settings: seq {st['seq']}, batch {st['batch']} rows (a pair is 2 sequences), {st['steps']} + 1 steps, "
              f"LoRA r={cmp.LORA['r']} all-linear, gradient checkpointing; align overrides: "
              f"{' '.join(st['align_overrides']) or 'none'}",
-             "- live tensors = peak bytes of tensors alive during Trainer.train (torch's MemTracker: weights, gradients, "
+             "- live tensors = peak bytes of tensors alive during Trainer.train (a dispatcher-level count: weights, gradients, "
              "optimizer states, activations, temporaries), the CPU counterpart of torch.cuda.max_memory_allocated; "
              "resident = ru_maxrss of the side's own process, above its resident memory after imports (floor)",
              "- TRL's fused log-prob head runs its Triton kernel only on CUDA/XPU; on CPU it scores every position in "
@@ -156,6 +156,8 @@ def markdown(report: dict) -> str:
              "| align resident above floor | align peak by kind (GiB) | losses baseline / align |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in report["rows"]:
+        if "baseline" not in r:
+            continue
         b, a = r["baseline"], r["align"]
         kinds = ", ".join(f"{k} {v:.2f}" for k, v in sorted(a["tensor_peak_by_kind_gib"].items(), key=lambda kv: -kv[1]))
         lines.append(f"| {r['stage']} | {b['tensor_peak_gib']:.2f} | {a['tensor_peak_gib']:.2f} | "
@@ -179,12 +181,24 @@ def main(argv=None) -> int:
     p.add_argument("--tokenizer")
     p.add_argument("--out", default=str(ps.ROOT / "bench" / "results"))
     p.add_argument("--tag", default="")
+    p.add_argument("--chunk-elements", type=int, default=None,
+                   help="align.heads.CHUNK_ELEMENTS for align's side (logits elements per chunk of the vocabulary "
+                   "projection); default: align's own")
+    p.add_argument("--sides", default="baseline,align", help="baseline,align or one of them (the report's ratio "
+                   "needs both)")
     p.add_argument("--precision", choices=("fp32", "bf16-nf4"), default="fp32",
                    help="fp32: unquantized float32 (fast on any CPU); bf16-nf4: NF4 base and bfloat16 autocast as on "
                    "a GPU (bitsandbytes' CPU kernels; slow without AVX512-BF16: use few layers and a short --seq)")
     p.add_argument("--child", nargs=4, metavar=("SIDE", "STAGE", "MODEL", "DATA"), help=argparse.SUPPRESS)
     s = p.parse_args(argv)
     overrides = s.align_overrides.split()
+    if s.chunk_elements:
+        from align import heads
+
+        heads.CHUNK_ELEMENTS = s.chunk_elements
+        overrides_note = f"heads.CHUNK_ELEMENTS={s.chunk_elements}"
+    else:
+        overrides_note = None
     if s.child:
         print("RESULT " + json.dumps(child(*s.child, s.seq, s.batch, s.steps, overrides, s.precision)), flush=True)
         return 0
@@ -204,13 +218,15 @@ def main(argv=None) -> int:
     report = {"date": date.isoformat(timespec="seconds"), "device": f"CPU ({platform.machine()}, "
               f"{os.cpu_count()} cores)", "versions": cmp.versions(), "rows": [],
               "settings": {"shape": s.shape, "layers": s.layers, "seq": s.seq, "batch": s.batch, "steps": s.steps,
-                           "align_overrides": overrides, "precision": s.precision}}
+                           "align_overrides": overrides + ([overrides_note] if overrides_note else []),
+                           "precision": s.precision}}
     for stage in [x for x in s.stages.split(",") if x]:
         sides = {}
-        for side in ("baseline", "align"):
+        for side in s.sides.split(","):
             cmd = [sys.executable, __file__, "--child", side, stage, str(model_dir), str(data_dir), "--seq",
                    str(s.seq), "--batch", str(s.batch), "--steps", str(s.steps), "--align-overrides", s.align_overrides,
-                   "--precision", s.precision]
+                   "--precision", s.precision, *(["--chunk-elements", str(s.chunk_elements)] if s.chunk_elements
+                                                 else [])]
             done = subprocess.run(cmd, capture_output=True, text=True)
             found = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
             if not found:
@@ -219,6 +235,9 @@ def main(argv=None) -> int:
             sides[side] = json.loads(found[-1][len("RESULT "):])
             print(f"{stage} {side}: peak resident {sides[side]['peak_gib']:.2f} GiB, live tensors "
                   f"{sides[side]['tensor_peak_gib']:.2f} GiB, {sides[side]['tok_s']:.0f} tok/s", flush=True)
+        if len(sides) < 2:
+            report["rows"].append({"stage": stage, "model": name, **{f"{k}_alone": v for k, v in sides.items()}})
+            continue
         b, a = sides["baseline"], sides["align"]
         report["rows"].append({"stage": stage, "model": name, "baseline_tok_s": b["tok_s"], "align_tok_s": a["tok_s"],
                                "speedup": a["tok_s"] / b["tok_s"], "baseline_peak_gb": b["tensor_peak_gib"],
