@@ -46,10 +46,9 @@ def child(side: str, stage: str, model_dir: str, data_dir: str, seq: int, batch:
     """One side's run, in this process: its peak resident memory, the peak of its live tensors during training,
     and what compare.py measures."""
     floor = rss_gib()
-    if precision == "bf16-nf4":
-        gpu_like_on_cpu()
     gpu_like = precision == "bf16-nf4"
     if gpu_like:
+        gpu_like_on_cpu()
         overrides = ["model.dtype=bfloat16", *overrides]
     s = argparse.Namespace(quantization="nf4" if gpu_like else "none", gradient_checkpointing=True, bf16=gpu_like,
                            batch=batch, warmup=1, steps=steps, seq=seq, profile=False, align_overrides=overrides)
@@ -58,7 +57,7 @@ def child(side: str, stage: str, model_dir: str, data_dir: str, seq: int, batch:
     tensors = meter_training()
     r = run(stage, Path(model_dir), data, s, Path(data_dir).parent / f"work-{side}")
     return {"peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB, "floor_gib": floor,
-            "tensor_peak_gib": tensors["peak"] / GIB, "tensor_peak_by_kind_gib": tensors["by_kind"],
+            "tensor_peak_gib": tensors["peak"] / GIB, "weights_gib": tensors["weights"] / GIB,
             "tok_s": r.get("tok_s_incl_ref", r["tok_s"]), "losses": r["losses"]}
 
 
@@ -111,13 +110,13 @@ def meter_training() -> dict:
     inside it."""
     from transformers import Trainer
 
-    found: dict = {"peak": 0, "by_kind": {}}
+    found: dict = {"peak": 0, "weights": 0}
     inner = Trainer.train
 
     def train(self, *args, **kwargs):
         meter = LiveTensors()
         meter.add([*self.model.parameters(), *self.model.buffers()])
-        found["by_kind"]["weights"] = meter.now / GIB
+        found["weights"] = meter.now
         with meter.mode:
             out = inner(self, *args, **kwargs)
         found["peak"] = meter.peak
@@ -153,16 +152,15 @@ def markdown(report: dict) -> str:
              "torch tiles, so a ratio against TRL's DPO here is not a forecast of the GPU one. What carries over is "
              "align's own memory moving between versions or options.", "",
              "| stage | baseline live tensors GiB | align live tensors GiB | memory ratio | baseline resident above floor "
-             "| align resident above floor | align peak by kind (GiB) | losses baseline / align |",
+             "| align resident above floor | align weights GiB | losses baseline / align |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in report["rows"]:
         if "baseline" not in r:
             continue
         b, a = r["baseline"], r["align"]
-        kinds = ", ".join(f"{k} {v:.2f}" for k, v in sorted(a["tensor_peak_by_kind_gib"].items(), key=lambda kv: -kv[1]))
         lines.append(f"| {r['stage']} | {b['tensor_peak_gib']:.2f} | {a['tensor_peak_gib']:.2f} | "
                      f"{r['memory_ratio']:.2f}× | {b['peak_gib'] - b['floor_gib']:.2f} | "
-                     f"{a['peak_gib'] - a['floor_gib']:.2f} | {kinds} | "
+                     f"{a['peak_gib'] - a['floor_gib']:.2f} | {a['weights_gib']:.2f} | "
                      f"{', '.join(f'{x:.4f}' for x in b['losses'])} / {', '.join(f'{x:.4f}' for x in a['losses'])} |")
     return "\n".join(lines) + "\n"
 
@@ -192,14 +190,12 @@ def main(argv=None) -> int:
     p.add_argument("--child", nargs=4, metavar=("SIDE", "STAGE", "MODEL", "DATA"), help=argparse.SUPPRESS)
     s = p.parse_args(argv)
     overrides = s.align_overrides.split()
-    if s.chunk_elements:
-        from align import heads
-
-        heads.CHUNK_ELEMENTS = s.chunk_elements
-        overrides_note = f"heads.CHUNK_ELEMENTS={s.chunk_elements}"
-    else:
-        overrides_note = None
+    overrides_note = f"heads.CHUNK_ELEMENTS={s.chunk_elements}" if s.chunk_elements else None
     if s.child:
+        if s.chunk_elements:
+            from align import heads
+
+            heads.CHUNK_ELEMENTS = s.chunk_elements
         print("RESULT " + json.dumps(child(*s.child, s.seq, s.batch, s.steps, overrides, s.precision)), flush=True)
         return 0
     if s.shape not in ps.SHAPES:

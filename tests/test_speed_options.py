@@ -30,6 +30,14 @@ def varied_lengths() -> list[dict]:
             for a in range(2, 14) for b in (3, 7)]
 
 
+def sft_config(tmp_path, tiny_model_dir, data, *extra: str):
+    """A 4-step SFT run on the tiny model, dropout off (so two runs can be compared step by step)."""
+    return load_config(SFTConfig, None, [
+        f"model.name_or_path={tiny_model_dir}", f"runs_dir={tmp_path / 'runs'}", f"data.train={data}",
+        f"data.eval={data}", "data.eval_limit=8", "training.learning_rate=5e-3", "training.batch_size=4",
+        "training.max_steps=4", "training.logging_steps=1", "lora.r=8", "lora.dropout=0", "samples=0", *extra])
+
+
 def test_sft_padding_free_equals_padded(tmp_path, tiny_model_dir, monkeypatch):
     from trl.trainer import sft_trainer
 
@@ -45,12 +53,8 @@ def test_sft_padding_free_equals_padded(tmp_path, tiny_model_dir, monkeypatch):
     data = write_jsonl(tmp_path / "sft.jsonl", varied_lengths())
     outs = {}
     for flag in (False, True):
-        cfg = load_config(SFTConfig, None, [
-            f"model.name_or_path={tiny_model_dir}", f"runs_dir={tmp_path / 'runs'}", f"run=pf-{flag}",
-            f"data.train={data}", f"data.eval={data}", "data.eval_limit=8", "training.learning_rate=5e-3",
-            "training.batch_size=4", "training.max_steps=4", "training.logging_steps=1", "lora.r=8",
-            "lora.dropout=0", "samples=0", f"training.padding_free={flag}"])
-        outs[flag] = sft.run(cfg)
+        outs[flag] = sft.run(sft_config(tmp_path, tiny_model_dir, data, f"run=pf-{flag}",
+                                        f"training.padding_free={flag}"))
     assert rows_per_batch == {False: {4}, True: {1}}  # the option did pack: one row per batch of 4
     assert_same_run(outs[False], outs[True])
     m = {flag: json.loads((out / "metrics.json").read_text()) for flag, out in outs.items()}
@@ -174,12 +178,7 @@ def test_sft_compiled_layers_keep_the_loss(tmp_path, tiny_model_dir):
     outs = {}
     for flag in (False, True):
         before = compiled_calls()
-        cfg = load_config(SFTConfig, None, [
-            f"model.name_or_path={tiny_model_dir}", f"runs_dir={tmp_path / 'runs'}", f"run=c-{flag}",
-            f"data.train={data}", f"data.eval={data}", "data.eval_limit=8", "training.learning_rate=5e-3",
-            "training.batch_size=4", "training.max_steps=4", "training.logging_steps=1", "lora.r=8",
-            "lora.dropout=0", "samples=0", f"training.compile={flag}"])
-        outs[flag] = sft.run(cfg)
+        outs[flag] = sft.run(sft_config(tmp_path, tiny_model_dir, data, f"run=c-{flag}", f"training.compile={flag}"))
         assert (compiled_calls() > before) == flag
     assert_same_run(outs[False], outs[True])
 
