@@ -29,6 +29,7 @@ the GPU's dense bf16 peak (989 TFLOP/s for an H100/H200).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import gc
 import json
@@ -295,14 +296,34 @@ def baseline_trainer(stage: str, model_dir: Path, data: dict[str, Path], s: argp
                peft_config=peft_config)
 
 
+def live_meter(s, found: dict):
+    """With --at-peak, Trainer.train under LiveTensors (what is alive at the peak, on any device); else nothing."""
+    if not getattr(s, "at_peak", False):
+        return contextlib.nullcontext()
+    from live_tensors import metered_training
+
+    return metered_training(found)
+
+
+def at_peak_result(found: dict) -> dict:
+    if "at_peak" not in found:
+        return {}
+    from live_tensors import GIB
+
+    return {"live_peak_gb": found["peak"] / GIB, "live_weights_gb": found["weights"] / GIB, "at_peak": found["at_peak"]}
+
+
 def run_baseline(stage: str, model_dir: Path, data: dict[str, Path], s, work: Path) -> dict:
     meter = make_meter(s.warmup - 1 if s.profile else None)
     start = time.perf_counter()
     trainer = baseline_trainer(stage, model_dir, data, s, work / "baseline" / stage)
     setup = time.perf_counter() - start
     meter.attach(trainer)
-    trainer.train()
-    result = {"setup_seconds": setup, "peak_gb": meter.peak_gb, **meter.summary(s.warmup), "profile": meter.profile}
+    tensors: dict = {}
+    with live_meter(s, tensors):
+        trainer.train()
+    result = {"setup_seconds": setup, "peak_gb": meter.peak_gb, **meter.summary(s.warmup), "profile": meter.profile,
+              **at_peak_result(tensors)}
     del trainer
     return result
 
@@ -348,14 +369,16 @@ def run_align(stage: str, model_dir: Path, data: dict[str, Path], s, work: Path)
     module.build_trainer = build_trainer
     if inner_ref is not None:
         module.cached_reference_logps = cached_reference_logps
+    tensors: dict = {}
     try:
-        module.run(cfg)
+        with live_meter(s, tensors):
+            module.run(cfg)
     finally:
         module.build_trainer = inner_build
         if inner_ref is not None:
             module.cached_reference_logps = inner_ref
     result = {**timing, "peak_gb": meter.peak_gb, **meter.summary(s.warmup), "overrides": overrides,
-              "profile": meter.profile}
+              "profile": meter.profile, **at_peak_result(tensors)}
     if stage == "dpo":
         # the reference pass over all pairs, shared out over all steps (the baseline does it inside each step)
         per_step_ref = timing["ref_seconds"] / (s.warmup + s.steps)
@@ -419,7 +442,9 @@ def markdown(report: dict) -> str:
               f"batch is {2 * s['batch']} sequences), {s['warmup']} warm-up + {s['steps']} timed optimizer steps"),
              ("- data: synthetic chat rows; SFT prompt+answer 75–100% of max length, pairs: prompt max/4, answers "
               "50–100% of the rest (so sequences are padded to the longest in the batch); tok/s counts non-padding "
-              "tokens only"), "- GB = GiB (torch.cuda.max_memory_allocated / 2^30), model load to end of training", "",
+              "tokens only"), "- GB = GiB (torch.cuda.max_memory_allocated / 2^30), model load to end of training",
+             *([("- metered with --at-peak: every op went through a Python meter, so tok/s here are not comparable "
+                 "with unmetered runs; the memory composition is at the end")] if s.get("at_peak") else []), "",
              ("| stage | model | baseline tok/s | align tok/s | speedup | baseline peak GB | align peak GB | "
               "memory ratio | baseline MFU | align MFU |"),
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -458,6 +483,14 @@ def markdown(report: dict) -> str:
                              f"{100 * d['padding_share']:.1f}% | {d['setup_seconds']:.1f} |")
     for r in report["rows"]:
         for side in ("baseline", "align"):
+            d = r.get(f"{side}_detail") or {}
+            if d.get("at_peak"):
+                from live_tensors import at_peak_lines
+
+                lines += at_peak_lines(f"{r['stage']} {r['model']} {side}: live tensors {d['live_peak_gb']:.2f} GiB, "
+                                       f"of which weights {d['live_weights_gb']:.2f}", d["at_peak"])
+    for r in report["rows"]:
+        for side in ("baseline", "align"):
             prof = (r.get(f"{side}_detail") or {}).get("profile")
             if not prof:
                 continue
@@ -487,6 +520,10 @@ def main(argv=None) -> int:
     p.add_argument("--sides", default="baseline,align")
     p.add_argument("--profile", action="store_true",
                    help="profile the last warm-up step (torch.profiler; needs --warmup >= 2)")
+    p.add_argument("--at-peak", action="store_true",
+                   help="meter each run's live tensors at the dispatcher (bench/live_tensors.py) and report what was "
+                   "alive at the peak, by operator and shape; the meter slows every step, so its timings are not "
+                   "comparable with unmetered runs (eager code only: not with training.compile)")
     p.add_argument("--tag", default="", help="suffix of the result file names")
     p.add_argument("--deadline", type=float, default=None, help="seconds: start no new run after this")
     p.add_argument("--work", default=str(ROOT / "bench" / "work"))
@@ -502,6 +539,9 @@ def main(argv=None) -> int:
     cuda = torch.cuda.is_available()
     s.quantization = ("nf4" if cuda else "none") if s.quantization == "auto" else s.quantization
     s.seq = s.seq or (2048 if cuda else 128)
+    if s.at_peak and any(o.startswith("training.compile=") for o in s.align_overrides):
+        p.error("--at-peak meters eager code only (dynamo runs eagerly under its dispatch mode): leave "
+                "training.compile out of a metered run")
     if s.profile and s.warmup < 2:
         p.error("--profile profiles the last warm-up step: use --warmup 2 or more")
     if s.gradient_checkpointing is None:
@@ -525,7 +565,8 @@ def main(argv=None) -> int:
               "settings": {"seq": s.seq, "batch": s.batch, "steps": s.steps, "warmup": s.warmup,
                            "quantization": s.quantization, "gradient_checkpointing": s.gradient_checkpointing,
                            "bf16": cuda, "lora": LORA, "learning_rate": LR, "lr_scheduler": SCHEDULE,
-                           "peak_bf16_flops": peak_flops(), "align_overrides": s.align_overrides},
+                           "peak_bf16_flops": peak_flops(), "align_overrides": s.align_overrides,
+                           "at_peak": s.at_peak},
               "rows": []}
     out = Path(s.out)
     out.mkdir(parents=True, exist_ok=True)

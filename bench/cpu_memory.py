@@ -32,8 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import compare as cmp
 import ppo_step as ps
-
-GIB = 2 ** 30
+from live_tensors import GIB, at_peak_lines, metered_training
 
 
 def rss_gib() -> float:
@@ -54,76 +53,13 @@ def child(side: str, stage: str, model_dir: str, data_dir: str, seq: int, batch:
                            batch=batch, warmup=1, steps=steps, seq=seq, profile=False, align_overrides=overrides)
     data = {"sft": Path(data_dir) / "sft.jsonl", "pairs": Path(data_dir) / "pairs.jsonl"}
     run = cmp.run_baseline if side == "baseline" else cmp.run_align
-    tensors = meter_training()
-    r = run(stage, Path(model_dir), data, s, Path(data_dir).parent / f"work-{side}")
+    tensors: dict = {}
+    with metered_training(tensors):
+        r = run(stage, Path(model_dir), data, s, Path(data_dir).parent / f"work-{side}")
     return {"peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB, "floor_gib": floor,
             "tensor_peak_gib": tensors["peak"] / GIB, "weights_gib": tensors["weights"] / GIB,
+            "at_peak": tensors["at_peak"],
             "tok_s": r.get("tok_s_incl_ref", r["tok_s"]), "losses": r["losses"]}
-
-
-class LiveTensors:
-    """Peak bytes of tensor storages alive at once: every storage an operator makes (through the dispatcher) plus
-    those of the model given, each counted once and until it is freed (a weak reference's callback). The CPU
-    counterpart of torch.cuda.max_memory_allocated; torch's MemTracker works the same way but insists on hooking
-    every parameter's gradient, which frozen LoRA bases refuse."""
-
-    def __init__(self):
-        from torch.utils._python_dispatch import TorchDispatchMode
-
-        self.live: dict[int, tuple[object, int]] = {}
-        self.now = self.peak = 0
-        meter = self
-
-        class Mode(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                out = func(*args, **(kwargs or {}))
-                meter.add(out)
-                return out
-
-        self.mode = Mode()
-
-    def add(self, obj) -> None:
-        import weakref
-
-        import torch
-        from torch.utils._pytree import tree_flatten
-
-        for t in tree_flatten(obj)[0]:
-            if not isinstance(t, torch.Tensor) or t.device.type == "meta":
-                continue
-            st = t.untyped_storage()
-            key = id(st)
-            if key in self.live or st.nbytes() == 0:
-                continue
-            self.live[key] = (weakref.ref(st, lambda _ref, key=key: self._freed(key)), st.nbytes())
-            self.now += st.nbytes()
-            self.peak = max(self.peak, self.now)
-
-    def _freed(self, key: int) -> None:
-        _ref, nbytes = self.live.pop(key, (None, 0))
-        self.now -= nbytes
-
-
-def meter_training() -> dict:
-    """Peak bytes of live tensors during Trainer.train (model weights, gradients, optimizer states, activations,
-    temporaries), counted by LiveTensors. Work done before train() (align's DPO reference pass, no_grad) is not
-    inside it."""
-    from transformers import Trainer
-
-    found: dict = {"peak": 0, "weights": 0}
-    inner = Trainer.train
-
-    def train(self, *args, **kwargs):
-        meter = LiveTensors()
-        meter.add([*self.model.parameters(), *self.model.buffers()])
-        found["weights"] = meter.now
-        with meter.mode:
-            out = inner(self, *args, **kwargs)
-        found["peak"] = meter.peak
-        return out
-
-    Trainer.train = train
-    return found
 
 
 def gpu_like_on_cpu() -> None:
@@ -133,6 +69,15 @@ def gpu_like_on_cpu() -> None:
 
     inner_defaults = stage.use_cuda_defaults
     stage.use_cuda_defaults = lambda cfg: {**inner_defaults(cfg), "bf16": True}
+
+
+def _cell(side: dict | None, key: str) -> str:
+    """One side's figure for the table, or a dash for a side not run this time."""
+    if not side:
+        return "—"
+    if key == "losses":
+        return ", ".join(f"{v:.4f}" for v in side["losses"])
+    return f"{side['peak_gib'] - side['floor_gib'] if key == 'above_floor' else side[key]:.2f}"
 
 
 def markdown(report: dict) -> str:
@@ -155,13 +100,16 @@ def markdown(report: dict) -> str:
              "| align resident above floor | align weights GiB | losses baseline / align |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in report["rows"]:
-        if "baseline" not in r:
-            continue
-        b, a = r["baseline"], r["align"]
-        lines.append(f"| {r['stage']} | {b['tensor_peak_gib']:.2f} | {a['tensor_peak_gib']:.2f} | "
-                     f"{r['memory_ratio']:.2f}× | {b['peak_gib'] - b['floor_gib']:.2f} | "
-                     f"{a['peak_gib'] - a['floor_gib']:.2f} | {a['weights_gib']:.2f} | "
-                     f"{', '.join(f'{x:.4f}' for x in b['losses'])} / {', '.join(f'{x:.4f}' for x in a['losses'])} |")
+        b, a = r.get("baseline") or r.get("baseline_alone"), r.get("align") or r.get("align_alone")
+        ratio = f"{r['memory_ratio']:.2f}×" if "memory_ratio" in r else "—"
+        lines.append(f"| {r['stage']} | {_cell(b, 'tensor_peak_gib')} | {_cell(a, 'tensor_peak_gib')} | {ratio} | "
+                     f"{_cell(b, 'above_floor')} | {_cell(a, 'above_floor')} | {_cell(a, 'weights_gib')} | "
+                     f"{_cell(b, 'losses')} / {_cell(a, 'losses')} |")
+    for r in report["rows"]:
+        for side in ("baseline", "align"):
+            found = (r.get(side) or r.get(f"{side}_alone") or {}).get("at_peak")
+            if found:
+                lines += at_peak_lines(f"{r['stage']} {side}", found)
     return "\n".join(lines) + "\n"
 
 
@@ -191,6 +139,10 @@ def main(argv=None) -> int:
     s = p.parse_args(argv)
     overrides = s.align_overrides.split()
     overrides_note = f"heads.CHUNK_ELEMENTS={s.chunk_elements}" if s.chunk_elements else None
+    if any(o.startswith("training.compile=") and o.split("=", 1)[1].lower() in ("true", "1", "yes")
+           for o in overrides):
+        p.error("training.compile=true cannot be measured here: LiveTensors sees eager code only (dynamo runs "
+                "eagerly under its dispatch mode), so the reading would be the eager one")
     if s.child:
         if s.chunk_elements:
             from align import heads
