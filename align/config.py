@@ -100,6 +100,11 @@ class TrainingConfig:
                         "kernels; the same loss). The first steps wait for compilation (tens of seconds on a GPU, "
                         "about a minute on a CPU, which also needs a C++ compiler); worth it for runs of many steps. "
                         "Dropout inside a compiled layer draws other random numbers than eager code")
+    mlp_tiles: int = opt(1, "run each decoder layer's MLP over this many tiles of tokens in training, each tile "
+                         "recomputed in the backward pass: the same loss with 1/N of the MLP's wide tensors alive "
+                         "(the largest part of a step's peak besides the weights at long sequences), for one more "
+                         "MLP forward per layer; 1 = off, 4 is a good start. Not with compile", _positive,
+                         "must be >= 1")
     seed: int = opt(42, "seed for data order, LoRA init and dropout")
     logging_steps: int = opt(5, "log metrics every N steps", _positive, "must be >= 1")
     save_steps: int = opt(50, "checkpoint every N steps (resume continues from the newest)", _positive, "must be >= 1")

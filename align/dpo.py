@@ -68,7 +68,8 @@ def build_model(prep: Prepared):
     lora = lora_like(cfg.lora, prep.sft) if prep.sft is not None else cfg.lora
     base = load_base(prep.model_ref.path, cfg.model)
     model = attach_lora(base, lora, quantized, use_cuda_defaults(cfg)["gradient_checkpointing"],
-                        upcast=cfg.model.upcast, compile=cfg.training.compile)
+                        upcast=cfg.model.upcast, compile=cfg.training.compile,
+                        mlp_tiles=cfg.training.mlp_tiles)
     if prep.sft is not None:
         load_adapter_weights(model, prep.sft)
         model.load_adapter(str(prep.sft), adapter_name=REFERENCE, is_trainable=False)

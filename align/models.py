@@ -227,12 +227,13 @@ def _quiet_new_head():
 
 
 def attach_lora(model, cfg: LoraConfig, quantized: bool, gradient_checkpointing: bool, task: str = "causal",
-                upcast: bool | None = None, compile: bool = False):
+                upcast: bool | None = None, compile: bool = False, mlp_tiles: int = 1):
     """Wrap the frozen base in a fresh trainable LoRA adapter (PEFT); a score head trains and saves with it.
 
     4-bit bases: `upcast` (ModelConfig.upcast; None = for float16 compute only) moves the unquantized weights to
     float32 first. Whatever it says, every trainable weight ends in float32 (the optimizer's updates would
-    vanish in bfloat16). `compile` (TrainingConfig.compile): the decoder layers go through torch.compile."""
+    vanish in bfloat16). `compile` (TrainingConfig.compile): the decoder layers go through torch.compile;
+    `mlp_tiles` (TrainingConfig.mlp_tiles): their MLPs run in tiles of tokens in training."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     if quantized:
@@ -253,6 +254,10 @@ def attach_lora(model, cfg: LoraConfig, quantized: bool, gradient_checkpointing:
     for p in peft_model.parameters():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
+    if mlp_tiles > 1:
+        from .tiled import tile_mlps
+
+        tile_mlps(peft_model, mlp_tiles)
     if compile:
         from .compiled import compile_decoder_layers
 

@@ -44,6 +44,7 @@ from .generate import Sampling, sample_batch
 from .guards import TrainingStopped, oom_as_message
 from .losses import ppo_policy_loss, ppo_value_loss
 from .models import attach_lora, load_adapter_weights, load_base, lora_like, peft_lora_config, resolve_quantization
+from .recompute import checkpoint_follows_adapters
 from .roles import POLICY, REFERENCE, REWARD, VALUE, Batch, Roles, add_adapter_from, head_from, make_batch
 from .runs import make_manifest, sha256_path
 from .stage import Prepared, nothing_to_train, prepare, prepare_output, save_stage, use_cuda_defaults
@@ -116,7 +117,8 @@ def build_roles(prep: Prepared) -> Roles:
     if checkpointing and not quantized:  # (the 4-bit path enables it in attach_lora)
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         base.enable_input_require_grads()
-    model = attach_lora(base, lora, quantized, checkpointing, upcast=cfg.model.upcast)
+    model = attach_lora(base, lora, quantized, checkpointing, upcast=cfg.model.upcast,
+                        mlp_tiles=cfg.training.mlp_tiles)
     dev = next(p for p in model.parameters()).device
     if prep.sft is not None:
         load_adapter_weights(model, prep.sft)
@@ -137,6 +139,8 @@ def build_roles(prep: Prepared) -> Roles:
         value_head = torch.nn.Linear(hidden, 1, bias=False, device=dev)
         torch.nn.init.zeros_(value_head.weight)
     model.base_model.set_adapter(POLICY)
+    if checkpointing:  # the value forward's role ends before the one backward pass of policy + value loss
+        checkpoint_follows_adapters(model)
     roles = Roles(model, value_head, score_head, separate)
     with roles.role(POLICY):
         pass  # leaves exactly the policy and value adapters trainable

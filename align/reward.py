@@ -69,7 +69,8 @@ def build_model(prep: Prepared):
     torch.manual_seed(cfg.training.seed)  # the fresh score head's initial weights
     base = load_base(prep.model_ref.path, cfg.model, task="score", pad_token_id=prep.tokenizer.pad_token_id)
     model = attach_lora(base, lora, quantized, use_cuda_defaults(cfg)["gradient_checkpointing"], task="score",
-                        upcast=cfg.model.upcast, compile=cfg.training.compile)
+                        upcast=cfg.model.upcast, compile=cfg.training.compile,
+                        mlp_tiles=cfg.training.mlp_tiles)
     if prep.sft is not None:
         n = load_adapter_weights(model, prep.sft)
         log.info("copied %d LoRA tensors from the SFT adapter; the score head is new", n)

@@ -49,7 +49,8 @@ def build_trainer(prep: Prepared):
     quantized = resolve_quantization(cfg.model) == "nf4"
     base = load_base(prep.model_ref.path, cfg.model)
     model = attach_lora(base, cfg.lora, quantized, use_cuda_defaults(cfg)["gradient_checkpointing"],
-                        upcast=cfg.model.upcast, compile=cfg.training.compile)
+                        upcast=cfg.model.upcast, compile=cfg.training.compile,
+                        mlp_tiles=cfg.training.mlp_tiles)
     trainable, total = model.get_nb_trainable_parameters()
     log.info("LoRA adapter: %s trainable of %s parameters (%.2f%%)", f"{trainable:,}", f"{total:,}",
              100 * trainable / total)

@@ -89,6 +89,10 @@ def _prepare(stage: str, cfg: StageConfig, make_loader: Callable[[Any], Callable
 
     paths = StagePaths.of(cfg, stage)
     check_new_output(cfg, paths)
+    if cfg.training.compile and cfg.training.mlp_tiles > 1:
+        raise ConfigError(f"training.compile=true and training.mlp_tiles={cfg.training.mlp_tiles} do not go together "
+                          "(a tiled MLP recomputes itself inside the backward pass, which a compiled layer cannot "
+                          "hold); choose one: compile for speed, mlp_tiles for memory")
     if cfg.training.compile:
         from .compiled import check_compiler
         from .models import device

@@ -256,3 +256,31 @@ def test_the_value_model_learns_at_its_own_rate_and_leaves_the_policy_alone(tmp_
         return float(sum((value[k] - start[k]).abs().sum() for k in common))
 
     assert moved(fast) > 5 * moved(slow) > 0
+
+
+def test_tiled_mlps_train_the_policy_and_value_and_leave_frozen_roles(tmp_path, peaky, monkeypatch):
+    """training.mlp_tiles in PPO: rollouts (no gradients) take the plain MLP, updates the tiled one; the policy's
+    and the value model's adapters both learn through it, the frozen roles' stay as they were."""
+    from align import tiled
+
+    tiled_backwards = [0]
+    real = tiled._TiledMLP.backward
+
+    def counted(ctx, grad):
+        tiled_backwards[0] += 1
+        return real(ctx, grad)
+
+    monkeypatch.setattr(tiled._TiledMLP, "backward", staticmethod(counted))
+    monkeypatch.setattr(Roles, "rewards", contains_token(1000))
+    cfg = make_cfg(tmp_path, peaky, "training.mlp_tiles=2", "training.gradient_checkpointing=true",
+                   "training.max_steps=1")
+    prep = ppo.setup(cfg)
+    roles = ppo.build_roles(prep)
+    before = {n: p.detach().clone() for n, p in roles.model.named_parameters() if "lora_B" in n}
+    monkeypatch.setattr(ppo, "build_roles", lambda prep: roles)
+    ppo.run(cfg)
+    now = dict(roles.model.named_parameters())
+    assert tiled_backwards[0] > 0
+    for role in (POLICY, VALUE):
+        assert any(not torch.equal(v, now[n]) for n, v in before.items() if f".{role}." in n and ".mlp." in n)
+    assert all(torch.equal(v, now[n]) for n, v in before.items() if f".{REFERENCE}." in n or f".{REWARD}." in n)

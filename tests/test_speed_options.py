@@ -219,3 +219,97 @@ def test_compile_refused_where_it_cannot_work(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=r"C\+\+ compiler \(g\+\+ or clang\+\+\)"):
         compiled.check_compiler(torch.device("cpu"))
     compiled.check_compiler(torch.device("cuda"))  # inductor brings Triton there
+
+
+def test_tiled_mlp_replays_its_dropout_and_gives_each_weight_one_gradient():
+    """The tiled MLP against the same tiles run by plain autograd under the same seed: same output and gradients,
+    which needs the backward pass to redraw the forward's dropout masks; each trainable weight's gradient is
+    accumulated once per backward (as DistributedDataParallel expects), not once per tile."""
+    import torch
+
+    from align.tiled import _TiledMLP
+
+    torch.manual_seed(0)
+    up, down, drop = torch.nn.Linear(8, 32), torch.nn.Linear(32, 8), torch.nn.Dropout(0.5)
+    params = [*up.parameters(), *down.parameters()]
+    x = torch.randn(2, 7, 8, requires_grad=True)
+    weights = torch.randn(2, 7, 8)  # a loss that weighs every output differently
+
+    def mlp(h):
+        return down(drop(torch.nn.functional.silu(up(h))))
+
+    accumulated = [0]
+    for p in params:
+        p.register_post_accumulate_grad_hook(lambda _p: accumulated.__setitem__(0, accumulated[0] + 1))
+    results = []
+    for tiled in (True, False):
+        x.grad = None
+        for p in params:
+            p.grad = None
+        torch.manual_seed(5)
+        y = _TiledMLP.apply(mlp, 3, [], x, *params) if tiled else torch.cat([mlp(c) for c in x.chunk(3, dim=-2)], -2)
+        (y * weights).sum().backward()
+        results.append((y.detach(), x.grad.clone(), [p.grad.clone() for p in params]))
+        if tiled:
+            assert accumulated[0] == len(params)
+    (y_t, gx_t, gp_t), (y_r, gx_r, gp_r) = results
+    assert torch.equal(y_t, y_r)
+    assert torch.allclose(gx_t, gx_r, atol=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(gp_t, gp_r, strict=True))
+
+
+def tiled_backward_calls(monkeypatch) -> list[int]:
+    """Counts backward passes of the tiled MLP (so a test knows the option really ran)."""
+    from align import tiled
+
+    calls = [0]
+    real = tiled._TiledMLP.backward
+
+    def counted(ctx, grad):
+        calls[0] += 1
+        return real(ctx, grad)
+
+    monkeypatch.setattr(tiled._TiledMLP, "backward", staticmethod(counted))
+    return calls
+
+
+def test_sft_tiled_mlp_keeps_the_loss_with_checkpointing(tmp_path, tiny_model_dir, monkeypatch):
+    """training.mlp_tiles with gradient checkpointing on (the GPU default, where the tiled MLP sits inside each
+    recomputed layer): the same losses and adapter as the plain run."""
+    calls = tiled_backward_calls(monkeypatch)
+    data = write_jsonl(tmp_path / "sft.jsonl", varied_lengths())
+    outs = {}
+    for tiles in (1, 3):
+        before = calls[0]
+        outs[tiles] = sft.run(sft_config(tmp_path, tiny_model_dir, data, f"run=t-{tiles}",
+                                         f"training.mlp_tiles={tiles}", "training.gradient_checkpointing=true"))
+        assert (calls[0] > before) == (tiles > 1)
+    assert_same_run(outs[1], outs[3])
+
+
+def test_reward_and_dpo_tiled_mlp_keep_the_loss(tmp_path, tiny_model_dir, reward_data_files, sft_run, monkeypatch):
+    from align import reward
+    from align.config import RewardConfig
+
+    calls = tiled_backward_calls(monkeypatch)
+    common = [f"model.name_or_path={tiny_model_dir}", f"data.train={reward_data_files[0]}",
+              f"data.eval={reward_data_files[1]}", "data.eval_limit=8", "training.learning_rate=5e-3",
+              "training.batch_size=4", "training.max_steps=3", "training.logging_steps=1", "lora.dropout=0"]
+    for cls, stage, extra in ((RewardConfig, reward, []),
+                              (DPOConfig, dpo, [f"init_from_sft={sft_run}", "beta=0.5", "eval_prompts="])):
+        outs = {}
+        for tiles in (1, 4):
+            before = calls[0]
+            outs[tiles] = stage.run(load_config(cls, None, [*common, *extra, f"runs_dir={tmp_path / cls.stage}",
+                                                            f"run=t-{tiles}", f"training.mlp_tiles={tiles}"]))
+            assert (calls[0] > before) == (tiles > 1)
+        assert_same_run(outs[1], outs[4])
+
+
+def test_tiled_mlp_and_compile_are_refused_together(tmp_path, tiny_model_dir):
+    from align.errors import ConfigError
+
+    cfg = sft_config(tmp_path, tiny_model_dir, tmp_path / "x.jsonl", "training.compile=true",
+                     "training.mlp_tiles=4")
+    with pytest.raises(ConfigError, match="training.compile=true and training.mlp_tiles=4 do not go together"):
+        sft.setup(cfg)
