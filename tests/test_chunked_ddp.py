@@ -68,6 +68,8 @@ def test_chunked_logps_synchronise_gradients_under_ddp(tmp_path, tiny_model_dir,
     for name, g0 in local[0].items():
         mean = (g0 + local[1][name]) / 2
         for r in (0, 1):
-            assert torch.allclose(ranks[r][name], mean, atol=1e-6, rtol=1e-4), (r, name)
+            # within float rounding of the tensor's scale: the processes run their matmuls on one thread, this
+            # one on several, so sums are taken in other orders (~1e-5 of the scale); unsynchronised ranks are ~1 off
+            assert (ranks[r][name] - mean).abs().max() <= 1e-4 * mean.abs().max(), (r, name)
     # the shards' own gradients differ from their mean: without synchronisation the test fails
     assert any(not torch.allclose(local[0][n], local[1][n], atol=1e-3) for n in local[0])
