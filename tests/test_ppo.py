@@ -284,3 +284,26 @@ def test_tiled_mlps_train_the_policy_and_value_and_leave_frozen_roles(tmp_path, 
     for role in (POLICY, VALUE):
         assert any(not torch.equal(v, now[n]) for n, v in before.items() if f".{role}." in n and ".mlp." in n)
     assert all(torch.equal(v, now[n]) for n, v in before.items() if f".{REFERENCE}." in n or f".{REWARD}." in n)
+
+
+def test_value_gradients_under_checkpointing_equal_the_plain_ones(tmp_path, peaky):
+    """The update's value forward runs as the value adapter and its backward after the role ended; with gradient
+    checkpointing (the GPU default) the recomputed layers must still be the value adapter's."""
+    grads = {}
+    for checkpointing in ("false", "true"):
+        cfg = make_cfg(tmp_path / checkpointing, peaky, f"training.gradient_checkpointing={checkpointing}",
+                       "lora.dropout=0")
+        prep = ppo.setup(cfg)
+        roles = ppo.build_roles(prep)
+        torch.manual_seed(0)
+        batch, _ = ppo.rollout(roles, prep, list(range(4)))
+        roles.model.train()
+        with roles.role(VALUE):
+            values = roles.values(batch)
+        (values ** 2).mean().backward()
+        grads[checkpointing] = {n: p.grad.clone() for n, p in roles.model.named_parameters()
+                                if f".{VALUE}." in n and p.grad is not None}
+    plain, recomputed = grads["false"], grads["true"]
+    assert plain.keys() == recomputed.keys() and len(plain) > 0
+    for n, g in plain.items():
+        assert (recomputed[n] - g).abs().max() <= 1e-4 * g.abs().max().clamp(min=1e-8), n
