@@ -62,7 +62,11 @@ class _TiledMLP(torch.autograd.Function):
         ctx.rng = _rng_state(x.device)
         ctx.autocast = (torch.is_autocast_enabled(x.device.type), torch.get_autocast_dtype(x.device.type))
         ctx.save_for_backward(x, *params)
-        return torch.cat([run(part) for part in x.chunk(tiles, dim=-2)], dim=-2)
+        outs = [run(part) for part in x.chunk(tiles, dim=-2)]
+        if not isinstance(outs[0], torch.Tensor):  # mixture-of-experts blocks also return router logits
+            raise ModelError(f"training.mlp_tiles: this model's MLP returns {type(outs[0]).__name__}, not one tensor "
+                             "(a mixture-of-experts block?); tiles are for dense MLPs: set training.mlp_tiles=1")
+        return torch.cat(outs, dim=-2)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):

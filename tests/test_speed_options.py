@@ -313,3 +313,20 @@ def test_tiled_mlp_and_compile_are_refused_together(tmp_path, tiny_model_dir):
                      "training.mlp_tiles=4")
     with pytest.raises(ConfigError, match="training.compile=true and training.mlp_tiles=4 do not go together"):
         sft.setup(cfg)
+
+
+def test_tiled_mlp_refuses_an_mlp_that_returns_more_than_a_tensor(tiny_model_dir):
+    """Mixture-of-experts blocks return router logits too: a clear error instead of a failed concatenation."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from align.errors import ModelError
+    from align.tiled import tile_mlps
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    for layer in model.model.layers:
+        dense = layer.mlp.forward
+        layer.mlp.forward = lambda x, dense=dense: (dense(x), None)  # shaped like a router's (output, logits)
+    assert tile_mlps(model, 2) == len(model.model.layers)
+    with pytest.raises(ModelError, match="returns tuple, not one tensor"):
+        model(input_ids=torch.tensor([[5, 6, 7, 8]])).logits.sum().backward()
