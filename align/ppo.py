@@ -114,8 +114,7 @@ def build_roles(prep: Prepared) -> Roles:
     base = load_base(prep.model_ref.path, cfg.model)
     hidden = base.config.hidden_size
     checkpointing = use_cuda_defaults(cfg)["gradient_checkpointing"]
-    if checkpointing and not quantized:  # (the 4-bit path enables it in attach_lora)
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if checkpointing and not quantized:  # (the 4-bit path does it in attach_lora); checkpointing itself: below
         base.enable_input_require_grads()
     model = attach_lora(base, lora, quantized, checkpointing, upcast=cfg.model.upcast,
                         mlp_tiles=cfg.training.mlp_tiles)

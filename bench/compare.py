@@ -46,6 +46,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ppo_step as ps
 import torch
+from live_tensors import GIB, at_peak_lines, compiles, metered_training
 
 ROOT = ps.ROOT
 GB = ps.GB
@@ -300,16 +301,12 @@ def live_meter(s, found: dict):
     """With --at-peak, Trainer.train under LiveTensors (what is alive at the peak, on any device); else nothing."""
     if not getattr(s, "at_peak", False):
         return contextlib.nullcontext()
-    from live_tensors import metered_training
-
     return metered_training(found)
 
 
 def at_peak_result(found: dict) -> dict:
     if "at_peak" not in found:
         return {}
-    from live_tensors import GIB
-
     return {"live_peak_gb": found["peak"] / GIB, "live_weights_gb": found["weights"] / GIB, "at_peak": found["at_peak"]}
 
 
@@ -485,8 +482,6 @@ def markdown(report: dict) -> str:
         for side in ("baseline", "align"):
             d = r.get(f"{side}_detail") or {}
             if d.get("at_peak"):
-                from live_tensors import at_peak_lines
-
                 lines += at_peak_lines(f"{r['stage']} {r['model']} {side}: live tensors {d['live_peak_gb']:.2f} GiB, "
                                        f"of which weights {d['live_weights_gb']:.2f}", d["at_peak"])
     for r in report["rows"]:
@@ -539,7 +534,7 @@ def main(argv=None) -> int:
     cuda = torch.cuda.is_available()
     s.quantization = ("nf4" if cuda else "none") if s.quantization == "auto" else s.quantization
     s.seq = s.seq or (2048 if cuda else 128)
-    if s.at_peak and any(o.startswith("training.compile=") for o in s.align_overrides):
+    if s.at_peak and compiles(s.align_overrides):
         p.error("--at-peak meters eager code only (dynamo runs eagerly under its dispatch mode): leave "
                 "training.compile out of a metered run")
     if s.profile and s.warmup < 2:

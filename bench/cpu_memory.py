@@ -32,7 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import compare as cmp
 import ppo_step as ps
-from live_tensors import GIB, at_peak_lines, metered_training
+from live_tensors import GIB, at_peak_lines, compiles, metered_training
 
 
 def rss_gib() -> float:
@@ -139,8 +139,7 @@ def main(argv=None) -> int:
     s = p.parse_args(argv)
     overrides = s.align_overrides.split()
     overrides_note = f"heads.CHUNK_ELEMENTS={s.chunk_elements}" if s.chunk_elements else None
-    if any(o.startswith("training.compile=") and o.split("=", 1)[1].lower() in ("true", "1", "yes")
-           for o in overrides):
+    if compiles(overrides):
         p.error("training.compile=true cannot be measured here: LiveTensors sees eager code only (dynamo runs "
                 "eagerly under its dispatch mode), so the reading would be the eager one")
     if s.child:

@@ -80,6 +80,12 @@ class LiveTensors:
         self.now -= nbytes
 
 
+def compiles(overrides: list[str]) -> bool:
+    """Whether align overrides turn training.compile on: a reading LiveTensors cannot take (eager code only)."""
+    return any(o.startswith("training.compile=") and o.split("=", 1)[1].strip().lower() in ("true", "1", "yes")
+               for o in overrides)
+
+
 @contextmanager
 def metered_training(found: dict):
     """Inside it, every Trainer.train is metered by LiveTensors: `found` gets the peak bytes of live tensors

@@ -112,3 +112,18 @@ def sft_run(tmp_path_factory, tiny_model_dir) -> Path:
                                         f"data.train={data}", "data.eval=", "training.max_steps=2",
                                         "training.batch_size=2", "lora.r=4", "lora.alpha=8", "samples=0"])
     return sft.run(cfg)
+
+
+def count_tiled_backwards(monkeypatch) -> list[int]:
+    """Counts backward passes of the tiled MLP (training.mlp_tiles), so a test knows the option really ran."""
+    from align import tiled
+
+    calls = [0]
+    real = tiled._TiledMLP.backward
+
+    def counted(ctx, grad):
+        calls[0] += 1
+        return real(ctx, grad)
+
+    monkeypatch.setattr(tiled._TiledMLP, "backward", staticmethod(counted))
+    return calls

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, pair_rows, write_jsonl
+from conftest import ROOT, count_tiled_backwards, pair_rows, write_jsonl
 from safetensors.torch import load_file
 
 from align import ppo, reward, sft
@@ -205,16 +205,19 @@ def test_recipe_script_runs_as_a_user_runs_it(tmp_path, peaky):
     assert json.loads((out / "manifest.json").read_text())["reward_model"] == str(Path(peaky["reward"]).resolve())
 
 
-def test_nf4_base_with_checkpointing_runs_all_roles(tmp_path, peaky, monkeypatch):
+def one_step(tmp_path, peaky, monkeypatch, *overrides):
+    """One PPO step with gradient checkpointing on: the LoRA B weights before it, all weights after, the output."""
     monkeypatch.setattr(Roles, "rewards", contains_token(1000))
-    cfg = make_cfg(tmp_path, peaky, "model.quantization=nf4", "training.gradient_checkpointing=true",
-                   "training.max_steps=1")
-    prep = ppo.setup(cfg)
-    roles = ppo.build_roles(prep)
+    cfg = make_cfg(tmp_path, peaky, "training.gradient_checkpointing=true", "training.max_steps=1", *overrides)
+    roles = ppo.build_roles(ppo.setup(cfg))
     before = {n: p.detach().clone() for n, p in roles.model.named_parameters() if "lora_B" in n}
     monkeypatch.setattr(ppo, "build_roles", lambda prep: roles)
     out = ppo.run(cfg)
-    now = dict(roles.model.named_parameters())
+    return before, dict(roles.model.named_parameters()), out
+
+
+def test_nf4_base_with_checkpointing_runs_all_roles(tmp_path, peaky, monkeypatch):
+    before, now, out = one_step(tmp_path, peaky, monkeypatch, "model.quantization=nf4")
     assert any(not torch.equal(v, now[n]) for n, v in before.items() if f".{POLICY}." in n)
     assert all(torch.equal(v, now[n]) for n, v in before.items() if f".{REFERENCE}." in n or f".{REWARD}." in n)
     assert json.loads((out / "manifest.json").read_text())["quantization"] == "nf4"
@@ -261,25 +264,8 @@ def test_the_value_model_learns_at_its_own_rate_and_leaves_the_policy_alone(tmp_
 def test_tiled_mlps_train_the_policy_and_value_and_leave_frozen_roles(tmp_path, peaky, monkeypatch):
     """training.mlp_tiles in PPO: rollouts (no gradients) take the plain MLP, updates the tiled one; the policy's
     and the value model's adapters both learn through it, the frozen roles' stay as they were."""
-    from align import tiled
-
-    tiled_backwards = [0]
-    real = tiled._TiledMLP.backward
-
-    def counted(ctx, grad):
-        tiled_backwards[0] += 1
-        return real(ctx, grad)
-
-    monkeypatch.setattr(tiled._TiledMLP, "backward", staticmethod(counted))
-    monkeypatch.setattr(Roles, "rewards", contains_token(1000))
-    cfg = make_cfg(tmp_path, peaky, "training.mlp_tiles=2", "training.gradient_checkpointing=true",
-                   "training.max_steps=1")
-    prep = ppo.setup(cfg)
-    roles = ppo.build_roles(prep)
-    before = {n: p.detach().clone() for n, p in roles.model.named_parameters() if "lora_B" in n}
-    monkeypatch.setattr(ppo, "build_roles", lambda prep: roles)
-    ppo.run(cfg)
-    now = dict(roles.model.named_parameters())
+    tiled_backwards = count_tiled_backwards(monkeypatch)
+    before, now, _ = one_step(tmp_path, peaky, monkeypatch, "training.mlp_tiles=2")
     assert tiled_backwards[0] > 0
     for role in (POLICY, VALUE):
         assert any(not torch.equal(v, now[n]) for n, v in before.items() if f".{role}." in n and ".mlp." in n)

@@ -4,7 +4,7 @@ with the same per-step losses and (nearly) the same adapter. Speed itself is mea
 import json
 
 import pytest
-from conftest import chat, pair_rows, write_jsonl
+from conftest import chat, count_tiled_backwards, pair_rows, write_jsonl
 from safetensors.torch import load_file
 
 from align import dpo, sft
@@ -183,9 +183,10 @@ def test_sft_compiled_layers_keep_the_loss(tmp_path, tiny_model_dir):
     assert_same_run(outs[False], outs[True])
 
 
-def test_reward_and_dpo_compiled_layers_keep_the_loss(tmp_path, tiny_model_dir, reward_data_files, sft_run):
-    """The same for the reward model (score head outside the compiled layers) and DPO (the frozen reference
-    adapter and the policy run through the same compiled layers)."""
+def reward_and_dpo_both_ways(tmp_path, tiny_model_dir, reward_data_files, sft_run, option: str, values: tuple,
+                             ran) -> None:
+    """The reward model and DPO, each run with `option` at both `values` (the plain one first), end with the same
+    losses and adapter; `ran()` counts what only the option does, and must move exactly in the second run."""
     from align import reward
     from align.config import RewardConfig
 
@@ -194,13 +195,20 @@ def test_reward_and_dpo_compiled_layers_keep_the_loss(tmp_path, tiny_model_dir, 
               "training.batch_size=4", "training.max_steps=3", "training.logging_steps=1", "lora.dropout=0"]
     for cls, stage, extra in ((RewardConfig, reward, []),
                               (DPOConfig, dpo, [f"init_from_sft={sft_run}", "beta=0.5", "eval_prompts="])):
-        outs = {}
-        for flag in (False, True):
-            before = compiled_calls()
-            outs[flag] = stage.run(load_config(cls, None, [*common, *extra, f"runs_dir={tmp_path / cls.stage}",
-                                                           f"run=c-{flag}", f"training.compile={flag}"]))
-            assert (compiled_calls() > before) == flag
-        assert_same_run(outs[False], outs[True])
+        outs = []
+        for i, value in enumerate(values):
+            before = ran()
+            outs.append(stage.run(load_config(cls, None, [*common, *extra, f"runs_dir={tmp_path / cls.stage}",
+                                                          f"run={option}-{value}", f"{option}={value}"])))
+            assert (ran() > before) == (i == 1)
+        assert_same_run(*outs)
+
+
+def test_reward_and_dpo_compiled_layers_keep_the_loss(tmp_path, tiny_model_dir, reward_data_files, sft_run):
+    """The same for the reward model (score head outside the compiled layers) and DPO (the frozen reference
+    adapter and the policy run through the same compiled layers)."""
+    reward_and_dpo_both_ways(tmp_path, tiny_model_dir, reward_data_files, sft_run, "training.compile",
+                             (False, True), compiled_calls)
 
 
 def test_compile_refused_where_it_cannot_work(tmp_path, monkeypatch):
@@ -258,25 +266,10 @@ def test_tiled_mlp_replays_its_dropout_and_gives_each_weight_one_gradient():
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(gp_t, gp_r, strict=True))
 
 
-def tiled_backward_calls(monkeypatch) -> list[int]:
-    """Counts backward passes of the tiled MLP (so a test knows the option really ran)."""
-    from align import tiled
-
-    calls = [0]
-    real = tiled._TiledMLP.backward
-
-    def counted(ctx, grad):
-        calls[0] += 1
-        return real(ctx, grad)
-
-    monkeypatch.setattr(tiled._TiledMLP, "backward", staticmethod(counted))
-    return calls
-
-
 def test_sft_tiled_mlp_keeps_the_loss_with_checkpointing(tmp_path, tiny_model_dir, monkeypatch):
     """training.mlp_tiles with gradient checkpointing on (the GPU default, where the tiled MLP sits inside each
     recomputed layer): the same losses and adapter as the plain run."""
-    calls = tiled_backward_calls(monkeypatch)
+    calls = count_tiled_backwards(monkeypatch)
     data = write_jsonl(tmp_path / "sft.jsonl", varied_lengths())
     outs = {}
     for tiles in (1, 3):
@@ -288,22 +281,9 @@ def test_sft_tiled_mlp_keeps_the_loss_with_checkpointing(tmp_path, tiny_model_di
 
 
 def test_reward_and_dpo_tiled_mlp_keep_the_loss(tmp_path, tiny_model_dir, reward_data_files, sft_run, monkeypatch):
-    from align import reward
-    from align.config import RewardConfig
-
-    calls = tiled_backward_calls(monkeypatch)
-    common = [f"model.name_or_path={tiny_model_dir}", f"data.train={reward_data_files[0]}",
-              f"data.eval={reward_data_files[1]}", "data.eval_limit=8", "training.learning_rate=5e-3",
-              "training.batch_size=4", "training.max_steps=3", "training.logging_steps=1", "lora.dropout=0"]
-    for cls, stage, extra in ((RewardConfig, reward, []),
-                              (DPOConfig, dpo, [f"init_from_sft={sft_run}", "beta=0.5", "eval_prompts="])):
-        outs = {}
-        for tiles in (1, 4):
-            before = calls[0]
-            outs[tiles] = stage.run(load_config(cls, None, [*common, *extra, f"runs_dir={tmp_path / cls.stage}",
-                                                            f"run=t-{tiles}", f"training.mlp_tiles={tiles}"]))
-            assert (calls[0] > before) == (tiles > 1)
-        assert_same_run(outs[1], outs[4])
+    calls = count_tiled_backwards(monkeypatch)
+    reward_and_dpo_both_ways(tmp_path, tiny_model_dir, reward_data_files, sft_run, "training.mlp_tiles", (1, 4),
+                             lambda: calls[0])
 
 
 def test_tiled_mlp_and_compile_are_refused_together(tmp_path, tiny_model_dir):
