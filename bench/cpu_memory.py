@@ -65,7 +65,7 @@ def child(side: str, stage: str, model_dir: str, data_dir: str, seq: int, batch:
 def gpu_like_on_cpu() -> None:
     """align's side as on a GPU: bfloat16 autocast in the Trainer (align turns it on by torch.cuda.is_available();
     here it is told). compare.py's baseline takes `bf16` from its settings."""
-    from align import stage
+    from align.stages import common as stage
 
     inner_defaults = stage.use_cuda_defaults
     stage.use_cuda_defaults = lambda cfg: {**inner_defaults(cfg), "bf16": True}
@@ -128,7 +128,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(ps.ROOT / "bench" / "results"))
     p.add_argument("--tag", default="")
     p.add_argument("--chunk-elements", type=int, default=None,
-                   help="align.heads.CHUNK_ELEMENTS for align's side (logits elements per chunk of the vocabulary "
+                   help="align.modeling.heads.CHUNK_ELEMENTS for align's side (logits elements per chunk of the vocabulary "
                    "projection); default: align's own")
     p.add_argument("--sides", default="baseline,align", help="baseline,align or one of them (the report's ratio "
                    "needs both)")
@@ -144,7 +144,7 @@ def main(argv=None) -> int:
                 "eagerly under its dispatch mode), so the reading would be the eager one")
     if s.child:
         if s.chunk_elements:
-            from align import heads
+            from align.modeling import heads
 
             heads.CHUNK_ELEMENTS = s.chunk_elements
         print("RESULT " + json.dumps(child(*s.child, s.seq, s.batch, s.steps, overrides, s.precision)), flush=True)

@@ -12,7 +12,7 @@ What it does:
      + score head) — either as fresh random LoRA adapters written by this script in align's stage-output layout
      (`--parents synthetic`, default: no training, no extra model load), or by running align's own SFT and reward
      stages for one step on a few rows (`--parents real`, needs trl + datasets);
-  3. runs align's PPO stage (`align.ppo.run`) for --steps steps, wrapping its `build_roles`, `rollout` and
+  3. runs align's PPO stage (`align.stages.ppo.run`) for --steps steps, wrapping its `build_roles`, `rollout` and
      `update` functions only to read CUDA memory around them;
   4. prints and writes bench results (JSON + markdown): device, versions, shape, parameters, peak memory
      (`torch.cuda.max_memory_allocated`), per-step generation / scoring / training seconds (align's own
@@ -83,8 +83,8 @@ def tokenizer_dir(work: Path, given: str | None) -> Path:
     out = work / "tokenizer"
     if (out / "tokenizer_config.json").is_file():
         return out
-    from align.config import ModelConfig
-    from align.models import resolve_model
+    from align.runtime.config import ModelConfig
+    from align.modeling.models import resolve_model
 
     src = resolve_model(ModelConfig()).path  # converts the embedded GGUF once (align's own cache)
     AutoTokenizer.from_pretrained(src).save_pretrained(out)
@@ -149,7 +149,7 @@ def _random_adapter(model_dir: Path, out: Path, lora, task: str, seed: int) -> N
     from peft import get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from align.models import peft_lora_config
+    from align.modeling.models import peft_lora_config
 
     config = AutoConfig.from_pretrained(model_dir)
     with torch.device("meta"):
@@ -183,10 +183,10 @@ def synthetic_parents(model_dir: Path, runs_dir: Path, tok_dir: Path, quantizati
     with random adapters: what `align ppo` reads of them, without training either."""
     from transformers import AutoTokenizer
 
-    from align.config import RewardConfig, SFTConfig, load_config, to_yaml
-    from align.heads import scoring_pad_id
-    from align.models import resolve_model
-    from align.runs import atomic_dir, atomic_write_json, atomic_write_text, json_hash, make_manifest
+    from align.runtime.config import RewardConfig, SFTConfig, load_config, to_yaml
+    from align.modeling.heads import scoring_pad_id
+    from align.modeling.models import resolve_model
+    from align.runtime.runs import atomic_dir, atomic_write_json, atomic_write_text, json_hash, make_manifest
 
     outs = []
     for stage, cls, task in (("sft", SFTConfig, "causal"), ("reward", RewardConfig, "score")):
@@ -215,8 +215,8 @@ def synthetic_parents(model_dir: Path, runs_dir: Path, tok_dir: Path, quantizati
 
 def real_parents(model_dir: Path, runs_dir: Path, work: Path) -> tuple[Path, Path]:
     """The SFT and reward runs made by align's own stages, one optimizer step each on 8 rows."""
-    from align import reward, sft
-    from align.config import RewardConfig, SFTConfig, load_config
+    from align.stages import reward, sft
+    from align.runtime.config import RewardConfig, SFTConfig, load_config
 
     rows = [{"prompt": f"What is {a} + {b}?", "chosen": f"{a} + {b} = {a + b}. The answer is {a + b}.",
              "rejected": f"Maybe {a * b}? I am not sure."} for a, b in zip(range(2, 10), range(3, 11))]
@@ -279,8 +279,8 @@ class Probe:
 
 
 def run_ppo(args, model_dir: Path, sft_dir: Path, rm_dir: Path, runs_dir: Path) -> tuple[dict, Probe, Path]:
-    from align import ppo
-    from align.config import PPOConfig, load_config
+    from align.stages import ppo
+    from align.runtime.config import PPOConfig, load_config
 
     overrides = [
         f"model.name_or_path={model_dir}", f"model.quantization={args.quantization}", f"runs_dir={runs_dir}",
@@ -312,8 +312,8 @@ def separate_models(model_dir: Path, sft_dir: Path, rm_dir: Path, quantization: 
     reward frozen), to compare with one base carrying four adapters."""
     from peft import PeftModel
 
-    from align.config import LoraConfig, ModelConfig
-    from align.models import attach_lora, load_base, lora_like
+    from align.runtime.config import LoraConfig, ModelConfig
+    from align.modeling.models import attach_lora, load_base, lora_like
 
     mcfg = ModelConfig(name_or_path=str(model_dir), quantization=quantization)
     quantized = quantization == "nf4"
@@ -345,7 +345,7 @@ def separate_models(model_dir: Path, sft_dir: Path, rm_dir: Path, quantization: 
 def diagnose_generation(roles, prep, n_prompts: int, max_new_tokens: int) -> list[dict]:
     """Where rollout time goes: the same sampled generation (align's sample_batch) with the policy adapter active
     (as a PPO rollout), with every adapter disabled (the NF4 base alone), and for one prompt."""
-    from align.generate import Sampling, sample_batch
+    from align.modeling.generate import Sampling, sample_batch
 
     rows = list(range(n_prompts))
     prompts = [prep.train.examples[i].prompt for i in rows]
@@ -491,8 +491,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
-    from align.config import ModelConfig
-    from align.models import resolve_quantization
+    from align.runtime.config import ModelConfig
+    from align.modeling.models import resolve_quantization
 
     quantization = resolve_quantization(ModelConfig(quantization=args.quantization))
     work = Path(args.work).resolve()
@@ -520,7 +520,7 @@ def main(argv=None) -> int:
     probe.prep = None
     one_base_check = None
     if roles is not None:
-        from align.roles import POLICY, REFERENCE, REWARD, VALUE
+        from align.modeling.roles import POLICY, REFERENCE, REWARD, VALUE
         names = set(roles.model.peft_config)
         one_base_check = {"adapters": sorted(names), "all_four_roles": {POLICY, REFERENCE, REWARD, VALUE} <= names,
                           "separate_reward_model": roles.separate_rm is not None}

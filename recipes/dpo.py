@@ -11,7 +11,7 @@ policy on held-out prompts, manifest). Reference log-probs are cached in runs/<r
 
 import sys
 
-from align.cli import recipe
+from align.cli.main import recipe
 
 if __name__ == "__main__":
     sys.exit(recipe("dpo", __file__))

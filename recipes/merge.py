@@ -8,7 +8,7 @@ Same as `align merge ...`; the logic is align/merge.py.
 
 import sys
 
-from align.cli import main
+from align.cli.main import main
 
 if __name__ == "__main__":
     sys.exit(main(["merge", *sys.argv[1:]]))

@@ -11,7 +11,7 @@ runs/<name>/v1, v2, ... each with report.md; `align runs` lists them, `align run
 import sys
 from pathlib import Path
 
-from align.cli import main
+from align.cli.main import main
 
 if __name__ == "__main__":
     args = sys.argv[1:]

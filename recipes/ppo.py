@@ -12,7 +12,7 @@ manifest). Interrupted runs resume from runs/<run>/ppo.work/checkpoint-*.
 
 import sys
 
-from align.cli import recipe
+from align.cli.main import recipe
 
 if __name__ == "__main__":
     sys.exit(recipe("ppo", __file__))

@@ -11,7 +11,7 @@ calibration and a score histogram, manifest). Score text with it: `align score -
 
 import sys
 
-from align.cli import recipe
+from align.cli.main import recipe
 
 if __name__ == "__main__":
     sys.exit(recipe("reward", __file__))

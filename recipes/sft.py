@@ -11,7 +11,7 @@ manifest). Run it again after an interruption and it resumes from the newest che
 
 import sys
 
-from align.cli import recipe
+from align.cli.main import recipe
 
 if __name__ == "__main__":
     sys.exit(recipe("sft", __file__))

@@ -18,15 +18,15 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="session")
 def embedded_dir() -> Path:
     """The embedded SmolLM2 model as a converted HF directory (converted once, then cached)."""
-    from align.config import ModelConfig
-    from align.models import resolve_model
+    from align.runtime.config import ModelConfig
+    from align.modeling.models import resolve_model
 
     return Path(resolve_model(ModelConfig()).path)
 
 
 @pytest.fixture(scope="session")
 def tokenizer(embedded_dir):
-    from align.models import load_tokenizer
+    from align.modeling.models import load_tokenizer
 
     return load_tokenizer(str(embedded_dir))
 
@@ -91,8 +91,8 @@ def reward_data_files(tmp_path_factory) -> tuple[Path, Path]:
 @pytest.fixture(scope="session")
 def tiny_reward_run(tmp_path_factory, tiny_model_dir, reward_data_files) -> Path:
     """A reward run on the tiny Llama, trained once per session (about 10 s)."""
-    from align import reward
-    from align.config import RewardConfig, load_config
+    from align.stages import reward
+    from align.runtime.config import RewardConfig, load_config
 
     tmp = tmp_path_factory.mktemp("rm")
     cfg = load_config(RewardConfig, None, reward_overrides(tmp, tiny_model_dir, *reward_data_files))
@@ -102,8 +102,8 @@ def tiny_reward_run(tmp_path_factory, tiny_model_dir, reward_data_files) -> Path
 @pytest.fixture(scope="session")
 def sft_run(tmp_path_factory, tiny_model_dir) -> Path:
     """A tiny SFT run (2 steps) for the stages that start from SFT."""
-    from align import sft
-    from align.config import SFTConfig, load_config
+    from align.stages import sft
+    from align.runtime.config import SFTConfig, load_config
 
     tmp = tmp_path_factory.mktemp("sft-run")
     data = write_jsonl(tmp / "sft.jsonl", [{"prompt": r["prompt"], "completion": r["chosen"]}
@@ -116,7 +116,7 @@ def sft_run(tmp_path_factory, tiny_model_dir) -> Path:
 
 def count_tiled_backwards(monkeypatch) -> list[int]:
     """Counts backward passes of the tiled MLP (training.mlp_tiles), so a test knows the option really ran."""
-    from align import tiled
+    from align.modeling import tiled
 
     calls = [0]
     real = tiled._TiledMLP.backward

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from align.advantages import (
+from align.rl.advantages import (
     KLController,
     RunningMoments,
     gae,
@@ -15,7 +15,7 @@ from align.advantages import (
     shaped_rewards,
     whiten,
 )
-from align.losses import entropy, ppo_policy_loss, ppo_value_loss, token_logps
+from align.rl.losses import entropy, ppo_policy_loss, ppo_value_loss, token_logps
 
 X = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
 MASK = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])

@@ -13,12 +13,12 @@ import time
 import pytest
 from conftest import write_jsonl
 
-from align.config import PPOConfig
-from align.data import load_sft_data, read_rows
-from align.errors import DataError
-from align.pairs import load_pair_data
-from align.ppo import prompt_loader
-from align.score import RewardModel, encode_rows, read_input
+from align.runtime.config import PPOConfig
+from align.data.rows import load_sft_data, read_rows
+from align.runtime.errors import DataError
+from align.data.pairs import load_pair_data
+from align.stages.ppo import prompt_loader
+from align.serving.score import RewardModel, encode_rows, read_input
 
 MAX_LENGTH = 128
 Q = "What is 2 + 3?"
@@ -364,7 +364,7 @@ def _corpus_file(path, stage: str) -> dict[int, tuple[str, str]]:
 
 
 def test_align_score_reports_every_bad_row_and_scores_the_rest(tiny_reward_run, tmp_path, capsys):
-    from align.cli import main
+    from align.cli.main import main
 
     src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     expected = _corpus_file(src, "score")
@@ -389,7 +389,7 @@ def test_align_score_reports_every_bad_row_and_scores_the_rest(tiny_reward_run, 
 
 @pytest.mark.parametrize("content", [b"", b"\n \n"], ids=["empty", "blank-lines"])
 def test_align_score_on_an_empty_file_says_so(tiny_reward_run, tmp_path, capsys, content):
-    from align.cli import main
+    from align.cli.main import main
 
     src = tmp_path / "in.jsonl"
     src.write_bytes(content)
@@ -404,8 +404,8 @@ def test_align_score_on_an_empty_file_says_so(tiny_reward_run, tmp_path, capsys,
 def client(tiny_reward_run):
     from starlette.testclient import TestClient
 
-    from align.score import load_reward_model
-    from align.serve import Limits, create_app
+    from align.serving.score import load_reward_model
+    from align.serving.serve import Limits, create_app
 
     rm = load_reward_model(tiny_reward_run, "cpu")
     return TestClient(create_app(rm, Limits(max_items=8, max_length=MAX_LENGTH, max_body_bytes=2**20)))
@@ -482,7 +482,7 @@ def _mixed(path, good_rows: list[dict], bad: list) -> list[int]:
 
 
 def _stage_cfg(kind: str, tmp_path, tiny_model_dir, data, *extra):
-    from align.config import RewardConfig, SFTConfig, load_config
+    from align.runtime.config import RewardConfig, SFTConfig, load_config
 
     cls = {"sft": SFTConfig, "pairs": RewardConfig}[kind]
     more = ["samples=0"] if kind == "sft" else []
@@ -501,7 +501,7 @@ def _good_rows(kind: str) -> list[dict]:
 
 
 def _stage_module(kind: str):
-    from align import reward, sft
+    from align.stages import reward, sft
 
     return {"sft": sft, "pairs": reward}[kind]
 
@@ -541,8 +541,8 @@ def test_too_many_bad_rows_stop_before_training_and_leave_no_output(tmp_path, ti
 
 def test_cutting_a_huge_sft_answer_before_tokenizing_changes_no_token(tokenizer, tmp_path):
     """The guard that spares tokenizing megabytes keeps exactly the tokens full tokenization keeps."""
-    from align.data import char_bound
-    from align.formatting import encode
+    from align.data.rows import char_bound
+    from align.modeling.formatting import encode
 
     answer = " ".join(f"step {i}: add {i} and {i + 1}." for i in range(8000))  # ~200k characters
     assert len(answer) > 2 * char_bound(tokenizer, MAX_LENGTH)

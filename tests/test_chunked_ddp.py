@@ -26,7 +26,7 @@ def lora_model(model_dir):
 def shard_grads(model, rows: slice) -> dict[str, torch.Tensor]:
     """Gradients of the summed answer log-probs of ROWS[rows], through the chunked path (the caller sets
     heads.CHUNK_ELEMENTS = 1: one token per chunk)."""
-    from align import heads
+    from align.modeling import heads
 
     ids, mask = heads.pad_batch(ROWS[rows], pad_id=0)
     labels = heads.answer_labels(ids, mask, PROMPT_LENS[rows])
@@ -39,7 +39,7 @@ def worker(rank: int, model_dir: str, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
-        from align import heads
+        from align.modeling import heads
 
         heads.CHUNK_ELEMENTS = 1  # this process only
         calls = []
@@ -56,7 +56,7 @@ def worker(rank: int, model_dir: str, init_file: str, out_dir: str) -> None:
 def test_chunked_logps_synchronise_gradients_under_ddp(tmp_path, tiny_model_dir, monkeypatch):
     import torch.multiprocessing as mp
 
-    from align import heads
+    from align.modeling import heads
 
     monkeypatch.setattr(heads, "CHUNK_ELEMENTS", 1)
     mp.spawn(worker, args=(str(tiny_model_dir), str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)

@@ -3,8 +3,8 @@
 import pytest
 from conftest import ROOT
 
-from align.config import SFTConfig, all_keys, describe, load_config, to_yaml
-from align.errors import ConfigError
+from align.runtime.config import SFTConfig, all_keys, describe, load_config, to_yaml
+from align.runtime.errors import ConfigError
 
 
 def test_yaml_then_overrides(tmp_path):

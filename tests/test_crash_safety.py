@@ -26,7 +26,7 @@ import torch
 from conftest import ROOT, chat, pair_rows, write_jsonl
 from safetensors.torch import load_file
 
-from align.stage import newest_checkpoint
+from align.stages.common import newest_checkpoint
 
 DRIVER = ROOT / "tests" / "faults" / "kill_during_save.py"
 KILLS = int(os.environ.get("ALIGN_FAULT_KILLS", "2"))  # random kills per stage, besides 2 targeted
@@ -283,7 +283,7 @@ def trainer_checkpoint(work: Path, step: int) -> Path:
 
 
 def test_a_checkpoint_counts_only_when_everything_a_resume_reads_is_whole(tmp_path):
-    from align.checkpoint import checkpoints
+    from align.runtime.checkpoint import checkpoints
 
     whole = trainer_checkpoint(tmp_path, 1)
     cut = trainer_checkpoint(tmp_path, 2)  # killed while its state (written last) was written
@@ -302,7 +302,7 @@ def test_a_checkpoint_counts_only_when_everything_a_resume_reads_is_whole(tmp_pa
 
 
 def test_ppo_checkpoints_rotate_without_leftovers_and_a_damaged_one_is_skipped(tmp_path):
-    from align.checkpoint import checkpoints, save_checkpoint
+    from align.runtime.checkpoint import checkpoints, save_checkpoint
 
     weight = torch.nn.Parameter(torch.ones(3))
     optimizer = torch.optim.AdamW([weight])
@@ -317,10 +317,10 @@ def test_ppo_checkpoints_rotate_without_leftovers_and_a_damaged_one_is_skipped(t
 
 
 def test_resuming_removes_half_written_checkpoints_and_dead_writers_files(tmp_path):
-    from align import runs
-    from align.config import SFTConfig, load_config
-    from align.errors import OutputError
-    from align.stage import StagePaths, prepare_output
+    from align.runtime import runs
+    from align.runtime.config import SFTConfig, load_config
+    from align.runtime.errors import OutputError
+    from align.stages.common import StagePaths, prepare_output
 
     cfg = load_config(SFTConfig, None, [f"runs_dir={tmp_path}", "run=t"])
     paths = StagePaths.of(cfg, "sft")
@@ -343,7 +343,7 @@ def test_resuming_removes_half_written_checkpoints_and_dead_writers_files(tmp_pa
 
 
 def test_atomic_dir_clears_what_killed_writers_of_the_same_name_left(tmp_path):
-    from align import runs
+    from align.runtime import runs
 
     dead, live, host = dead_pid(), os.getppid(), runs._HOST
     stale = [tmp_path / f".out.{host}-{dead}.abcd_123.tmp", tmp_path / f".out.{host}-{dead}.1700000000.old"]

@@ -5,8 +5,8 @@ import json
 import pytest
 from conftest import chat, write_jsonl
 
-from align.data import check_reject_share, data_hash, load_sft_data, read_rows, write_rejects
-from align.errors import DataError
+from align.data.rows import check_reject_share, data_hash, load_sft_data, read_rows, write_rejects
+from align.runtime.errors import DataError
 
 GOOD = chat("What is 1 + 1?", "1 + 1 = 2. The answer is 2.")
 

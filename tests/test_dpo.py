@@ -9,8 +9,8 @@ import torch
 from conftest import ROOT, write_jsonl
 from safetensors.torch import load_file
 
-from align import dpo
-from align.config import DPOConfig, load_config
+from align.stages import dpo
+from align.runtime.config import DPOConfig, load_config
 
 
 def make_cfg(tmp_path, tiny_model_dir, reward_data_files, *overrides):
@@ -135,8 +135,8 @@ def test_nf4_base_with_checkpointing_trains_the_policy(tmp_path, tiny_model_dir,
 def test_sampled_kl_is_zero_against_itself_and_leaves_the_rng_alone(sft_run):
     import contextlib
 
-    from align.trained import load_policy
-    from align.winrate import sampled_kl
+    from align.serving.trained import load_policy
+    from align.evaluation.winrate import sampled_kl
 
     model, tok, _ = load_policy(sft_run, "cpu")
     prompts = [[{"role": "user", "content": f"What is {a} + 2?"}] for a in range(3)]
@@ -172,7 +172,7 @@ def test_reference_pass_batches_by_length_and_returns_data_order(tiny_model_dir,
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from align.pairs import EncodedPair
+    from align.data.pairs import EncodedPair
 
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
                            LoraConfig(r=2, target_modules=["q_proj"]))  # the reference: the base, adapters off

@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import write_jsonl
 
-from align.evaluate import length_controlled_win_rate, perplexity, text_overlap, win_rate
+from align.evaluation.evaluate import length_controlled_win_rate, perplexity, text_overlap, win_rate
 
 
 def test_win_rate_counts_a_tie_as_half():
@@ -17,7 +17,7 @@ def test_win_rate_counts_a_tie_as_half():
 
 
 def test_win_statistics_by_hand():
-    from align.winrate import win_statistics
+    from align.evaluation.winrate import win_statistics
 
     # 3 wins, 0 losses, 1 tie: outcomes 1, 1, 1, 0.5 → mean 0.875; sample variance (3 × 0.125² + 0.375²) / 3
     # = 0.0625, SE = sqrt(0.0625 / 4) = 0.125, half-width 1.96 × 0.125 = 0.245 → [0.63, 1.0] (capped at 1);

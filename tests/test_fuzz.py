@@ -19,8 +19,8 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from align.config import PPOConfig
-from align.data import (
+from align.runtime.config import PPOConfig
+from align.data.rows import (
     RowError,
     check_reject_share,
     jsonl_rows,
@@ -29,10 +29,10 @@ from align.data import (
     read_rows,
     write_rejects,
 )
-from align.errors import DataError
-from align.pairs import load_pair_data, parse_pair, row_margin
-from align.ppo import prompt_loader
-from align.score import RewardModel, encode_rows, parse_score_row, read_input
+from align.runtime.errors import DataError
+from align.data.pairs import load_pair_data, parse_pair, row_margin
+from align.stages.ppo import prompt_loader
+from align.serving.score import RewardModel, encode_rows, parse_score_row, read_input
 
 LONG_RUN = os.environ.get("ALIGN_FUZZ_EXAMPLES")
 COUNTS: dict[str, int] = {}
@@ -264,8 +264,8 @@ def test_sft_and_pair_loaders_take_any_file_and_write_their_rejects(tokenizer, s
 def client(tiny_reward_run):
     from starlette.testclient import TestClient
 
-    from align.score import load_reward_model
-    from align.serve import Limits, create_app
+    from align.serving.score import load_reward_model
+    from align.serving.serve import Limits, create_app
 
     rm = load_reward_model(tiny_reward_run, "cpu")
     return TestClient(create_app(rm, Limits(max_items=4, max_length=128, max_body_bytes=64 * 1024)))

@@ -6,7 +6,7 @@ import json
 import pytest
 from conftest import ROOT
 
-from align.pairs import parse_pair
+from align.data.pairs import parse_pair
 
 
 def _judge():

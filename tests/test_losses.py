@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from align.losses import dpo_loss, expected_calibration_error, last_token_index, pairwise_reward_loss, sequence_logps
+from align.rl.losses import dpo_loss, expected_calibration_error, last_token_index, pairwise_reward_loss, sequence_logps
 
 
 def test_pairwise_loss_by_hand():
@@ -136,7 +136,7 @@ def test_chunked_answer_logps_equal_the_plain_path_with_gradients(tiny_model_dir
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from align import heads
+    from align.modeling import heads
 
     torch.manual_seed(0)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),

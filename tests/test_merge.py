@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from align import merge as merging
-from align.errors import OutputError
+from align.serving import merge as merging
+from align.runtime.errors import OutputError
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,7 @@ def test_merged_policy_matches_the_adapter_and_loads_with_plain_transformers(mer
 
 
 def test_reward_merge_keeps_the_head_and_scores_like_the_adapter(tmp_path, tiny_reward_run, reward_data_files):
-    from align.score import load_reward_model, score_rows
+    from align.serving.score import load_reward_model, score_rows
 
     out = tmp_path / "rm"
     summary = merging.merge(str(tiny_reward_run), str(out))
@@ -119,8 +119,8 @@ def test_half_precision_merge_is_held_to_the_precision_s_own_drift(tmp_path, sft
 def test_an_adapter_trained_on_nf4_reports_its_drift_from_the_4bit_model(tmp_path, tiny_model_dir):
     from conftest import pair_rows, write_jsonl
 
-    from align import sft
-    from align.config import SFTConfig, load_config
+    from align.stages import sft
+    from align.runtime.config import SFTConfig, load_config
 
     data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": r["prompt"], "completion": r["chosen"]}
                                               for r in pair_rows([(2, 3), (4, 5)])])

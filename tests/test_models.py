@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from align import models
-from align.config import LoraConfig, ModelConfig
-from align.errors import ModelError
-from align.generate import answer
+from align.modeling import models
+from align.runtime.config import LoraConfig, ModelConfig
+from align.runtime.errors import ModelError
+from align.modeling.generate import answer
 
 
 def test_auto_quantization_is_nf4_on_cuda_and_none_on_cpu(monkeypatch):

@@ -8,11 +8,11 @@ import pytest
 import torch
 from conftest import write_jsonl
 
-from align import onpolicy
-from align.errors import ConfigError, OutputError
-from align.generate import Sampling, answer, sample_batch
-from align.pairs import load_pair_data
-from align.trained import load_policy
+from align.stages import onpolicy
+from align.runtime.errors import ConfigError, OutputError
+from align.modeling.generate import Sampling, answer, sample_batch
+from align.data.pairs import load_pair_data
+from align.serving.trained import load_policy
 
 PROMPTS = [[{"role": "user", "content": "What is 2 + 3? Answer with care and show the working."}],
            [{"role": "user", "content": "What is 4 + 4?"}]]
@@ -107,7 +107,7 @@ def test_cli_argument_errors(tmp_path, sft_run, args, message):
 
 
 def test_a_reward_model_can_judge_the_answers(tmp_path, sft_run, tiny_reward_run, tokenizer, monkeypatch):
-    from align.score import ScoreRow, load_reward_model
+    from align.serving.score import ScoreRow, load_reward_model
 
     monkeypatch.setattr(onpolicy, "sample_batch", _canned(tokenizer.eos_token_id))
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "What is 2 + 3?"}, {"prompt": "What is 7 + 1?"}])

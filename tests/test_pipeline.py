@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 from conftest import EVAL_NUMBERS, pair_rows, write_jsonl
 
-from align import pipeline
-from align.cli import main
-from align.errors import ConfigError
-from align.pipeline import load_pipeline, run, stage_config
-from align.versions import Home
+from align.loop import pipeline
+from align.cli.main import main
+from align.runtime.errors import ConfigError
+from align.loop.pipeline import load_pipeline, run, stage_config
+from align.loop.versions import Home
 
 PROMPTS = Path(__file__).resolve().parent.parent / "reward_data" / "prefs" / "prompts.jsonl"
 
@@ -188,7 +188,7 @@ def test_runs_lists_versions_and_shows_one_with_its_lineage(loop, capsys):
 
 
 def test_a_pipeline_directory_stands_for_its_champion(loop):
-    from align.trained import champion_or
+    from align.serving.trained import champion_or
 
     home = loop["home"]
     assert champion_or(home.root) == Path(home.champion()["path"])

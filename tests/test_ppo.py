@@ -12,9 +12,9 @@ import torch
 from conftest import ROOT, count_tiled_backwards, pair_rows, write_jsonl
 from safetensors.torch import load_file
 
-from align import ppo, reward, sft
-from align.config import PPOConfig, RewardConfig, SFTConfig, load_config
-from align.roles import POLICY, REFERENCE, REWARD, VALUE, Roles
+from align.stages import ppo, reward, sft
+from align.runtime.config import PPOConfig, RewardConfig, SFTConfig, load_config
+from align.modeling.roles import POLICY, REFERENCE, REWARD, VALUE, Roles
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +90,7 @@ def test_reward_rises_on_a_programmatic_reward_with_kl_below_the_ceiling(tmp_pat
 
 
 def test_one_base_holds_all_four_roles_and_the_reward_role_scores_like_the_reward_model(tmp_path, peaky):
-    from align.score import load_reward_model
+    from align.serving.score import load_reward_model
 
     prep = ppo.setup(make_cfg(tmp_path, peaky))
     roles = ppo.build_roles(prep)
@@ -135,7 +135,7 @@ def test_a_nan_reward_skips_the_step_and_a_run_of_them_stops_training(tmp_path, 
         return scores
 
     monkeypatch.setattr(Roles, "rewards", sometimes_nan)
-    caplog.set_level(logging.ERROR, logger="align.ppo")
+    caplog.set_level(logging.ERROR, logger="align.stages.ppo")
     with pytest.raises(ppo.TrainingStopped, match="3 PPO steps in a row failed on non-finite"):
         ppo.run(make_cfg(tmp_path, peaky, "training.max_steps=10"))
     skipped = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
@@ -180,7 +180,7 @@ def test_resume_continues_the_same_trajectory(tmp_path, peaky, monkeypatch):
 
 
 def test_setup_errors_name_the_fix(tmp_path, peaky):
-    from align.errors import ConfigError, ModelError
+    from align.runtime.errors import ConfigError, ModelError
 
     with pytest.raises(ConfigError, match="reward_model= is required"):
         ppo.setup(make_cfg(tmp_path, peaky, "reward_model="))
@@ -224,7 +224,7 @@ def test_nf4_base_with_checkpointing_runs_all_roles(tmp_path, peaky, monkeypatch
 
 
 def test_a_reward_model_on_another_base_is_loaded_separately_and_said_so(tmp_path, peaky, tiny_reward_run, caplog):
-    caplog.set_level(logging.WARNING, logger="align.ppo")
+    caplog.set_level(logging.WARNING, logger="align.stages.ppo")
     cfg = make_cfg(tmp_path, peaky, f"reward_model={tiny_reward_run}", "training.max_steps=2")
     prep = ppo.setup(cfg)
     roles = ppo.build_roles(prep)
@@ -234,7 +234,7 @@ def test_a_reward_model_on_another_base_is_loaded_separately_and_said_so(tmp_pat
     batch, r = ppo.rollout(roles, prep, [0, 1])
     assert r["scores"].shape == (2,) and torch.isfinite(r["scores"]).all()
     # the separate reward model scores the decoded answers exactly as `align score` would
-    from align.score import ScoreRow
+    from align.serving.score import ScoreRow
     seqs = []
     for prompt, text in zip(r["prompts"], r["texts"]):
         seqs += roles.separate_rm.encode(ScoreRow(prompt, [[{"role": "assistant", "content": text or " "}]]))

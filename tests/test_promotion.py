@@ -2,9 +2,9 @@
 
 import pytest
 
-from align.pipeline_steps import promote
-from align.promotion import PromotionRule, check, decide, judged_rate
-from align.versions import Home
+from align.loop.steps import promote
+from align.evaluation.promotion import PromotionRule, check, decide, judged_rate
+from align.loop.versions import Home
 
 
 def report(gold=None, rm=None, kl=0.1, gold_lc=None, rm_lc=None):

@@ -6,9 +6,9 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from align.models import adapter_role
-from align.recompute import checkpoint_follows_adapters
-from align.tiled import tile_mlps
+from align.modeling.models import adapter_role
+from align.modeling.recompute import checkpoint_follows_adapters
+from align.modeling.tiled import tile_mlps
 
 ROLES = ("default", "value")
 

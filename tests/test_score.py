@@ -8,8 +8,8 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import write_jsonl
 
-from align.data import RowError
-from align.score import load_reward_model, parse_score_row, read_input, score_rows, summarize
+from align.data.rows import RowError
+from align.serving.score import load_reward_model, parse_score_row, read_input, score_rows, summarize
 
 
 def run_cli(*args, stdin=None, cwd=None):

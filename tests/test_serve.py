@@ -12,9 +12,9 @@ import urllib.request
 
 import pytest
 
-from align.errors import ConfigError
-from align.score import load_reward_model, score_rows
-from align.serve import Limits, check_bind, make_server
+from align.runtime.errors import ConfigError
+from align.serving.score import load_reward_model, score_rows
+from align.serving.serve import Limits, check_bind, make_server
 
 ITEM = {"prompt": "What is 2 + 3?", "response": "2 + 3 = 5. The answer is 5."}
 PAIR = {"prompt": "What is 2 + 3?", "chosen": "The answer is 5.", "rejected": "Maybe 9? Not sure."}

@@ -9,10 +9,10 @@ import torch
 from conftest import chat, write_jsonl
 from transformers import TrainerCallback
 
-from align import sft
-from align.config import SFTConfig, load_config
-from align.errors import DataError, OutputError
-from align.stage import prepare_output
+from align.stages import sft
+from align.runtime.config import SFTConfig, load_config
+from align.runtime.errors import DataError, OutputError
+from align.stages.common import prepare_output
 
 PAIRS = [chat(f"What is {a} + {b}?", f"{a} + {b} = {a + b}. The answer is {a + b}.")
          for a in range(2, 6) for b in (3, 7)]

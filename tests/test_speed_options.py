@@ -7,8 +7,8 @@ import pytest
 from conftest import chat, count_tiled_backwards, pair_rows, write_jsonl
 from safetensors.torch import load_file
 
-from align import dpo, sft
-from align.config import DPOConfig, SFTConfig, load_config
+from align.stages import dpo, sft
+from align.runtime.config import DPOConfig, SFTConfig, load_config
 
 
 def losses(out) -> list[float]:
@@ -66,7 +66,7 @@ def test_packed_answer_logps_equal_padded_ones(tiny_model_dir, reward_data_files
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from align.pairs import pair_loader
+    from align.data.pairs import pair_loader
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
@@ -111,8 +111,8 @@ def test_packed_answer_logps_chunked_equal_unchunked(tiny_model_dir, reward_data
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from align import heads
-    from align.pairs import pair_loader
+    from align.modeling import heads
+    from align.data.pairs import pair_loader
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
@@ -137,7 +137,7 @@ def test_4bit_base_without_upcast_keeps_bf16_weights_and_the_loss(tmp_path, tiny
     rounding of the upcast one."""
     import torch
 
-    from align import models
+    from align.modeling import models
 
     dtypes = {}
     real = models.attach_lora
@@ -187,8 +187,8 @@ def reward_and_dpo_both_ways(tmp_path, tiny_model_dir, reward_data_files, sft_ru
                              ran) -> None:
     """The reward model and DPO, each run with `option` at both `values` (the plain one first), end with the same
     losses and adapter; `ran()` counts what only the option does, and must move exactly in the second run."""
-    from align import reward
-    from align.config import RewardConfig
+    from align.stages import reward
+    from align.runtime.config import RewardConfig
 
     common = [f"model.name_or_path={tiny_model_dir}", f"data.train={reward_data_files[0]}",
               f"data.eval={reward_data_files[1]}", "data.eval_limit=8", "training.learning_rate=5e-3",
@@ -216,9 +216,11 @@ def test_compile_refused_where_it_cannot_work(tmp_path, monkeypatch):
     compiler to install instead of failing in the first step."""
     import torch
 
-    from align import compiled, ppo
-    from align.config import PPOConfig
-    from align.errors import ConfigError
+    from align.modeling import compiled
+
+    from align.stages import ppo
+    from align.runtime.config import PPOConfig
+    from align.runtime.errors import ConfigError
 
     cfg = load_config(PPOConfig, None, [f"runs_dir={tmp_path}", "training.compile=true", "reward_model=x"])
     with pytest.raises(ConfigError, match="training.compile=true is for SFT, reward and DPO"):
@@ -235,7 +237,7 @@ def test_tiled_mlp_replays_its_dropout_and_gives_each_weight_one_gradient():
     accumulated once per backward (as DistributedDataParallel expects), not once per tile."""
     import torch
 
-    from align.tiled import _TiledMLP
+    from align.modeling.tiled import _TiledMLP
 
     torch.manual_seed(0)
     up, down, drop = torch.nn.Linear(8, 32), torch.nn.Linear(32, 8), torch.nn.Dropout(0.5)
@@ -287,7 +289,7 @@ def test_reward_and_dpo_tiled_mlp_keep_the_loss(tmp_path, tiny_model_dir, reward
 
 
 def test_tiled_mlp_and_compile_are_refused_together(tmp_path, tiny_model_dir):
-    from align.errors import ConfigError
+    from align.runtime.errors import ConfigError
 
     cfg = sft_config(tmp_path, tiny_model_dir, tmp_path / "x.jsonl", "training.compile=true",
                      "training.mlp_tiles=4")
@@ -300,8 +302,8 @@ def test_tiled_mlp_refuses_an_mlp_that_returns_more_than_a_tensor(tiny_model_dir
     import torch
     from transformers import AutoModelForCausalLM
 
-    from align.errors import ModelError
-    from align.tiled import tile_mlps
+    from align.runtime.errors import ModelError
+    from align.modeling.tiled import tile_mlps
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     for layer in model.model.layers:

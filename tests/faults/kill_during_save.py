@@ -40,7 +40,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from align.runs import _HOST  # (light: no torch)
+from align.runtime.runs import _HOST  # (light: no torch)
 
 
 def normalise(rel: str) -> str:
@@ -223,7 +223,7 @@ def preload() -> None:
     import trl  # noqa: F401
     from trl import RewardTrainer, SFTTrainer  # noqa: F401
 
-    from align import dpo, ppo, reward, sft  # noqa: F401
+    from align.stages import dpo, ppo, reward, sft  # noqa: F401
 
 
 def run(spec_path: str) -> None:
@@ -236,8 +236,8 @@ def run(spec_path: str) -> None:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(name)s: %(message)s")
     logging.getLogger("align").setLevel(logging.INFO)  # "resuming from ..." says which checkpoint a run read
     preload()
-    from align import dpo, ppo, reward, sft
-    from align.config import DPOConfig, PPOConfig, RewardConfig, SFTConfig, load_config
+    from align.stages import dpo, ppo, reward, sft
+    from align.runtime.config import DPOConfig, PPOConfig, RewardConfig, SFTConfig, load_config
 
     stages = {"sft": (sft, SFTConfig), "reward": (reward, RewardConfig), "dpo": (dpo, DPOConfig),
               "ppo": (ppo, PPOConfig)}

@@ -1,0 +1,7 @@
+"""`python -m align.cli ...` is `align ...`."""
+
+import sys
+
+from align.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,80 @@
+"""The promotion rule: does a newly trained policy replace the champion? Pure: evaluation reports in, decision out.
+
+A candidate passes when its win-rate against the baseline (the champion, or SFT on the first round) is above
+50% by a margin — judged by the gold judge when the prompts have gold answers, else by the reward model — and
+its KL to the reference it trained against is within budget (a policy that won by drifting far is not trusted).
+Of the candidates that pass, the one with the highest win-rate is promoted. The decision says why, in words.
+"""
+
+from __future__ import annotations
+
+import typing
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from align.runtime.config import opt
+
+
+@dataclass
+class PromotionRule:
+    judge: Literal["auto", "gold", "reward_model"] = opt(
+        "auto", "who judges the win-rate: gold (the gold judge; needs prompts with gold answers), reward_model, or "
+        "auto = gold when the prompts have gold answers, else the reward model")
+    metric: Literal["win_rate", "lc_win_rate"] = opt(
+        "win_rate", "win_rate, or lc_win_rate (length-controlled: longer answers do not win by length alone)")
+    margin: float = opt(0.02, "promote only when the win-rate is above 0.5 + margin", lambda v: 0 <= v < 0.5,
+                        "must be in [0, 0.5)")
+    max_kl: float | None = opt(2.0, "KL budget: a candidate whose KL to its reference (nats per answer) is above "
+                               "this is not promoted; empty = no budget", lambda v: v is None or v > 0,
+                               "must be > 0 or empty")
+    max_p: float | None = opt(None, "promote only when the judge's sign test says the win is unlikely to be chance: "
+                              "p-value at most this (e.g. 0.05; needs enough prompts: with 32, even 5 wins to 1 loss "
+                              "gives p = 0.22); empty = no test", lambda v: v is None or 0 < v <= 1,
+                              "must be in (0, 1] or empty")
+
+
+def judged_rate(report: dict[str, Any], rule: PromotionRule) -> tuple[str, float | None]:
+    """(report key, value) of the win-rate the rule reads from an evaluation report."""
+    judge = rule.judge
+    if judge == "auto":
+        judge = "gold" if report.get("gold_win_rate") is not None else "reward_model"
+    prefix = "gold" if judge == "gold" else "rm"
+    key = f"{prefix}_win_rate" if rule.metric == "win_rate" else f"{prefix}_lc_win_rate"
+    return key, report.get(key)
+
+
+def check(report: dict[str, Any], rule: PromotionRule) -> dict[str, Any]:
+    """One candidate against the rule: the numbers read and, when it fails, each reason."""
+    key, rate = judged_rate(report, rule)
+    kl = report.get("kl_to_reference")
+    why_not = []
+    if rate is None:
+        missing = "gold answers" if key.startswith("gold") else "reward model"
+        why_not.append(f"no {key} in its evaluation (no {missing})")
+    elif rate <= 0.5 + rule.margin:
+        why_not.append(f"{key} {rate:.3f} is not above 0.5 + margin {rule.margin:g}")
+    if rule.max_p is not None and rate is not None:
+        p = report.get(f"{key.split('_')[0]}_sign_test_p")
+        if p is None or p > rule.max_p:
+            why_not.append(f"its sign test p = {'unknown' if p is None else f'{p:.2g}'} is over max_p {rule.max_p:g}")
+    if rule.max_kl is not None and kl is not None and kl > rule.max_kl:
+        why_not.append(f"KL to its reference {kl:.3f} is over the budget {rule.max_kl:g}")
+    return {"metric": key, "value": rate, "kl_to_reference": kl, "passed": not why_not, "why_not": why_not}
+
+
+def decide(reports: dict[str, dict[str, Any]], rule: PromotionRule, baseline: str) -> dict[str, Any]:
+    """{promote: candidate name or None, reason: a sentence, checks: per candidate} for reports against `baseline`."""
+    checks = {name: check(report, rule) for name, report in reports.items()}
+    passed = [name for name, c in checks.items() if c["passed"]]
+    if not passed:
+        if not checks:
+            return {"promote": None, "reason": "no new policy was trained in this version", "checks": checks}
+        reasons = "; ".join(f"{name}: {', '.join(c['why_not'])}" for name, c in checks.items())
+        return {"promote": None, "reason": f"nothing beats {baseline}: {reasons}", "checks": checks}
+    best = max(passed, key=lambda name: typing.cast(float, checks[name]["value"]))
+    c = checks[best]
+    kl = "not measured" if c["kl_to_reference"] is None else f"{c['kl_to_reference']:.3f}"
+    budget = "no budget" if rule.max_kl is None else f"budget {rule.max_kl:g}"
+    return {"promote": best, "checks": checks,
+            "reason": f"{best} beats {baseline}: {c['metric']} {c['value']:.3f} > 0.5 + margin {rule.margin:g}; "
+                      f"KL to its reference {kl} ({budget})"}

@@ -1,0 +1,303 @@
+"""The whole loop as one command: SFT → reward model → DPO and/or PPO → evaluation → promotion → merge → report.
+
+    align run recipes/configs/pipeline.yaml               # the embedded model, offline
+    align run recipes/configs/pipeline.yaml --from dpo    # DPO and everything after it again
+    align run recipes/configs/pipeline.yaml data.preferences=reward_data/prefs/train.jsonl,new-pairs.jsonl
+
+A stage is skipped when its inputs — its resolved config, the content of its data, the base model, and the
+artifacts it starts from — are those of an artifact this pipeline already made. A run that trains anything is a
+new version vN (align/versions.py); a failed stage stops the run with its error, and the next run continues the
+same version from there (the failed stage from its newest checkpoint).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from align.runtime.config import (
+    STAGES,
+    ModelConfig,
+    StageConfig,
+    _apply_override,
+    _nearest,
+    _read_yaml,
+    all_keys,
+    build,
+    opt,
+    to_dict,
+)
+from align.runtime.errors import ConfigError
+from align.evaluation.promotion import PromotionRule
+from align.runtime.runs import json_hash
+from align.loop.versions import Home, now
+
+log = logging.getLogger(__name__)
+
+STAGE_ORDER = ("sft", "reward", "dpo", "ppo")
+STEPS = (*STAGE_ORDER, "evaluate", "merge")
+POLICIES = ("dpo", "ppo")
+# what each stage starts from (its key includes theirs, so a changed SFT retrains everything after it)
+PARENTS = {"sft": (), "reward": ("sft",), "dpo": ("sft",), "ppo": ("sft", "reward")}
+
+
+@dataclass
+class PipelineData:
+    sft: str = opt("reward_data/sft/train.jsonl", "SFT examples (chat, prompt/completion or text rows)")
+    sft_eval: str | None = opt("reward_data/sft/eval.jsonl", "held-out SFT examples: SFT's eval loss, and perplexity "
+                               "and BLEU/ROUGE-L in the evaluation; empty = none")
+    preferences: str = opt("reward_data/prefs/train.jsonl", "preference pairs for the reward model and DPO (and "
+                           "PPO's prompts); several files comma-separated, e.g. old.jsonl,new.jsonl")
+    preferences_eval: str | None = opt("reward_data/prefs/eval.jsonl", "held-out pairs: reward-model accuracy and "
+                                       "calibration, DPO's eval loss; empty = none")
+    prompts: str | None = opt(None, "PPO's training prompts; empty = the prompts of `preferences`")
+    eval_prompts: str = opt("reward_data/prefs/prompts.jsonl", "held-out prompts the evaluation answers; rows with "
+                            "an integer 'answer' are also judged by the gold judge")
+
+
+@dataclass
+class EvalSection:
+    limit: int = opt(64, "held-out prompts (and SFT rows) used by the evaluation", lambda v: v >= 1, "must be >= 1")
+    max_new_tokens: int = opt(64, "longest answer generated in the evaluation", lambda v: v >= 1, "must be >= 1")
+    device: str = opt("auto", "auto (CUDA if present), cpu, cuda or cuda:N")
+
+
+@dataclass
+class MergeSection:
+    enabled: bool = opt(True, "merge a newly promoted champion into a plain model directory (vN/merged)")
+    dtype: Literal["fp32", "bf16", "fp16"] = opt("fp32", "dtype of the merged weights")
+
+
+@dataclass
+class PipelineSettings:
+    name: str = opt("demo", "pipeline name: versions go to <runs_dir>/<name>/v1, v2, ...",
+                    lambda v: bool(v) and "/" not in v and v not in {".", ".."}, "must be a name without '/'")
+    runs_dir: str = opt("runs", "directory holding all runs")
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "the base model of every stage"})
+    data: PipelineData = field(default_factory=PipelineData, metadata={"help": "data of every stage"})
+    evaluate: EvalSection = field(default_factory=EvalSection, metadata={"help": "evaluation of new policies"})
+    promotion: PromotionRule = field(default_factory=PromotionRule, metadata={"help": "when a policy is promoted"})
+    merge: MergeSection = field(default_factory=MergeSection, metadata={"help": "merging the new champion"})
+
+
+@dataclass
+class StagePlan:
+    enabled: bool
+    config: str | None  # the stage's own YAML; the pipeline's keys and the pipeline-set ones win over it
+    raw: dict[str, Any]
+
+
+@dataclass
+class Pipeline:
+    settings: PipelineSettings
+    stages: dict[str, StagePlan]
+
+    @property
+    def home(self) -> Home:
+        return Home(Path(self.settings.runs_dir) / self.settings.name)
+
+    def enabled(self) -> list[str]:
+        return [s for s in STAGE_ORDER if self.stages[s].enabled]
+
+
+# ---------------------------------------------------------------------------------------------- config
+
+
+def load_pipeline(path: str | Path | None, overrides: list[str] = ()) -> Pipeline:
+    """The pipeline YAML + dotted overrides (`dpo.beta=0.25` reaches into a stage), checked before anything runs."""
+    raw = _read_yaml(Path(path)) if path else {}
+    stage_raw = {}
+    for stage in STAGE_ORDER:
+        section = raw.pop(stage, None) or {}
+        if not isinstance(section, dict):
+            raise ConfigError(f"'{stage}' must be a mapping of keys (enabled, config, or {stage} stage keys)")
+        stage_raw[stage] = copy.deepcopy(section)
+    for item in overrides:
+        head, _, rest = item.partition(".")
+        if head in STAGE_ORDER and rest:
+            key, _, text = rest.partition("=")
+            if key.strip() in ("enabled", "config"):
+                stage_raw[head][key.strip()] = yaml.safe_load(text) if text.strip() else None
+            else:
+                full = f"{head}.{key.strip()}"
+                if key.strip() not in all_keys(STAGES[head]):
+                    known = [f"{head}.{k}" for k in ("enabled", "config", *all_keys(STAGES[head]))]
+                    raise ConfigError(f"unknown config key '{full}'{_nearest(full, known)}")
+                _apply_override(stage_raw[head], rest, STAGES[head])
+        else:
+            _apply_override(raw, item, PipelineSettings)
+    settings = build(PipelineSettings, raw)
+    plans = {}
+    for stage, section in stage_raw.items():
+        enabled = section.pop("enabled", True)
+        config = section.pop("config", None)
+        if not isinstance(enabled, bool):
+            raise ConfigError(f"config key '{stage}.enabled' = {enabled!r}: expected true/false")
+        if config is not None:
+            config = _stage_yaml(stage, config, path)
+        plans[stage] = StagePlan(enabled, config, section)
+    pipeline = Pipeline(settings, plans)
+    _check(pipeline)
+    return pipeline
+
+
+def _stage_yaml(stage: str, config: Any, pipeline_file: str | Path | None) -> str:
+    """A stage's YAML as given, or relative to the pipeline file."""
+    if isinstance(config, str):
+        for candidate in (Path(config), Path(pipeline_file or ".").parent / config):
+            if candidate.is_file():
+                return str(candidate)
+    raise ConfigError(f"config key '{stage}.config' = {config!r}: no such stage config file (paths are taken as "
+                      "given, then relative to the pipeline file)")
+
+
+def _check(p: Pipeline) -> None:
+    enabled = p.enabled()
+    if not enabled:
+        raise ConfigError("every stage is disabled; enable at least sft, dpo or ppo")
+    if "ppo" in enabled and "reward" not in enabled:
+        raise ConfigError("ppo needs the reward stage (its reward model scores the rollouts): set reward.enabled=true "
+                          "or ppo.enabled=false")
+    placeholders = {q: Path("<parent>") for q in STAGE_ORDER}
+    for stage in enabled:  # a typo or bad value in any stage fails now, not after an hour of SFT
+        stage_config(p, stage, "v0", placeholders)
+
+
+def _merge_into(target: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(target.get(key), dict):
+            _merge_into(target[key], value)
+        else:
+            target[key] = copy.deepcopy(value)
+    return target
+
+
+def stage_config(p: Pipeline, stage: str, version: str, parents: dict[str, Path]) -> StageConfig:
+    """The stage's config: its own YAML, then the pipeline's data for it, then the pipeline file's keys for the
+    stage (so `dpo: {data: {eval: null}}` wins over the pipeline's data), then what only the pipeline decides: run
+    directory, base model, parent artifacts. DPO/PPO's own win-rate is off: the evaluation step judges every new
+    policy against the champion instead."""
+    plan, s = p.stages[stage], p.settings
+    raw = _read_yaml(Path(plan.config)) if plan.config else {}
+    d = s.data
+    data = {"sft": {"train": d.sft, "eval": d.sft_eval}, "ppo": {"train": d.prompts or d.preferences, "eval": None}
+            }.get(stage, {"train": d.preferences, "eval": d.preferences_eval})
+    _merge_into(raw, {"data": data})
+    _merge_into(raw, plan.raw)
+    forced: dict[str, Any] = {"run": version, "runs_dir": str(p.home.root), "model": to_dict(s.model)}
+    if stage != "sft":
+        forced["init_from_sft"] = str(parents["sft"]) if "sft" in parents else None
+    if stage == "ppo":
+        forced["reward_model"] = str(parents["reward"])
+    if stage in POLICIES:
+        forced["eval_prompts"] = None
+    return build(STAGES[stage], _merge_into(raw, forced), prefix=f"{stage}.")
+
+
+def stage_key(stage: str, cfg: StageConfig, parent_keys: dict[str, str], base_model: dict[str, Any]) -> str:
+    """What a stage's artifact is made from. Paths that differ between versions (run dir, parents) are left out;
+    data enter by content, parents by their own keys."""
+    from align.data.rows import data_hash
+
+    d = to_dict(cfg)
+    for name in ("run", "runs_dir", "overwrite", "resume", "init_from_sft", "reward_model"):
+        d.pop(name, None)
+    d["data"]["train"] = data_hash(cfg.data.train)
+    d["data"]["eval"] = data_hash(cfg.data.eval) if cfg.data.eval else None
+    return json_hash({"stage": stage, "config": d, "parents": parent_keys, "base_model": base_model})
+
+
+# ---------------------------------------------------------------------------------------------- running
+
+
+def _stage_runner(stage: str):
+    from align.stages import dpo, ppo, reward, sft
+
+    return {"sft": sft.run, "reward": reward.run, "dpo": dpo.run, "ppo": ppo.run}[stage]
+
+
+def plan_keys(p: Pipeline) -> dict[str, str]:
+    from align.modeling.models import resolve_model
+
+    base = resolve_model(p.settings.model).description
+    keys: dict[str, str] = {}
+    placeholders = {q: Path("<parent>") for q in STAGE_ORDER}
+    for stage in p.enabled():
+        cfg = stage_config(p, stage, "v0", placeholders)
+        keys[stage] = stage_key(stage, cfg, {q: keys[q] for q in PARENTS[stage] if q in keys}, base)
+    return keys
+
+
+def run(p: Pipeline, start: str | None = None) -> dict[str, Any]:
+    """Run the loop; returns the version record (with `nothing_to_do` when every stage was already made)."""
+    if start is not None and start not in STEPS:
+        raise ConfigError(f"--from {start}: not a step; choose one of {', '.join(STEPS)}")
+    home, forced = p.home, set(STEPS[STEPS.index(start):]) if start else set()
+    keys = plan_keys(p)
+    made = {stage: None if stage in forced else home.known(key) for stage, key in keys.items()}
+    to_train = [stage for stage, path in made.items() if path is None]
+    last = home.latest()
+    if not to_train and last is not None and last["status"] == "done" and not forced:
+        where = ", ".join(f"{stage} ({path})" for stage, path in made.items())
+        log.info("nothing to do: every stage is up to date: %s", where)
+        return {**last, "nothing_to_do": True}
+    record = home.open_version(dataclasses.asdict(p.settings), reopen=not to_train)
+    version = record["version"]
+    log.info("pipeline %s, version %s: %s", p.settings.name, version,
+             f"training {', '.join(to_train)}" if to_train else "nothing to train")
+    record["stages"] = {s: e for s, e in record["stages"].items() if s in keys}
+    for stage in p.enabled():
+        _run_stage(p, home, record, stage, keys[stage], made[stage])
+    from align.loop.steps import evaluate_step, finish
+
+    _step(home, record, "evaluate", lambda: evaluate_step(p, home, record, force="evaluate" in forced))
+    _step(home, record, "merge", lambda: finish(p, home, record))
+    record["status"] = "done"
+    home.write(record)
+    return record
+
+
+def _step(home: Home, record: dict[str, Any], name: str, fn) -> None:
+    try:
+        fn()
+    except BaseException as e:
+        record.update(status="failed", error={"step": name, "message": str(e) or type(e).__name__, "at": now()})
+        home.write(record)
+        raise
+
+
+def _run_stage(p: Pipeline, home: Home, record: dict[str, Any], stage: str, key: str, made: Path | None) -> None:
+    version = record["version"]
+    if made is not None:
+        origin = made.parent.name
+        parents = (home.read(origin)["stages"].get(stage) or {}).get("parents") if origin in home.versions() else None
+        record["stages"][stage] = {"path": str(made), "key": key, "made_in": origin, "trained": origin == version,
+                                   "parents": parents or {}}
+        if origin != version:
+            log.info("%s: inputs unchanged since %s; reusing %s", stage, origin, made)
+        home.write(record)
+        return
+    parents = {q: Path(record["stages"][q]["path"]) for q in PARENTS[stage] if q in record["stages"]}
+    cfg = stage_config(p, stage, version, parents)
+    out = home.root / version / stage
+    if out.exists():  # an earlier attempt of this unfinished version made it from other inputs
+        cfg = dataclasses.replace(cfg, overwrite=True)
+    log.info("%s: training into %s", stage, out)
+    started = time.time()
+
+    def train() -> None:
+        path = _stage_runner(stage)(cfg)
+        home.remember(key, Path(path))
+        record["stages"][stage] = {"path": str(path), "key": key, "made_in": version, "trained": True,
+                                   "seconds": round(time.time() - started, 1),
+                                   "parents": {q: str(v) for q, v in parents.items()}}
+        home.write(record)
+
+    _step(home, record, stage, train)

@@ -1,0 +1,138 @@
+"""The pipeline's steps after training: evaluate the new policies against the champion, decide, merge, report."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from align.evaluation.promotion import decide
+from align.runtime.runs import atomic_write_json, json_hash
+from align.loop.versions import Home, now
+
+log = logging.getLogger(__name__)
+
+HEADLINE = ("gold_win_rate", "gold_lc_win_rate", "rm_win_rate", "rm_lc_win_rate", "kl_to_reference", "kl_estimate",
+            "gold_score_policy", "gold_score_reference", "rm_score_policy", "rm_score_reference", "policy_words_mean",
+            "reference_words_mean", "policy_no_eos_share", "perplexity_policy", "perplexity_baseline",
+            "gold_wins", "gold_ties", "gold_losses", "gold_ci95", "gold_sign_test_p", "rm_wins", "rm_ties", "rm_losses",
+            "rm_ci95", "rm_sign_test_p")
+
+
+def headline(report: dict[str, Any]) -> dict[str, Any]:
+    """The evaluation numbers a version listing and the report's table show."""
+    out = {k: report[k] for k in HEADLINE if report.get(k) is not None}
+    for side in ("policy", "baseline"):
+        overlap = report.get(f"overlap_{side}") or {}
+        for k in ("bleu", "rouge_l"):
+            if k in overlap:
+                out[f"{k}_{side}"] = overlap[k]
+    return out
+
+
+def reward_summary(stages: dict[str, Any]) -> dict[str, Any] | None:
+    if "reward" not in stages:
+        return None
+    metrics = json.loads((Path(stages["reward"]["path"]) / "metrics.json").read_text(encoding="utf-8"))
+    return {k: metrics[k] for k in ("eval_accuracy", "eval_mean_margin", "eval_ece") if metrics.get(k) is not None}
+
+
+def _baseline(stages: dict[str, Any], champion: dict[str, Any] | None) -> tuple[str | None, str]:
+    if champion is not None:
+        return champion["path"], f"the champion ({champion['version']} {champion['stage']})"
+    if "sft" in stages:
+        return stages["sft"]["path"], f"SFT ({stages['sft']['made_in']})"
+    return None, "the base model"
+
+
+def candidates(record: dict[str, Any], baseline: str | None) -> list[str]:
+    """Policies trained in this version (DPO, PPO; SFT when it is the only policy stage), the baseline excepted."""
+    stages, version = record["stages"], record["version"]
+    new = [s for s in ("dpo", "ppo") if s in stages and stages[s]["made_in"] == version]
+    if not new and not any(s in stages for s in ("dpo", "ppo")) and stages.get("sft", {}).get("made_in") == version:
+        new = ["sft"]
+    same = lambda s: baseline is not None and Path(stages[s]["path"]).resolve() == Path(baseline).resolve()  # noqa: E731
+    return [s for s in new if not same(s)]
+
+
+def evaluate_step(p, home: Home, record: dict[str, Any], force: bool = False) -> None:
+    """Each new policy against the baseline on held-out prompts, then the promotion decision (and champion)."""
+    from align.data.rows import data_hash
+    from align.evaluation.evaluate import evaluate_policies
+
+    stages, version, s = record["stages"], record["version"], p.settings
+    champion = home.champion()
+    if champion is not None and champion["version"] == version:  # evaluated again: against the one it replaced
+        champion = (record.get("decision") or {}).get("previous_champion")
+    baseline, baseline_name = _baseline(stages, champion)
+    new = candidates(record, baseline)
+    rm = stages.get("reward", {}).get("path")
+    e, d = s.evaluate, s.data
+    key = json_hash({"policies": {c: stages[c]["key"] for c in new}, "baseline": baseline,
+                     "reward_model": stages.get("reward", {}).get("key"), "settings": [e.limit, e.max_new_tokens],
+                     "rule": vars(s.promotion), "prompts": data_hash(d.eval_prompts),
+                     "sft_eval": data_hash(d.sft_eval) if d.sft_eval else None})
+    previous = record.get("evaluation") or {}
+    if previous.get("key") == key and record.get("decision") and not force:
+        log.info("evaluate: already done for these policies, baseline and settings")
+        return
+    reports: dict[str, dict[str, Any]] = {}
+    if new:
+        log.info("evaluate: %s against %s on %d held-out prompts", " and ".join(new), baseline_name, e.limit)
+        found = evaluate_policies([stages[n]["path"] for n in new], baseline, rm, d.eval_prompts, d.sft_eval,
+                                  e.limit, e.max_new_tokens, e.device)
+        for name, report in zip(new, found):
+            atomic_write_json(home.root / version / "eval" / f"{name}.json", report)
+            reports[name] = report
+    record["evaluation"] = {"key": key, "baseline": baseline, "baseline_name": baseline_name,
+                            "reward_model": reward_summary(stages),
+                            "policies": {n: headline(r) for n, r in reports.items()},
+                            "files": {n: str(home.root / version / "eval" / f"{n}.json") for n in reports}}
+    record["decision"] = promote(home, record, reports, s.promotion, champion, baseline_name)
+    home.write(record)
+
+
+def promote(home: Home, record: dict[str, Any], reports: dict[str, dict[str, Any]], rule,
+            champion: dict[str, Any] | None, baseline_name: str) -> dict[str, Any]:
+    """Apply the rule; a promoted policy becomes the champion. On the first version, with no champion yet and no
+    policy better than SFT, SFT becomes the first champion (the next round has something to beat)."""
+    stages, version = record["stages"], record["version"]
+    decision = {**decide(reports, rule, baseline_name), "decided": now(), "previous_champion": champion}
+    winner = decision["promote"]
+    if winner is None and champion is None and "sft" in stages:
+        winner = "sft"
+        decision["reason"] += "; SFT becomes the first champion"
+    if winner is None:
+        if champion is not None and home.champion() != champion:  # a re-evaluation undid this version's win
+            home.set_champion(champion)
+        decision.update(champion=champion, changed=False)
+        log.info("decision: keep %s — %s", baseline_name, decision["reason"])
+        return decision
+    new = {"version": version, "stage": winner, "path": stages[winner]["path"], "key": stages[winner]["key"],
+           "since": now(), "reason": decision["reason"],
+           "metrics": headline(reports[winner]) if winner in reports else {}}
+    home.set_champion(new)
+    decision.update(champion=new, changed=True)
+    log.info("decision: %s %s is the champion — %s", version, winner, decision["reason"])
+    return decision
+
+
+def finish(p, home: Home, record: dict[str, Any]) -> None:
+    """Merge a newly promoted champion into a plain model directory, then write the report."""
+    from align.evaluation.report import write_report
+
+    decision = record.get("decision") or {}
+    champion = decision.get("champion") if decision.get("changed") else None
+    record["merged"] = None
+    if p.settings.merge.enabled and champion is not None:
+        from align.serving.merge import merge
+
+        out = home.root / record["version"] / "merged"
+        log.info("merge: %s %s into %s", champion["version"], champion["stage"], out)
+        summary = merge(champion["path"], str(out), p.settings.merge.dtype, force=True)
+        record["merged"] = {"path": str(out), "stage": champion["stage"], "dtype": p.settings.merge.dtype,
+                            "verification": summary.get("verification")}
+    record["status"] = "done"  # the report says so; a failure while writing it sets "failed" again
+    record["report"] = str(write_report(home, record))
+    home.write(record)

@@ -1,0 +1,135 @@
+"""PPO's four roles on ONE base: policy and value (trainable adapters), reference (the frozen SFT adapter, or the
+base with adapters off) and reward (the reward run's adapter + score head, frozen). Switching role switches the
+active adapter; no weights are copied. A reward model trained on another base is loaded separately (and logged).
+
+Sequences are laid out as [left-padded prompt (P) | right-padded response (T)], so the response's token t sits
+at position P + t and is predicted from position P + t − 1 — logits, values and entropies are computed only
+there, never over the whole vocabulary at prompt positions.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from align.runtime.errors import ModelError
+from align.modeling.heads import pad_batch, position_ids, unwrap
+from align.rl.losses import entropy, token_logps
+from align.modeling.models import adapter_role, load_adapter_weights, lora_like, peft_lora_config
+
+log = logging.getLogger(__name__)
+POLICY, VALUE, REFERENCE, REWARD = "default", "value", "reference", "reward"
+TRAINABLE = (POLICY, VALUE)
+
+
+@dataclass
+class Batch:
+    """A rollout batch laid out for scoring and training."""
+
+    ids: torch.Tensor        # (B, P + T)
+    mask: torch.Tensor       # (B, P + T) attention mask
+    responses: torch.Tensor  # (B, T) response token ids (pad after the end)
+    resp_mask: torch.Tensor  # (B, T) float, 1.0 on response tokens
+    prompt_len: int          # P
+    ended: torch.Tensor      # (B,) bool: the response ends with EOS
+
+    def select(self, rows: torch.Tensor) -> Batch:
+        return Batch(self.ids[rows], self.mask[rows], self.responses[rows], self.resp_mask[rows], self.prompt_len,
+                     self.ended[rows])
+
+
+def make_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: int, eos_id: int, device) -> Batch:
+    p_ids, p_mask = pad_batch(prompts, pad_id, side="left", device=device)
+    width = max(1, max(len(r) for r in responses))
+    r_ids = torch.full((len(responses), width), pad_id, dtype=torch.long, device=device)
+    r_mask = torch.zeros((len(responses), width), dtype=torch.long, device=device)
+    for i, r in enumerate(responses):
+        r_ids[i, :len(r)] = torch.tensor(r, dtype=torch.long, device=device)
+        r_mask[i, :len(r)] = 1
+    ended = torch.tensor([bool(r) and r[-1] == eos_id for r in responses], device=device)
+    return Batch(torch.cat([p_ids, r_ids], 1), torch.cat([p_mask, r_mask], 1), r_ids, r_mask.float(),
+                 p_ids.shape[1], ended)
+
+
+class Roles:
+    """The PEFT model with its adapters plus the value and score heads, and how to run each role."""
+
+    def __init__(self, model, value_head: torch.nn.Linear, score_head: torch.nn.Linear | None,
+                 separate_rm=None):
+        self.model = model
+        self.value_head = value_head
+        self.score_head = score_head
+        self.separate_rm = separate_rm  # a RewardModel on its own base, when the bases differ
+        self.has_reference = REFERENCE in model.peft_config
+
+    def role(self, name: str):
+        if name == REFERENCE and not self.has_reference:
+            return adapter_role(self.model, None, TRAINABLE)
+        return adapter_role(self.model, name, TRAINABLE)
+
+    def _hidden(self, batch: Batch) -> torch.Tensor:
+        decoder = unwrap(self.model).get_decoder()
+        out = decoder(input_ids=batch.ids, attention_mask=batch.mask, position_ids=position_ids(batch.mask),
+                      use_cache=False)
+        return out.last_hidden_state
+
+    def _response_states(self, batch: Batch) -> torch.Tensor:
+        h = self._hidden(batch)
+        P, T = batch.prompt_len, batch.responses.shape[1]
+        return h[:, P - 1:P + T - 1]
+
+    def policy_logps(self, batch: Batch, with_entropy: bool = False):
+        """(B, T) log-probs of the response tokens under the active adapter (and their entropies)."""
+        logits = unwrap(self.model).get_output_embeddings()(self._response_states(batch))
+        logps = token_logps(logits, batch.responses)
+        return (logps, entropy(logits)) if with_entropy else logps
+
+    def values(self, batch: Batch) -> torch.Tensor:
+        """(B, T) value estimates, with the value adapter active."""
+        h = self._response_states(batch)
+        return self.value_head(h.to(self.value_head.weight.dtype)).squeeze(-1).float()
+
+    @torch.no_grad()
+    def rewards(self, batch: Batch, prompts: list, texts: list[str]) -> torch.Tensor:
+        """(B,) reward-model scores read at each response's last token (its EOS when it has one)."""
+        if self.separate_rm is not None:
+            return _separate_scores(self.separate_rm, prompts, texts).to(batch.ids.device)
+        with self.role(REWARD):
+            h = self._hidden(batch)
+        last = batch.prompt_len + batch.resp_mask.sum(1).long() - 1
+        h_last = h[torch.arange(h.shape[0], device=h.device), last]
+        return self.score_head(h_last.to(self.score_head.weight.dtype)).squeeze(-1).float()
+
+
+def _separate_scores(rm, prompts: list, texts: list[str]) -> torch.Tensor:
+    # an answer too long for the reward model has no score: NaN, reported by the NaN guard
+    return torch.tensor([float("nan") if s is None else s for s in rm.score_answers(prompts, texts)])
+
+
+def head_from(adapter_dir: Path, hidden: int, dtype, device) -> torch.nn.Linear:
+    """The reward run's trained score head as a plain Linear (read from its safetensors, no pickle)."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    keys = [k for k in state if k.endswith("score.weight")]
+    if not keys:
+        raise ModelError(f"{adapter_dir} has no trained score head (score.weight); is it a reward run?")
+    weight = state[keys[0]]
+    if weight.shape != (1, hidden):
+        raise ModelError(f"the score head in {adapter_dir} has shape {tuple(weight.shape)}, expected (1, {hidden})")
+    head = torch.nn.Linear(hidden, 1, bias=False, device=device, dtype=dtype)
+    with torch.no_grad():
+        head.weight.copy_(weight)
+    return head
+
+
+def add_adapter_from(model, name: str, adapter_dir: Path, lora_cfg, trainable: bool) -> None:
+    """Add adapter `name` shaped like the saved one and copy its LoRA weights in."""
+    model.add_adapter(name, peft_lora_config(lora_like(lora_cfg, adapter_dir)))
+    load_adapter_weights(model, adapter_dir, adapter=name)
+    for n, p in model.named_parameters():
+        if f".{name}." in n:
+            p.requires_grad_(trainable)

@@ -1,0 +1,177 @@
+"""`align serve-rm`: a trained reward model over HTTP (Starlette on uvicorn).
+
+    POST /score   {"items": [{"prompt": "...", "response": "..."}, {"messages": [...]},
+                             {"prompt": "...", "chosen": "...", "rejected": "..."}]}
+              →   {"scores": [1.23, ..., {"chosen_score": .., "rejected_score": .., "margin": .., "correct": ..}]}
+    GET  /health  {"status": "ok", "model": ..., "max_length": .., "max_items": .., "max_body_bytes": ..}
+
+Scores are the CLI's (same encoding, same batching code). Errors are JSON {"error": "..."} with no traceback:
+400 malformed JSON, 401 missing/wrong API key, 413 body or item count over the limit, 422 a bad item (named
+by its index) or one longer than the max length. The server listens on loopback unless an API key is set.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import json
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from align.runtime.errors import ConfigError
+from align.serving.score import RewardModel, encode_rows, fill_scores
+
+log = logging.getLogger(__name__)
+API_KEY_ENV = "ALIGN_API_KEY"
+
+
+@dataclass
+class Limits:
+    max_body_bytes: int = 2 * 1024 * 1024
+    max_items: int = 64
+    batch_size: int = 8
+    max_length: int | None = None  # None = the length the model was trained with
+
+
+class _Reject(Exception):
+    def __init__(self, status: int, message: str, **extra: Any):
+        super().__init__(message)
+        self.status, self.message, self.extra = status, message, extra
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bind(host: str, api_key: str | None) -> None:
+    if not is_loopback(host) and not api_key:
+        raise ConfigError(f"refusing to listen on {host}, which other machines can reach, without an API key: set "
+                          f"{API_KEY_ENV} (clients then send 'Authorization: Bearer <key>'), or keep the default "
+                          "--host 127.0.0.1")
+
+
+def _authorized(headers, api_key: str | None) -> bool:
+    if not api_key:
+        return True
+    given = headers.get("x-api-key", "")
+    auth = headers.get("authorization", "")
+    if auth.lower().startswith("bearer "):
+        given = auth[7:].strip()
+    # constant time: the comparison must not reveal how much of a guessed key was right
+    return hmac.compare_digest(given.encode(), api_key.encode())
+
+
+# A body over the limit is still read (and thrown away) up to this size before the 413 goes out, so that a
+# client still sending gets the answer instead of a broken pipe; beyond it the connection is simply closed.
+DRAIN_BYTES = 16 * 1024 * 1024
+
+
+async def _read_body(request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    size = int(declared) if declared is not None and declared.isdigit() else None
+    over = size is not None and size > limit
+    body = bytearray()
+    total = 0
+    if not (over and size > DRAIN_BYTES):
+        async for chunk in request.stream():
+            total += len(chunk)
+            over = over or total > limit
+            if total > DRAIN_BYTES:
+                break
+            if not over:
+                body.extend(chunk)
+    if over:
+        shown = f"{size} bytes" if size is not None else "over the limit"
+        raise _Reject(413, f"request body is {shown}; the limit is {limit} bytes")
+    return bytes(body)
+
+
+def _parse_json(body: bytes) -> Any:
+    if not body.strip():
+        raise _Reject(400, 'the request body is empty; send a JSON object {"items": [...]}')
+    try:
+        return json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise _Reject(400, f"malformed JSON: {e}") from None
+    except (ValueError, RecursionError) as e:  # valid syntax json cannot hold: a huge number, deep nesting
+        why = "arrays/objects nested too deeply" if isinstance(e, RecursionError) else str(e).split(";")[0]
+        raise _Reject(400, f"malformed JSON: {why}") from None
+
+
+def _items(payload: Any, limits: Limits) -> list[Any]:
+    items = payload.get("items") if isinstance(payload, dict) else None
+    if not isinstance(items, list):
+        raise _Reject(422, 'the body must be a JSON object {"items": [...]} with a list of items to score')
+    if not items:
+        raise _Reject(422, "'items' is empty: nothing to score")
+    if len(items) > limits.max_items:
+        raise _Reject(413, f"{len(items)} items in one request; the limit is {limits.max_items}: split the request")
+    return items
+
+
+def create_app(rm: RewardModel, limits: Limits | None = None, api_key: str | None = None):
+    from anyio import to_thread
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    limits = limits or Limits()
+    lock = threading.Lock()  # one model, one batch at a time; requests queue here rather than contend for memory
+
+    def denied():
+        return JSONResponse({"error": "missing or wrong API key"}, status_code=401,
+                            headers={"WWW-Authenticate": "Bearer"})
+
+    async def health(request):
+        if not _authorized(request.headers, api_key):
+            return denied()
+        return JSONResponse({"status": "ok", "model": rm.source, "max_length": limits.max_length or rm.max_length,
+                             "max_items": limits.max_items, "max_body_bytes": limits.max_body_bytes})
+
+    def run_model(seqs: list[list[int]]) -> list[float]:
+        with lock:
+            return rm.score(seqs, limits.batch_size)
+
+    async def score(request):
+        if not _authorized(request.headers, api_key):
+            return denied()
+        try:
+            body = await _read_body(request, limits.max_body_bytes)
+            payload = _parse_json(body)
+            items = _items(payload, limits)
+            results, slots, seqs = encode_rows(rm, list(enumerate(items)), limits.max_length)
+            bad = [(r["row"], r["error"]) for r in results if "error" in r]
+            if bad:
+                raise _Reject(422, "; ".join(f"item {i}: {why}" for i, why in bad[:5]),
+                              items=[{"item": i, "error": why} for i, why in bad])
+        except _Reject as e:
+            return JSONResponse({"error": e.message, **e.extra}, status_code=e.status)
+        fill_scores(results, slots, await to_thread.run_sync(run_model, seqs))
+        scores = [r["score"] if "score" in r else {k: r[k] for k in ("chosen_score", "rejected_score", "margin",
+                                                                         "correct")} for r in results]
+        return JSONResponse({"scores": scores})
+
+    async def failed(request, exc):
+        log.exception("scoring failed")
+        return JSONResponse({"error": f"internal error: {type(exc).__name__}"}, status_code=500)
+
+    return Starlette(routes=[Route("/health", health, methods=["GET"]), Route("/score", score, methods=["POST"])],
+                     exception_handlers={Exception: failed})
+
+
+def make_server(rm: RewardModel, host: str = "127.0.0.1", port: int = 8000, limits: Limits | None = None,
+                api_key: str | None = None, log_level: str = "info"):
+    """A uvicorn server for the app (call .run(), or run it in a thread and set .should_exit to stop it)."""
+    import uvicorn
+
+    check_bind(host, api_key)
+    config = uvicorn.Config(create_app(rm, limits, api_key), host=host, port=port, log_level=log_level,
+                            limit_concurrency=64, timeout_keep_alive=5, server_header=False)
+    return uvicorn.Server(config)

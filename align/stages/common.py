@@ -1,0 +1,371 @@
+"""What every training stage shares: its directories, resume-or-refuse, trainer arguments, and the final save.
+
+Layout of one stage of one run:
+    <runs_dir>/<run>/<stage>/          the finished artifact (appears atomically, last)
+    <runs_dir>/<run>/<stage>.work/     checkpoints and the inputs they were made from, while training
+    <runs_dir>/<run>/rejects/          rejected data rows with reasons
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from align.runtime.config import StageConfig, to_yaml
+from align.data.rows import Loaded, check_reject_share, data_hash, write_rejects
+from align.runtime.distributed import is_main, main_first, on_main, weights_spread, world_size
+from align.runtime.errors import ConfigError, OutputError
+from align.runtime.guards import NonFiniteGuard, TrainingStopped, check_finite, oom_as_message
+from align.runtime.runs import (
+    atomic_dir,
+    atomic_write_json,
+    atomic_write_text,
+    is_nonempty_dir,
+    json_hash,
+    make_manifest,
+    read_manifest,
+    remove_dir,
+    sha256_path,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StagePaths:
+    run_dir: Path
+    out: Path
+    work: Path
+
+    @classmethod
+    def of(cls, cfg: StageConfig, stage: str) -> StagePaths:
+        run_dir = Path(cfg.runs_dir) / cfg.run
+        return cls(run_dir, run_dir / stage, run_dir / f"{stage}.work")
+
+    def rejects(self, stage: str, split: str) -> Path:
+        return self.run_dir / "rejects" / f"{stage}-{split}.jsonl"
+
+
+def config_hash(cfg: StageConfig) -> str:
+    # overwrite/resume say how to treat old output, not what is trained: they may change between attempts
+    return json_hash(to_yaml(dataclasses.replace(cfg, overwrite=False, resume=True)))
+
+
+@dataclass
+class Prepared:
+    """A stage's checked inputs, made before any model loads."""
+    cfg: Any
+    paths: StagePaths
+    model_ref: Any
+    tokenizer: Any
+    train: Loaded
+    eval: Loaded | None
+    inputs: dict[str, str]
+    sft: Path | None = None
+
+
+def prepare(stage: str, cfg: StageConfig, make_loader: Callable[[Any], Callable[[str, str, int | None], Loaded]],
+            init_from_sft: str | None = None, adjust_tokenizer: Callable[[Any], None] | None = None) -> Prepared:
+    """Everything that can fail on user input, before a model is loaded: output place, base model, parent SFT
+    stage, tokenizer, and both data splits (read, validated, tokenized by `make_loader(tokenizer)`).
+
+    In a multi-process run the main process goes first: it may convert the base model into the cache and write
+    reject files, which the others then find done."""
+    with main_first():
+        return _prepare(stage, cfg, make_loader, init_from_sft, adjust_tokenizer)
+
+
+def _prepare(stage: str, cfg: StageConfig, make_loader: Callable[[Any], Callable[[str, str, int | None], Loaded]],
+             init_from_sft: str | None, adjust_tokenizer: Callable[[Any], None] | None) -> Prepared:
+    from align.modeling.models import load_tokenizer, resolve_model
+
+    paths = StagePaths.of(cfg, stage)
+    check_new_output(cfg, paths)
+    if cfg.training.compile and cfg.training.mlp_tiles > 1:
+        raise ConfigError(f"training.compile=true and training.mlp_tiles={cfg.training.mlp_tiles} do not go together "
+                          "(a tiled MLP recomputes itself inside the backward pass, which a compiled layer cannot "
+                          "hold); choose one: compile for speed, mlp_tiles for memory")
+    if cfg.training.compile:
+        from align.modeling.compiled import check_compiler
+        from align.modeling.models import device
+
+        check_compiler(device())
+    model_ref = resolve_model(cfg.model)
+    sft = sft_parent(init_from_sft, model_ref)
+    tokenizer = load_tokenizer(model_ref.path, cfg.model.trust_remote_code)
+    if adjust_tokenizer is not None:
+        adjust_tokenizer(tokenizer)
+    loader = make_loader(tokenizer)
+    d = cfg.data
+    train = load_split(stage, cfg, paths, d.train, "train", d.limit, loader)
+    evals = load_split(stage, cfg, paths, d.eval, "eval", d.eval_limit, loader) if d.eval else None
+    inputs = inputs_of(cfg, model_ref)
+    if sft is not None:
+        inputs["parent_adapter"] = sha256_path(sft / "adapter_model.safetensors")
+    return Prepared(cfg, paths, model_ref, tokenizer, train, evals, inputs, sft)
+
+
+def check_new_output(cfg: StageConfig, paths: StagePaths) -> None:
+    if is_nonempty_dir(paths.out) and not cfg.overwrite and not (paths.out / "manifest.json").is_file():
+        raise OutputError(f"{paths.out} exists and is not an align stage output; choose another run or runs_dir")
+
+
+def inputs_of(cfg: StageConfig, model_ref) -> dict[str, str]:
+    """Content hashes of what a stage is made from: a finished stage with the same ones is not trained again."""
+    inputs = {"base_model": json_hash(model_ref.description), "train_data": data_hash(cfg.data.train),
+              "config": config_hash(cfg)}
+    if cfg.data.eval:
+        inputs["eval_data"] = data_hash(cfg.data.eval)
+    return inputs
+
+
+def load_split(stage: str, cfg: StageConfig, paths: StagePaths, spec: str, split: str, limit: int | None,
+               loader: Callable[[str, str, int | None], Loaded]) -> Loaded:
+    """Load one split; write its rejects next to the run and stop when there are too many."""
+    loaded = loader(spec, split, limit)
+    rejects = paths.rejects(stage, split)
+    if loaded.rejects:
+        write_rejects(rejects, loaded.rejects)
+        log.warning("%s data: %d of %d rows rejected; reasons in %s", split, len(loaded.rejects), loaded.total,
+                    rejects)
+    check_reject_share(loaded, cfg.data.max_reject_share, rejects, f"{split} data {spec}")
+    return loaded
+
+
+def sft_parent(init_from_sft: str | None, model_ref) -> Path | None:
+    """The SFT output to start from: it must exist, be finished, and be trained on this same base."""
+    if not init_from_sft:
+        return None
+    sft = Path(init_from_sft)
+    if not (sft / "manifest.json").is_file():
+        raise ConfigError(f"init_from_sft={init_from_sft}: no finished SFT stage there (no manifest.json). "
+                          "Run `align sft` first, or set init_from_sft= (empty) for a fresh adapter")
+    manifest = read_manifest(sft)
+    if manifest.get("base_model") != model_ref.description:
+        raise ConfigError(f"init_from_sft={init_from_sft} was trained on {manifest.get('base_model')}, but this "
+                          f"stage's base is {model_ref.description}; set model.name_or_path to the SFT base")
+    if not (sft / "adapter_config.json").is_file():
+        raise ConfigError(f"init_from_sft={init_from_sft}: no adapter_config.json; is it an SFT stage output?")
+    from align.modeling.models import require_safetensors
+
+    require_safetensors(sft, "init_from_sft=")
+    return sft
+
+
+def newest_checkpoint(work: Path) -> Path | None:
+    """The newest complete checkpoint (align.checkpoint.is_complete): never one a killed writer left half-written."""
+    from align.runtime.checkpoint import checkpoints
+
+    found = checkpoints(work)
+    return found[-1] if found else None
+
+
+def up_to_date(cfg: StageConfig, paths: StagePaths, inputs: dict[str, str]) -> bool:
+    """True when the finished output was made from exactly these inputs (so there is nothing to do).
+
+    A finished output made from other inputs is never replaced without `overwrite=true`.
+    """
+    if not is_nonempty_dir(paths.out) or cfg.overwrite:
+        return False
+    manifest = paths.out / "manifest.json"
+    if manifest.is_file() and json.loads(manifest.read_text()).get("inputs") == inputs:
+        return True
+    raise OutputError(f"{paths.out} already holds a finished stage made from other inputs (data, config or base "
+                      "model). Use another run name (run=NAME) or overwrite=true to replace it")
+
+
+def nothing_to_train(cfg: StageConfig, paths: StagePaths, inputs: dict[str, str],
+                     made_from: str = "base model, data and config") -> bool:
+    """up_to_date, and then say so and clear the work dir (a run killed after its output appeared may have left
+    its checkpoints there)."""
+    if not up_to_date(cfg, paths, inputs):
+        return False
+    on_main(lambda: remove_dir(paths.work), lambda: None)
+    log.info("%s is up to date (same %s); nothing to train. Use overwrite=true to train it again", paths.out,
+             made_from)
+    return True
+
+
+def prepare_output(cfg: StageConfig, paths: StagePaths, inputs: dict[str, str]) -> Path | None:
+    """Make the work directory; return the checkpoint to resume from, if any (every process of a multi-process
+    run gets it; only the main process touches the directory)."""
+    return on_main(lambda: _prepare_output(cfg, paths, inputs), lambda: newest_checkpoint(paths.work))
+
+
+def _prepare_output(cfg: StageConfig, paths: StagePaths, inputs: dict[str, str]) -> Path | None:
+    """Make the work directory; return the checkpoint to resume from, if any.
+
+    A checkpoint is only resumed when it was made from the same inputs (data and config hashes). What a killed
+    run left half-done is removed first: incomplete checkpoint directories (the trainer then writes the same step
+    again into a fresh directory, and its rotation, which orders by modification time, never counts them) and
+    temporary files of killed writers.
+    """
+    from align.runtime.checkpoint import checkpoint_dirs, is_complete, refuse_pickles
+    from align.runtime.runs import remove_stale
+
+    inputs_file = paths.work / "inputs.json"
+    remove_stale(paths.run_dir, paths.work.name)
+    if cfg.resume and paths.work.is_dir() and checkpoint_dirs(paths.work):
+        before = json.loads(inputs_file.read_text()) if inputs_file.is_file() else {}
+        changed = sorted(k for k in set(before) | set(inputs) if before.get(k) != inputs.get(k))
+        if changed:
+            raise OutputError(f"{paths.work} holds checkpoints of an interrupted run made from other inputs "
+                              f"({', '.join(changed)} changed). Use resume=false to start over, or another run name")
+        remove_stale(paths.work)
+        for partial in checkpoint_dirs(paths.work):
+            refuse_pickles(partial)  # not removed either: it may be someone's; the message says what to do
+            if not is_complete(partial):
+                log.warning("removing %s: its writing (or deletion) was interrupted", partial)
+                remove_dir(partial)
+        ckpt = newest_checkpoint(paths.work)
+        if ckpt is not None:
+            log.info("resuming from %s", ckpt)
+            return ckpt
+    remove_dir(paths.work)  # renamed aside first: never seen half-deleted
+    paths.work.mkdir(parents=True)
+    atomic_write_json(inputs_file, inputs)
+    return None
+
+
+def use_cuda_defaults(cfg: StageConfig) -> dict[str, Any]:
+    """Trainer precision/memory settings that follow the device: bf16 + checkpointing on CUDA, fp32 on CPU."""
+    cuda = torch.cuda.is_available()
+    gc = cfg.training.gradient_checkpointing
+    return {
+        "bf16": cuda and torch.cuda.is_bf16_supported(),
+        # set under its new name too: TRL's default for the old name would trigger a deprecation warning
+        "activation_checkpointing": cuda if gc is None else gc,
+        "gradient_checkpointing": cuda if gc is None else gc,
+        "use_cpu": not cuda,
+    }
+
+
+def trainer_args(cfg: StageConfig, work: Path) -> dict[str, Any]:
+    """transformers/TRL TrainingArguments shared by the stages built on them."""
+    t = cfg.training
+    return {
+        "output_dir": str(work),
+        "per_device_train_batch_size": t.batch_size,
+        "per_device_eval_batch_size": t.batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "learning_rate": t.learning_rate,
+        "num_train_epochs": t.epochs,
+        "max_steps": t.max_steps,
+        "lr_scheduler_type": t.lr_scheduler,
+        "warmup_steps": t.warmup_ratio,
+        "weight_decay": t.weight_decay,
+        "max_grad_norm": t.max_grad_norm,
+        "seed": t.seed,
+        "data_seed": t.seed,
+        "logging_steps": t.logging_steps,
+        "save_strategy": "steps",
+        "save_steps": t.save_steps,
+        "save_total_limit": t.save_total_limit,
+        "eval_strategy": "steps" if t.eval_steps else "no",
+        "eval_steps": t.eval_steps,
+        "report_to": t.report_to or "none",
+        "dataloader_num_workers": 0,
+        # every trainable LoRA/head weight takes part in each forward pass: DDP need not search for unused ones
+        "ddp_find_unused_parameters": False,
+        **use_cuda_defaults(cfg),
+    }
+
+
+def fit(cfg: StageConfig, paths: StagePaths, inputs: dict[str, str], make_trainer: Callable[[], Any],
+        train: Loaded, evals: Loaded | None, after: Callable[[Any], dict[str, Any]], quantization: str,
+        loss_before: bool = True) -> tuple[Any, dict[str, Any]] | None:
+    """Train (or resume) a transformers/TRL trainer; None when the finished output is already up to date."""
+    if nothing_to_train(cfg, paths, inputs):
+        return None
+    ckpt = prepare_output(cfg, paths, inputs)
+    from transformers import set_seed
+
+    set_seed(cfg.training.seed)  # before the adapter is made: its random initial weights follow the seed too
+    trainer = make_trainer()
+    guard = NonFiniteGuard(paths.out.name, cfg.training.max_bad_steps)
+    trainer.add_callback(guard)
+    metrics: dict[str, Any] = {
+        "n_train": len(train.encoded), "n_train_rejected": len(train.rejects),
+        "n_eval": len(evals.encoded) if evals else 0,
+        "trainable_params": trainer.model.get_nb_trainable_parameters()[0],
+        "quantization": quantization, "resumed_from": ckpt.name if ckpt else None}
+    if loss_before and trainer.eval_dataset is not None and ckpt is None:
+        metrics["eval_loss_before"] = trainer.evaluate()["eval_loss"]
+        _unprepare(trainer)
+    start = time.time()
+    with oom_as_message(paths.out.name, cfg, paths.work):
+        result = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+    if guard.stopped:
+        raise TrainingStopped(guard.stopped)
+    metrics.update(train_loss=result.training_loss, steps=result.global_step, train_seconds=time.time() - start,
+                   skipped_steps=guard.skipped, processes=world_size(),
+                   rank_weight_spread=weights_spread(trainable_weights(trainer.model)))
+    metrics.update(after(trainer))
+    metrics["log_history"] = trainer.state.log_history
+    return trainer, metrics
+
+
+def _unprepare(trainer) -> None:
+    """Undo what an evaluation before training leaves behind in a multi-process run.
+
+    Evaluating first marks the bare model as prepared by accelerate, and train() then skips wrapping it in
+    DistributedDataParallel: every process would train alone on its own batches, gradients never averaged
+    (tests/test_multiprocess.py catches this through the ranks' weights)."""
+    model = trainer.model
+    if world_size() > 1 and getattr(model, "_is_accelerate_prepared", False):
+        del model._is_accelerate_prepared
+        trainer.accelerator._models[:] = [m for m in trainer.accelerator._models if m is not model]
+
+
+def finish(stage: str, prep: Prepared, make_trainer: Callable[[], Any], after: Callable[[Any], dict[str, Any]],
+           loss_before: bool = True, extra: dict[str, Any] | None = None, adapters: list[str] | None = None) -> Path:
+    """Train (or resume, or skip when up to date), then save the adapter with metrics and manifest."""
+    from align.modeling.models import resolve_quantization
+
+    cfg = prep.cfg
+    quantization = resolve_quantization(cfg.model)
+    done = fit(cfg, prep.paths, prep.inputs, make_trainer, prep.train, prep.eval, after, quantization, loss_before)
+    if done is None:
+        return prep.paths.out
+    trainer, metrics = done
+    parent = str(prep.sft.resolve()) if prep.sft is not None else None
+    manifest = make_manifest(stage, cfg.run, prep.inputs, prep.model_ref.description, parent=parent,
+                             extra={"quantization": quantization, "seed": cfg.training.seed, **(extra or {})})
+    return save_stage(cfg, prep.paths, trainer.model, prep.tokenizer, metrics, manifest, adapters)
+
+
+def trainable_weights(model) -> dict[str, torch.Tensor]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_stage(cfg: StageConfig, paths: StagePaths, model, tokenizer, metrics: dict[str, Any],
+               manifest: dict[str, Any], adapters: list[str] | None = None,
+               extra_files: Callable[[Path], None] | None = None) -> Path:
+    """Write adapter, tokenizer (with chat template), resolved config, metrics and manifest — atomically.
+
+    `adapters` picks which adapters to save (e.g. the policy, not the frozen reference it was trained against).
+    In a multi-process run the main process writes; the others return at once (and exit: waiting at a barrier
+    while the main process evaluates and writes could outlast the process group's timeout).
+    """
+    if not is_main():
+        return paths.out
+    check_finite(((n, p) for n, p in model.named_parameters() if "lora_" in n or "modules_to_save" in n),
+                 str(paths.out))
+    with atomic_dir(paths.out, overwrite=cfg.overwrite) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True, selected_adapters=adapters)
+        if extra_files is not None:
+            extra_files(tmp)
+        tokenizer.save_pretrained(tmp)
+        atomic_write_text(tmp / "config.yaml", to_yaml(cfg))
+        atomic_write_json(tmp / "metrics.json", metrics)
+        atomic_write_json(tmp / "manifest.json", manifest)
+    remove_dir(paths.work)
+    return paths.out

@@ -1,0 +1,441 @@
+"""PPO: the policy adapter learns to raise a trained reward model's score, held near the SFT policy by a KL
+penalty — classic RLHF on one base model (see align/roles.py for the four roles).
+
+    align ppo --config recipes/configs/ppo.yaml init_from_sft=runs/demo/sft reward_model=runs/demo/reward
+
+Each step: sample answers to a batch of prompts (rollouts), score them with the reward model (at the EOS; an
+answer cut off before its EOS loses `rollout.missing_eos_penalty`), subtract a per-token KL penalty against the
+reference, estimate advantages with GAE over the value adapter's estimates, then run `ppo.epochs` passes of
+clipped policy and value updates over mini-batches. The maths is in align/advantages.py and align/losses.py
+(pure, tested by hand). TRL 1.16 has no PPO, so the loop is ours; devices and gradient sync come from accelerate.
+
+The value model is a separate trainable adapter plus a scalar head, started from the reward model (its LoRA
+weights and score head, as in InstructGPT) when the shapes allow: a value head sharing the policy's adapter would
+let value-loss gradients reshape the policy's features, and its loss scale would then need tuning against the
+policy's.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from align.rl.advantages import KLController, RunningMoments, gae, kl_per_token, masked_mean, masked_var, shaped_rewards, whiten
+from align.runtime.checkpoint import load_checkpoint, save_checkpoint
+from align.runtime.config import PPOConfig
+from align.data.rows import Example, RowError, _as_messages, char_bound, chars, load_rows
+from align.runtime.distributed import (
+    any_rank,
+    gather,
+    is_main,
+    mean_over_ranks,
+    sharded_by,
+    weights_spread,
+    world_size,
+)
+from align.runtime.errors import ConfigError
+from align.modeling.formatting import FormatError, encode_prompt
+from align.modeling.generate import Sampling, sample_batch
+from align.runtime.guards import TrainingStopped, oom_as_message
+from align.rl.losses import ppo_policy_loss, ppo_value_loss
+from align.modeling.models import attach_lora, load_adapter_weights, load_base, lora_like, peft_lora_config, resolve_quantization
+from align.modeling.recompute import checkpoint_follows_adapters
+from align.modeling.roles import POLICY, REFERENCE, REWARD, VALUE, Batch, Roles, add_adapter_from, head_from, make_batch
+from align.runtime.runs import make_manifest, sha256_path
+from align.stages.common import Prepared, nothing_to_train, prepare, prepare_output, save_stage, use_cuda_defaults
+from align.serving.trained import open_run
+from align.evaluation.winrate import win_rate_report
+
+log = logging.getLogger(__name__)
+STAGE = "ppo"
+
+
+# ---------------------------------------------------------------------------------------------- setup
+
+
+def prompt_loader(cfg: PPOConfig):
+    room = cfg.data.max_length - cfg.rollout.max_new_tokens
+
+    def make(tokenizer):
+        def convert(raw: Any) -> tuple[list[int], Example]:
+            if not isinstance(raw, dict) or "prompt" not in raw:
+                raise RowError("a PPO prompt row needs a 'prompt' (a string or a list of messages)")
+            prompt = _as_messages(raw["prompt"], "prompt", "user")
+            if prompt[-1]["role"] != "user":  # the policy answers the last user message
+                raise RowError("'prompt' must end with a user message")
+            if chars(prompt) > char_bound(tokenizer, room):  # refused without tokenizing megabytes
+                raise FormatError(f"the prompt is over {room} tokens ({chars(prompt):,} characters); with "
+                                  f"rollout.max_new_tokens={cfg.rollout.max_new_tokens} only {room} fit in "
+                                  f"data.max_length={cfg.data.max_length}")
+            ids = encode_prompt(tokenizer, prompt)
+            if len(ids) > room:
+                raise FormatError(f"the prompt is {len(ids)} tokens; with rollout.max_new_tokens="
+                                  f"{cfg.rollout.max_new_tokens} only {room} fit in data.max_length="
+                                  f"{cfg.data.max_length}")
+            return ids, Example(prompt, None, None, "", 0)
+
+        return lambda spec, split, limit: load_rows(spec, convert, split, limit)
+
+    return make
+
+
+def setup(cfg: PPOConfig) -> Prepared:
+    """Everything that can fail on user input, before a model is loaded."""
+    if sharded_by():
+        raise ConfigError(f"PPO switches its four roles' adapters inside one model, which {sharded_by()} would shard "
+                          "and wrap; launch it with recipes/accelerate/ddp.yaml (data parallel) instead")
+    if cfg.training.compile:
+        raise ConfigError("training.compile=true is for SFT, reward and DPO; PPO's rollouts generate token by token "
+                          "through the same layers, which compiled layers would recompile as the cache grows. "
+                          "Set training.compile=false for PPO")
+    if not cfg.reward_model:
+        raise ConfigError("reward_model= is required: PPO raises a reward model's score. Train one with "
+                          "`align reward`, then pass reward_model=runs/<run>/reward")
+    rm_dir = Path(cfg.reward_model)
+    open_run(rm_dir, ("reward",), "reward_model=")
+    prep = prepare(STAGE, cfg, prompt_loader(cfg), cfg.init_from_sft)
+    prep.inputs["reward_model"] = sha256_path(rm_dir / "adapter_model.safetensors")
+    return prep
+
+
+def build_roles(prep: Prepared) -> Roles:
+    """One base; policy (+ value) trainable, reference and reward frozen, all as adapters on it."""
+    from align.runtime.runs import read_manifest
+    from align.serving.score import load_reward_model
+
+    cfg, rm_dir = prep.cfg, Path(prep.cfg.reward_model)
+    quantized = resolve_quantization(cfg.model) == "nf4"
+    lora = lora_like(cfg.lora, prep.sft) if prep.sft is not None else cfg.lora
+    base = load_base(prep.model_ref.path, cfg.model)
+    hidden = base.config.hidden_size
+    checkpointing = use_cuda_defaults(cfg)["gradient_checkpointing"]
+    if checkpointing and not quantized:  # (the 4-bit path does it in attach_lora); checkpointing itself: below
+        base.enable_input_require_grads()
+    model = attach_lora(base, lora, quantized, checkpointing, upcast=cfg.model.upcast,
+                        mlp_tiles=cfg.training.mlp_tiles)
+    dev = next(p for p in model.parameters()).device
+    if prep.sft is not None:
+        load_adapter_weights(model, prep.sft)
+        add_adapter_from(model, REFERENCE, prep.sft, cfg.lora, trainable=False)
+    same_base = read_manifest(rm_dir).get("base_model") == prep.model_ref.description
+    separate = None
+    score_head = None
+    if same_base:
+        add_adapter_from(model, REWARD, rm_dir, cfg.lora, trainable=False)
+        score_head = head_from(rm_dir, hidden, torch.float32, dev).requires_grad_(False)
+        add_adapter_from(model, VALUE, rm_dir, cfg.lora, trainable=True)  # the value model starts as the RM
+        value_head = head_from(rm_dir, hidden, torch.float32, dev)
+    else:
+        log.warning("the reward model %s was trained on another base (%s); it is loaded separately, as a second "
+                    "model in memory", rm_dir, read_manifest(rm_dir).get("base_model"))
+        separate = load_reward_model(rm_dir)
+        model.add_adapter(VALUE, peft_lora_config(lora))
+        value_head = torch.nn.Linear(hidden, 1, bias=False, device=dev)
+        torch.nn.init.zeros_(value_head.weight)
+    model.base_model.set_adapter(POLICY)
+    if checkpointing:  # the value forward's role ends before the one backward pass of policy + value loss
+        checkpoint_follows_adapters(model)
+    roles = Roles(model, value_head, score_head, separate)
+    with roles.role(POLICY):
+        pass  # leaves exactly the policy and value adapters trainable
+    log.info("one base, roles as adapters: policy%s, reference=%s, reward=%s, value", " (from SFT)" if prep.sft else "",
+             "SFT adapter" if prep.sft else "base (adapters off)", "adapter + head" if same_base else "separate model")
+    return roles
+
+
+# ---------------------------------------------------------------------------------------------- one step
+
+
+def rollout(roles: Roles, prep: Prepared, rows: list[int]) -> tuple[Batch, dict[str, Any]]:
+    """Sample answers to the prompts `rows` with the policy; return the batch and what the step needs of it."""
+    cfg, tok = prep.cfg, prep.tokenizer
+    prompts = [prep.train.examples[i].prompt for i in rows]
+    roles.model.eval()
+    start = time.monotonic()
+    prompt_ids = [prep.train.encoded[i] for i in rows]  # tokenized once, when the data was loaded
+    drawn = sample_batch(roles.model, tok, prompts, Sampling(cfg.rollout.temperature, cfg.rollout.top_p, 1),
+                         cfg.rollout.max_new_tokens, batch_size=len(prompts), encoded=prompt_ids)
+    gen_seconds = time.monotonic() - start
+    responses = [tokens for ((_, tokens),) in drawn]
+    texts = [text for ((text, _),) in drawn]
+    dev = next(roles.model.parameters()).device
+    batch = make_batch(prompt_ids, responses, tok.pad_token_id, tok.eos_token_id, dev)
+    # scored in slices of the update's batch size: the logits of a whole rollout batch at once would make the
+    # peak memory grow with rollout.batch_size (64 prompts × 128 tokens × 152k vocabulary ≈ 4.6 GiB per tensor)
+    slices = [torch.arange(i, min(i + cfg.training.batch_size, len(rows)), device=dev)
+              for i in range(0, len(rows), cfg.training.batch_size)]
+
+    def each(fn) -> torch.Tensor:
+        return torch.cat([fn(batch.select(rows_), rows_.tolist()) for rows_ in slices])
+
+    with torch.no_grad():
+        old_logp = each(lambda b, _: roles.policy_logps(b))
+        with roles.role(REFERENCE):
+            ref_logp = each(lambda b, _: roles.policy_logps(b))
+        with roles.role(VALUE):
+            old_values = each(lambda b, _: roles.values(b))
+        scores = each(lambda b, idx: roles.rewards(b, [prompts[i] for i in idx], [texts[i] for i in idx]))
+    return batch, {"prompts": prompts, "texts": texts, "old_logp": old_logp, "ref_logp": ref_logp,
+                   "old_values": old_values, "scores": scores, "gen_seconds": gen_seconds,
+                   "score_seconds": time.monotonic() - start - gen_seconds}
+
+
+def advantages_of(cfg: PPOConfig, batch: Batch, r: dict[str, Any], kl_coef: float, moments: RunningMoments
+                  ) -> dict[str, torch.Tensor]:
+    """Rewards → per-token shaped rewards → GAE advantages and returns."""
+    p = cfg.ppo
+    scores = r["scores"] - cfg.rollout.missing_eos_penalty * (~batch.ended).float()
+    moments.update(gather(scores))  # every process normalises with the statistics of all processes' rewards
+    if p.normalize_reward:
+        scores = (scores - moments.mean) / max(moments.std, 1e-6)
+    if p.reward_clip is not None:
+        scores = scores.clamp(-p.reward_clip, p.reward_clip)
+    kl = kl_per_token(r["old_logp"], r["ref_logp"], p.kl_estimator) * batch.resp_mask
+    rewards = shaped_rewards(scores, kl, batch.resp_mask, kl_coef)
+    adv, returns = gae(rewards, r["old_values"], batch.resp_mask, p.gamma, p.lam)
+    if p.whiten_advantages:
+        adv = whiten(adv, batch.resp_mask)
+    return {"advantages": adv, "returns": returns, "kl": kl.sum(1), "shaped_scores": scores}
+
+
+def update(roles: Roles, cfg: PPOConfig, batch: Batch, r: dict[str, Any], a: dict[str, torch.Tensor],
+           optimizer, params: dict[str, list[torch.nn.Parameter]], accelerator) -> dict[str, float]:
+    """`ppo.epochs` passes of clipped policy and value updates over shuffled mini-batches."""
+    t = cfg.training
+    roles.model.train()
+    sums: dict[str, list[float]] = {}
+    n = batch.ids.shape[0]
+    accum = 0
+    bad: list[str] = []
+    for _ in range(cfg.ppo.epochs):
+        order = torch.randperm(n)
+        for start in range(0, n, t.batch_size):
+            rows = order[start:start + t.batch_size].to(batch.ids.device)
+            mb = batch.select(rows)
+            logp, ent = roles.policy_logps(mb, with_entropy=True)
+            pg_loss, pg = ppo_policy_loss(logp, r["old_logp"][rows], a["advantages"][rows], mb.resp_mask,
+                                          cfg.ppo.clip_range)
+            with roles.role(VALUE):
+                values = roles.values(mb)
+            vf_loss, vf = ppo_value_loss(values, r["old_values"][rows], a["returns"][rows], mb.resp_mask,
+                                         cfg.ppo.value_clip_range)
+            loss = pg_loss + cfg.ppo.value_coef * vf_loss
+            if torch.isfinite(loss):
+                accelerator.backward(loss / t.grad_accum)
+            else:  # reported at the optimizer step, which every process reaches together
+                bad.append(f"non-finite PPO loss (policy {pg_loss.item()}, value {vf_loss.item()})")
+            accum += 1
+            if accum % t.grad_accum == 0:
+                _optimizer_step(optimizer, params, t.max_grad_norm, accelerator, sums, bad)
+            for key, value in {"policy_loss": pg_loss, "value_loss": vf_loss, **pg, **vf,
+                               "entropy": (ent * mb.resp_mask).sum() / mb.resp_mask.sum().clamp(min=1)}.items():
+                sums.setdefault(key, []).append(float(value.detach()))
+    if accum % t.grad_accum:
+        _optimizer_step(optimizer, params, t.max_grad_norm, accelerator, sums, bad)
+    return {k: sum(v) / len(v) for k, v in sums.items()}
+
+
+def _optimizer_step(optimizer, params: dict[str, list[torch.nn.Parameter]], max_norm: float, accelerator,
+                    sums, bad: list[str]) -> None:
+    """Clip the policy's and the value model's gradients separately: a large value-loss gradient early in
+    training must not shrink the policy's step through one shared norm.
+
+    A non-finite loss on any process skips the step on all of them (one skipping alone would leave the others
+    waiting for its gradients)."""
+    if any_rank(bool(bad)):
+        optimizer.zero_grad(set_to_none=True)
+        raise FloatingPointError(bad[0] if bad else "non-finite PPO loss in another process")
+    for role, group in params.items():
+        if accelerator.num_processes > 1:  # roles switch adapters inside one module, so sync gradients by hand
+            for p in group:
+                if p.grad is not None:
+                    p.grad = accelerator.reduce(p.grad, "mean")
+        norm = torch.nn.utils.clip_grad_norm_(group, max_norm)
+        sums.setdefault(f"grad_norm_{role}", []).append(float(norm))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+
+
+def prompt_rows(n_prompts: int, batch_size: int, step: int, seed: int) -> list[int]:
+    """The prompts of step `step`: consecutive slices of a reshuffled pass over the data per epoch, a function of
+    (seed, step) alone, so a resumed run draws exactly the prompts the uninterrupted one would."""
+    rows = []
+    position = step * batch_size
+    while len(rows) < batch_size:
+        epoch, offset = divmod(position, n_prompts)
+        order = torch.randperm(n_prompts, generator=torch.Generator().manual_seed(seed + epoch))
+        take = min(batch_size - len(rows), n_prompts - offset)
+        rows += order[offset:offset + take].tolist()
+        position += take
+    return rows
+
+
+def _trainable(roles: Roles) -> dict[str, torch.nn.Parameter]:
+    named = {n: p for n, p in roles.model.named_parameters() if f".{POLICY}." in n or f".{VALUE}." in n}
+    named["value_head.weight"] = roles.value_head.weight
+    return named
+
+
+def _check_scores(r: dict[str, Any], step: int) -> None:
+    bad = ~torch.isfinite(r["scores"])
+    if any_rank(bool(bad.any())) and not bad.any():  # every process skips the step together
+        raise FloatingPointError(f"step {step}: non-finite reward(s) in another process")
+    if bad.any():
+        shown = [f"  prompt {r['prompts'][i][-1]['content'][:80]!r} -> answer {r['texts'][i][:80]!r}"
+                 for i in torch.nonzero(bad).flatten().tolist()[:3]]
+        raise FloatingPointError(f"step {step}: {int(bad.sum())} non-finite reward(s), e.g.\n" + "\n".join(shown))
+
+
+def _step_metrics(batch: Batch, r: dict[str, Any], a: dict[str, torch.Tensor], kl_coef: float) -> dict[str, float]:
+    m = batch.resp_mask
+    residual = masked_var(a["returns"] - r["old_values"], m)
+    return {
+        "reward_mean": r["scores"].mean().item(), "reward_std": r["scores"].std().item() if len(r["scores"]) > 1 else 0,
+        "kl": a["kl"].mean().item(), "kl_coef": kl_coef,
+        "response_tokens": m.sum(1).mean().item(), "no_eos_share": (~batch.ended).float().mean().item(),
+        "explained_variance": 1.0 - (residual / masked_var(a["returns"], m).clamp(min=1e-8)).item(),
+        "value_mean": masked_mean(r["old_values"], m).item(),
+        "generation_seconds": r["gen_seconds"], "scoring_seconds": r["score_seconds"]}
+
+
+def train_loop(prep: Prepared, roles: Roles, resume_from: Path | None) -> dict[str, Any]:
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    cfg = prep.cfg
+    t, p = cfg.training, cfg.ppo
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    named = _trainable(roles)
+    params = {"policy": [w for n, w in named.items() if f".{POLICY}." in n],
+              "value": [w for n, w in named.items() if f".{POLICY}." not in n]}
+    # one optimizer, two groups: the value model may learn at its own pace (its loss weight barely matters to AdamW)
+    optimizer = torch.optim.AdamW([{"params": params["policy"], "lr": t.learning_rate},
+                                   {"params": params["value"], "lr": p.value_learning_rate or t.learning_rate}],
+                                  weight_decay=t.weight_decay)
+    from transformers import get_scheduler
+    scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=int(t.warmup_ratio * t.max_steps),
+                              num_training_steps=t.max_steps)
+    controller = KLController(p.kl_coef, p.target_kl, p.kl_horizon)
+    moments = RunningMoments()
+    state: dict[str, Any] = {"log_history": [], "kl_over": 0, "bad_steps": 0}
+    first = 0
+    torch.manual_seed(t.seed + accelerator.process_index)  # processes sample different answers
+    if resume_from is not None:
+        weights, state = load_checkpoint(resume_from, optimizer)
+        with torch.no_grad():
+            for name, value in weights.items():
+                named[name].copy_(value)
+        scheduler.load_state_dict(state.pop("scheduler"))
+        controller = KLController(**state.pop("controller"))
+        moments = RunningMoments(**state.pop("moments"))
+        first = state.pop("step")
+        if accelerator.num_processes > 1:  # the checkpoint holds the main process's random state only
+            torch.manual_seed(t.seed + accelerator.process_index + first * accelerator.num_processes)
+            log.warning("multi-process PPO resumed at step %d: the processes' sampling continues from fresh seeds, "
+                        "so the run is not an exact continuation", first)
+        log.info("resumed PPO at step %d from %s", first, resume_from)
+    n_prompts = len(prep.train.encoded)
+    bar = tqdm(range(first, t.max_steps), initial=first, total=t.max_steps, desc="ppo", unit="step", file=sys.stderr)
+    b, world, rank = cfg.rollout.batch_size, accelerator.num_processes, accelerator.process_index
+    for step in bar:
+        # each process answers its own share of the step's prompts (rollout.batch_size is per process)
+        rows = prompt_rows(n_prompts, b * world, step, t.seed)[rank * b:(rank + 1) * b]
+        batch, r = rollout(roles, prep, rows)
+        start = time.monotonic()
+        try:
+            _check_scores(r, step + 1)
+            a = advantages_of(cfg, batch, r, controller.coef, moments)
+            metrics = _step_metrics(batch, r, a, controller.coef)
+            metrics.update(update(roles, cfg, batch, r, a, optimizer, params, accelerator))
+            metrics = mean_over_ranks(metrics)  # one KL for the controller, one set of numbers in the log
+            state["bad_steps"] = 0
+        except FloatingPointError as e:
+            state["bad_steps"] += 1
+            log.error("PPO step %d skipped: %s", step + 1, e)
+            if state["bad_steps"] >= t.max_bad_steps:
+                raise TrainingStopped(f"{state['bad_steps']} PPO steps in a row failed on non-finite numbers "
+                                      f"(last: {e}). Check the reward model and lower training.learning_rate; the "
+                                      f"last checkpoint is kept in {prep.paths.work}") from None
+            continue
+        scheduler.step()
+        metrics["train_seconds"] = time.monotonic() - start
+        metrics["step"] = step + 1
+        controller.update(metrics["kl"], cfg.rollout.batch_size)
+        state["log_history"].append(metrics)
+        bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics['kl']:.3f}")
+        if (step + 1) % t.logging_steps == 0:
+            log.info("step %d: reward %.3f ± %.3f, KL %.3f (coef %.3g), entropy %.3f, clip %.2f, value loss %.4f, "
+                     "expl. var %.2f, %.1f tokens, %.0f%% no EOS, gen %.1fs / train %.1fs", step + 1,
+                     metrics["reward_mean"], metrics["reward_std"], metrics["kl"], metrics["kl_coef"],
+                     metrics["entropy"], metrics["clip_fraction"], metrics["value_loss"],
+                     metrics["explained_variance"], metrics["response_tokens"], 100 * metrics["no_eos_share"],
+                     metrics["generation_seconds"], metrics["train_seconds"])
+        state["kl_over"] = state["kl_over"] + 1 if metrics["kl"] > p.kl_ceiling else 0
+        if state["kl_over"] >= p.kl_ceiling_steps:
+            raise TrainingStopped(f"the mean KL to the reference stayed above ppo.kl_ceiling={p.kl_ceiling} for "
+                                  f"{state['kl_over']} steps (step {step + 1}: {metrics['kl']:.2f} nats per answer): "
+                                  "the policy is running away from the reference. Lower training.learning_rate, raise "
+                                  f"ppo.kl_coef or set ppo.target_kl; the last checkpoint is kept in {prep.paths.work}")
+        if (step + 1) % t.save_steps == 0 and step + 1 < t.max_steps:
+            if accelerator.is_main_process:  # ranks hold the same weights after each synced step
+                save_checkpoint(prep.paths.work, step + 1, {k: v for k, v in named.items()}, optimizer,
+                                {**state, "scheduler": scheduler.state_dict(), "controller": vars(controller),
+                                 "moments": vars(moments)}, t.save_total_limit)
+            accelerator.wait_for_everyone()
+    bar.close()
+    return {"steps": t.max_steps, "log_history": state["log_history"]}
+
+
+def train(prep: Prepared) -> Path:
+    cfg = prep.cfg
+    if nothing_to_train(cfg, prep.paths, prep.inputs, "base model, data, reward model and config"):
+        return prep.paths.out
+    ckpt = prepare_output(cfg, prep.paths, prep.inputs)
+    from transformers import set_seed
+
+    set_seed(cfg.training.seed)  # fresh adapters and heads start from seeded random weights
+    roles = build_roles(prep)
+    quantization = resolve_quantization(cfg.model)
+    metrics: dict[str, Any] = {"n_prompts": len(prep.train.encoded), "n_rejected": len(prep.train.rejects),
+                               "trainable_params": sum(p.numel() for p in _trainable(roles).values()),
+                               "quantization": quantization, "resumed_from": ckpt.name if ckpt else None}
+    start = time.time()
+    with oom_as_message(STAGE, cfg, prep.paths.work, f"; generation holds rollout.batch_size={cfg.rollout.batch_size} "
+                        f"answers of up to rollout.max_new_tokens={cfg.rollout.max_new_tokens} at once"):
+        metrics.update(train_loop(prep, roles, ckpt))
+    metrics["train_seconds"] = time.time() - start
+    metrics.update(processes=world_size(), rank_weight_spread=weights_spread(_trainable(roles)))
+    if not is_main():  # the main process evaluates and writes the output
+        return prep.paths.out
+    history = metrics["log_history"]
+    if history:
+        k = max(1, len(history) // 5)
+        metrics["reward_first"] = sum(h["reward_mean"] for h in history[:k]) / k
+        metrics["reward_last"] = sum(h["reward_mean"] for h in history[-k:]) / k
+        metrics["kl_last"] = sum(h["kl"] for h in history[-k:]) / k
+    if cfg.eval_prompts:
+        metrics["win_rate"] = win_rate_report(roles.model, prep.tokenizer, cfg, lambda m: roles.role(REFERENCE))
+    parent = str(prep.sft.resolve()) if prep.sft is not None else None
+    manifest = make_manifest(STAGE, cfg.run, prep.inputs, prep.model_ref.description, parent=parent,
+                             extra={"quantization": quantization, "seed": cfg.training.seed,
+                                    "reward_model": str(Path(cfg.reward_model).resolve())})
+
+    def value_head(out: Path) -> None:
+        from safetensors.torch import save_file
+        save_file({"weight": roles.value_head.weight.detach().cpu().contiguous()},
+                  str(out / VALUE / "value_head.safetensors"))
+
+    return save_stage(cfg, prep.paths, roles.model, prep.tokenizer, metrics, manifest, adapters=[POLICY, VALUE],
+                      extra_files=value_head)
+
+
+def run(cfg: PPOConfig) -> Path:
+    return train(setup(cfg))
