@@ -9,6 +9,7 @@ import torch
 from conftest import ROOT, write_jsonl
 from safetensors.torch import load_file
 
+from align.evaluation.evaluate import evaluate_stage_output
 from align.stages import dpo
 from align.runtime.config import DPOConfig, load_config
 
@@ -82,7 +83,10 @@ def test_run_saves_the_policy_only_and_reuses_cached_reference(
     assert load_file(sft_run / "adapter_model.safetensors")  # the SFT adapter on disk is untouched
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["eval_accuracy"] > 0.8 and metrics["eval_loss"] < metrics["eval_loss_before"]
-    report = metrics["win_rate"]
+    assert "win_rate" not in metrics  # the stage trains and saves; evaluation runs on the saved artifact
+    report = evaluate_stage_output(out, cfg.eval_prompts, cfg.eval_limit, cfg.max_new_tokens)
+    assert json.loads((out / "metrics.json").read_text())["win_rate"]["kl_estimate"] == report["kl_estimate"]
+    assert report["baseline"] == str(sft_run.resolve())  # against the reference it trained with
     assert report["n_prompts"] == 3 and report["gold_n"] == 3 and 0 <= report["gold_win_rate"] <= 1
     assert {"kl_estimate", "policy_words_mean", "reference_words_mean"} <= set(report)
     assert json.loads((out / "manifest.json").read_text())["parent"] == str(sft_run.resolve())
@@ -136,7 +140,7 @@ def test_sampled_kl_is_zero_against_itself_and_leaves_the_rng_alone(sft_run):
     import contextlib
 
     from align.serving.trained import load_policy
-    from align.evaluation.winrate import sampled_kl
+    from align.evaluation.measures import sampled_kl
 
     model, tok, _ = load_policy(sft_run, "cpu")
     prompts = [[{"role": "user", "content": f"What is {a} + 2?"}] for a in range(3)]

@@ -7,7 +7,8 @@ import pytest
 import torch
 from conftest import write_jsonl
 
-from align.evaluation.evaluate import length_controlled_win_rate, perplexity, text_overlap, win_rate
+from align.evaluation.measures import perplexity, text_overlap
+from align.evaluation.winrate import judged, length_controlled_win_rate, outcome, win_rate
 
 
 def test_win_rate_counts_a_tie_as_half():
@@ -31,6 +32,19 @@ def test_win_statistics_by_hand():
     assert win_statistics([1, -1, 1, -1])["sign_test_p"] == 1.0
     assert win_statistics([0, 0])["sign_test_p"] == 1.0 and win_statistics([0, 0])["ci95"] == [0.5, 0.5]
     assert win_statistics([])["ci95"] is None
+
+
+def test_one_judges_part_of_a_report_by_hand():
+    assert [outcome(v) for v in (2, 1, 0, -1, -3)] == [1.0, 1.0, 0.5, 0.0, 0.0]
+    # verdicts win, tie, loss, win: outcomes 1, 0.5, 0, 1 → 2.5 / 4 = 0.625; equal lengths → the same rate
+    part = judged("rm", [1, 0, -1, 1], ["a b"] * 4, ["c d"] * 4)
+    assert part["rm_win_rate"] == 0.625 and part["rm_n"] == 4
+    assert (part["rm_wins"], part["rm_ties"], part["rm_losses"]) == (2, 1, 1)
+    assert part["rm_lc_win_rate"] == pytest.approx(0.625, abs=1e-6)
+    # 2 wins of 3 decided: P(≤ 1 of 3) = 4/8, two-sided 1.0
+    assert part["rm_sign_test_p"] == 1.0
+    empty = judged("gold", [], [], [])
+    assert empty["gold_win_rate"] is None and empty["gold_n"] == 0 and empty["gold_ci95"] is None
 
 
 def test_length_controlled_win_rate_equals_the_plain_rate_at_equal_lengths():

@@ -6,7 +6,9 @@ import argparse
 import sys
 from typing import Any
 
+from align.loop.versions import find_home
 from align.runtime.config import describe
+from align.runtime.errors import ConfigError
 
 RUN_EPILOG = """\
 steps: sft, reward, dpo, ppo, evaluate, merge (a stage with enabled: false is left out)
@@ -24,6 +26,7 @@ configuration:
 
 
 def add_parsers(sub) -> None:
+    # loaded for this verb only: it brings torch and the models, which `align --help` does not need
     from align.loop.pipeline import STEPS, PipelineSettings
 
     p = sub.add_parser("run", help="the whole loop: SFT → reward → DPO/PPO → evaluate → promote → merge → report",
@@ -44,9 +47,9 @@ def add_parsers(sub) -> None:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    from align.runtime.distributed import launched
-    from align.runtime.errors import ConfigError
+    # loaded for this verb only: it brings torch and the models, which `align --help` does not need
     from align.loop.pipeline import load_pipeline, run
+    from align.runtime.distributed import launched
 
     if launched():
         raise ConfigError("`align run` drives the whole loop from one process (its evaluation, promotion and merge "
@@ -105,7 +108,6 @@ def print_version(record: dict[str, Any], champion: dict[str, Any] | None) -> No
 
 
 def runs_command(args: argparse.Namespace) -> int:
-    from align.loop.versions import find_home
 
     home = find_home(args.runs_dir, args.name)
     champion = home.champion()

@@ -11,8 +11,9 @@ import warnings
 from pathlib import Path
 
 from align.cli import loop as cli_pipeline
-from align.runtime.config import STAGES, describe, load_config, to_yaml
+from align.runtime.config import STAGES, ModelConfig, describe, load_config, to_yaml
 from align.runtime.errors import AlignError, ConfigError
+from align.runtime.runs import atomic_write_json
 
 CONFIG_HELP = """\
 configuration:
@@ -139,8 +140,9 @@ def _pairs_parser(sub) -> None:
 
 
 def _pairs(args: argparse.Namespace) -> int:
+    # loaded for this verb only: it brings torch and the models, which `align --help` does not need
+    from align.loop.onpolicy import sample_pairs
     from align.modeling.generate import Sampling
-    from align.stages.onpolicy import sample_pairs
 
     _positive_args(args, ["n", "max_new_tokens", "limit", "batch_size"])
     if args.temperature <= 0 or not 0 < args.top_p <= 1:
@@ -176,6 +178,7 @@ def _merge_parser(sub) -> None:
 
 
 def _merge(args: argparse.Namespace) -> int:
+    # loaded for this verb only: it brings torch and the models, which `align --help` does not need
     from align.serving.merge import merge
 
     _positive_args(args, ["probes"])
@@ -211,8 +214,8 @@ def _eval_parser(sub) -> None:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    # loaded for this verb only: it brings torch and the models, which `align --help` does not need
     from align.evaluation.evaluate import evaluate_policy
-    from align.runtime.runs import atomic_write_json
 
     _positive_args(args, ["limit", "max_new_tokens"])
     report = evaluate_policy(args.policy, args.baseline, args.reward_model, args.prompts, args.sft_data or None,
@@ -233,6 +236,7 @@ def _positive_args(args: argparse.Namespace, names: list[str]) -> None:
 
 
 def _score(args: argparse.Namespace) -> int:
+    # loaded for this verb only: it brings torch and the models, which `align --help` does not need
     from align.serving.score import load_reward_model, read_input, score_rows, summarize, write_output
 
     _positive_args(args, ["batch_size", "max_length"])
@@ -253,6 +257,7 @@ def _score(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    # loaded for this verb only: it brings torch and the models, which `align --help` does not need
     from align.serving.score import load_reward_model
     from align.serving.serve import API_KEY_ENV, Limits, check_bind, make_server
 
@@ -266,6 +271,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _setup_logging(quiet: bool) -> None:
+    # loaded for this verb only: it brings torch and the models, which `align --help` does not need
     from align.runtime.distributed import launch_rank
 
     rank = launch_rank()  # the main process of a multi-process run narrates
@@ -283,12 +289,20 @@ def _run_stage(stage: str, args: argparse.Namespace) -> int:
     if args.print_config:
         print(to_yaml(cfg), end="")
         return 0
+    # loaded for this verb only: it brings torch and the models, which `align --help` does not need
     from align.stages import dpo, ppo, reward, sft
 
     out = {"sft": sft.run, "reward": reward.run, "dpo": dpo.run, "ppo": ppo.run}[stage](cfg)
+    # loaded for this verb only: it brings torch and the models, which `align --help` does not need
     from align.runtime.distributed import launch_rank
 
-    if launch_rank() == 0:  # one summary from a multi-process run
+    if launch_rank() == 0:  # the main process evaluates the saved policy and prints one summary
+        if getattr(cfg, "eval_prompts", None):
+            # evaluation loads torch and the models: only for the stages that ask for it
+            from align.evaluation.evaluate import evaluate_stage_output
+
+            evaluate_stage_output(out, cfg.eval_prompts, cfg.eval_limit, cfg.max_new_tokens,
+                                  getattr(cfg, "reward_model", None))
         _print_summary(stage, out, json.loads((Path(out) / "metrics.json").read_text()))
     return 0
 
@@ -306,7 +320,7 @@ def _print_summary(stage: str, out: Path, metrics: dict) -> None:
 
 
 def _model(args: argparse.Namespace) -> int:
-    from align.runtime.config import ModelConfig
+    # loaded for this verb only: it brings torch and the models, which `align --help` does not need
     from align.modeling.models import resolve_model
 
     ref = resolve_model(ModelConfig(name_or_path=args.name_or_path))

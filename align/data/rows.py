@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from align.runtime.errors import DataError
 from align.modeling.formatting import Encoded, FormatError, Messages, encode
+from align.runtime.errors import DataError
 from align.runtime.runs import atomic_write_text, json_hash, sha256_path
 
 ROLES = ("system", "user", "assistant")

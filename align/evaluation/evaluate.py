@@ -1,94 +1,77 @@
-"""Evaluation of a policy against a baseline policy: the numbers a promotion decision rests on.
+"""A policy against a baseline policy on held-out prompts: the numbers a promotion decision rests on.
 
-Pure pieces here (win-rates, a length-controlled win-rate, text overlap); the model-running parts reuse
-align.winrate (answers, judges, sampled KL).
+Both policies are adapters on one base (the baseline may be the base itself, adapters off). The report holds the
+win-rates of each judge (align.evaluation.judges) with their intervals and sign tests, answer lengths (so that
+winning by length is visible), the sampled KL to the reference the policy trained against, and, given held-out
+SFT data, perplexity and text overlap (align.evaluation.measures).
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from align.data.prompts import load_prompts
+from align.data.rows import load_sft_data
+from align.evaluation.judges import gold_part, reward_model_part
+from align.evaluation.measures import perplexity, sampled_kl, text_overlap
+from align.modeling.generate import answer_batch
+from align.modeling.models import adapter_role, require_safetensors
+from align.runtime.errors import ModelError
+from align.runtime.runs import atomic_write_json, read_manifest
+from align.serving.trained import POLICY_STAGES, champion_or, load_policy, open_run
+
+log = logging.getLogger(__name__)
 
 
-def win_rate(outcomes: Sequence[float]) -> float:
-    """Mean of per-prompt outcomes: 1 win, 0.5 tie, 0 loss."""
-    if not outcomes:
-        raise ValueError("no outcomes to average")
-    return sum(outcomes) / len(outcomes)
+def win_rate_report(model, tokenizer, prompts_spec: str, limit: int, max_new_tokens: int, reward_model: str | None,
+                    reference_ctx, shared: dict | None = None) -> dict[str, Any]:
+    """Policy (the model's active adapter) against the reference (inside `reference_ctx(model)`). `shared` keeps
+    the reference's answers and the loaded reward model for the next policy judged against the same reference."""
+    shared = {} if shared is None else shared
+    prompts = load_prompts(prompts_spec, limit)
+    if not prompts:
+        return {}
+    messages = [p for p, _ in prompts]
+    policy = answer_batch(model, tokenizer, messages, max_new_tokens, desc="policy answers")
+    if "reference_answers" not in shared:
+        with reference_ctx(model):
+            shared["reference_answers"] = answer_batch(model, tokenizer, messages, max_new_tokens,
+                                                       desc="reference answers")
+    ref = shared["reference_answers"]
+    eos = tokenizer.eos_token_id
+    report: dict[str, Any] = {
+        "n_prompts": len(prompts),
+        "kl_estimate": sampled_kl(model, tokenizer, messages, max_new_tokens, reference_ctx),
+        "policy_words_mean": sum(len(t.split()) for t, _ in policy) / len(policy),
+        "reference_words_mean": sum(len(t.split()) for t, _ in ref) / len(ref),
+        "policy_no_eos_share": sum(not a or a[-1] != eos for _, a in policy) / len(policy),
+        "reference_no_eos_share": sum(not a or a[-1] != eos for _, a in ref) / len(ref),
+        **gold_part(prompts, policy, ref),
+    }
+    if reward_model:
+        report.update(reward_model_part(reward_model, messages, policy, ref, shared))
+    report["samples"] = [{"prompt": m[-1]["content"], "policy": pt, "reference": rt}
+                         for m, (pt, _), (rt, _) in list(zip(messages, policy, ref))[:3]]
+    # per-answer word counts, so a report can show the length distributions, not just their means
+    report["policy_words"] = [len(t.split()) for t, _ in policy]
+    report["reference_words"] = [len(t.split()) for t, _ in ref]
+    return report
 
 
-def length_controlled_win_rate(outcomes: Sequence[float], policy_words: Sequence[int],
-                               baseline_words: Sequence[int], iterations: int = 50) -> dict[str, float]:
-    """The win-rate the policy would have at equal answer lengths, so that longer answers do not win by length.
-
-    Fits P(win) = σ(a + b·d) by logistic regression (ties count as half a win), where d = tanh((policy words −
-    baseline words) / s) and s is the standard deviation of the word counts (the same idea as AlpacaEval's
-    length-controlled win-rate, with one length feature). Returns the controlled rate σ(a), the fitted slope b
-    (how much a longer answer is preferred) and the plain rate.
-    """
-    n = len(outcomes)
-    if n == 0 or len(policy_words) != n or len(baseline_words) != n:
-        raise ValueError("outcomes and both length lists must be non-empty and of equal length")
-    lengths = list(policy_words) + list(baseline_words)
-    mean = sum(lengths) / len(lengths)
-    scale = math.sqrt(sum((x - mean) ** 2 for x in lengths) / len(lengths)) or 1.0
-    d = [math.tanh((p - b) / scale) for p, b in zip(policy_words, baseline_words)]
-    a = b = 0.0
-    for _ in range(iterations):  # Newton steps on the (convex) log-loss, with a small ridge for separable data
-        ga = gb = 0.0
-        haa = hab = hbb = 1e-6
-        for y, x in zip(outcomes, d):
-            p = 1.0 / (1.0 + math.exp(-(a + b * x)))
-            w = p * (1 - p)
-            ga += p - y
-            gb += (p - y) * x
-            haa += w
-            hab += w * x
-            hbb += w * x * x
-        gb += 1e-3 * b
-        hbb += 1e-3
-        det = haa * hbb - hab * hab
-        a -= (hbb * ga - hab * gb) / det
-        b -= (haa * gb - hab * ga) / det
-    return {"length_controlled_win_rate": 1.0 / (1.0 + math.exp(-a)), "length_slope": b,
-            "win_rate": win_rate(outcomes)}
-
-
-def text_overlap(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
-    """Corpus BLEU (sacrebleu, 0–100) and mean ROUGE-L F1 (rouge-score, 0–1) of answers against references."""
-    import sacrebleu
-    from rouge_score import rouge_scorer
-
-    if not predictions or len(predictions) != len(references):
-        raise ValueError("predictions and references must be non-empty and of equal length")
-    bleu = sacrebleu.corpus_bleu(list(predictions), [list(references)]).score
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
-    rouge = sum(scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references)) / len(predictions)
-    return {"bleu": bleu, "rouge_l": rouge}
-
-
-# ---------------------------------------------------------------------------------------------- a policy
-
-
-def perplexity(model, tokenizer, spec: str, max_length: int, limit: int, batch_size: int = 8) -> float:
-    """exp(mean NLL per answer token) on held-out SFT rows (prompt tokens masked, as SFT trained)."""
-    import torch
-
-    from align.data.rows import load_sft_data
-    from align.modeling.heads import answer_labels, labelled_logps, pad_batch
-
-    rows = load_sft_data(spec, tokenizer, max_length, completion_only=True, limit=limit).encoded
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for start in range(0, len(rows), batch_size):
-            chunk = rows[start:start + batch_size]
-            ids, mask = pad_batch([r.input_ids for r in chunk], tokenizer.pad_token_id, device=device)
-            labels = answer_labels(ids, mask, [r.prompt_len for r in chunk])
-            logps, n = labelled_logps(model, ids, mask, labels)
-            total += -logps.sum().item()
-            count += int(n.sum().item())
-    return math.exp(total / max(count, 1))
+def evaluate_stage_output(out: str | Path, prompts: str, limit: int, max_new_tokens: int,
+                          reward_model: str | None = None) -> dict[str, Any]:
+    """A freshly saved policy stage against the reference it trained with (its SFT parent, else the base): the
+    report goes into the stage's metrics.json as "win_rate" (an atomic rewrite) and is returned."""
+    out = Path(out)
+    report = evaluate_policy(str(out), None, reward_model, prompts, None, limit, max_new_tokens)
+    metrics_path = out / "metrics.json"
+    metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
+    metrics["win_rate"] = report
+    atomic_write_json(metrics_path, metrics)
+    return report
 
 
 def evaluate_policy(policy: str, baseline: str | None = None, reward_model: str | None = None,
@@ -107,13 +90,6 @@ def evaluate_policies(policies: list[str], baseline: str | None = None, reward_m
                       device: str = "auto") -> list[dict]:
     """Several policies (adapters on one base, loaded once) against one baseline; the baseline's answers,
     perplexity and overlap are computed once and shared. Default baseline: the first policy's SFT parent."""
-    from pathlib import Path
-
-    from align.runtime.errors import ModelError
-    from align.modeling.models import adapter_role
-    from align.runtime.runs import read_manifest
-    from align.serving.trained import POLICY_STAGES, champion_or, load_policy, open_run
-
     paths = [champion_or(p) for p in policies]
     baseline = champion_or(baseline) if baseline else None
     model, tokenizer, cfg = load_policy(paths[0], device)
@@ -154,15 +130,10 @@ class _Job:
 
     def evaluate(self, policy, parent: str | None) -> dict:
         """The active adapter against the baseline."""
-        from types import SimpleNamespace
-
-        from align.evaluation.winrate import win_rate_report
-
         model, tok = self.model, self.tokenizer
-        settings = SimpleNamespace(eval_prompts=self.prompts, eval_limit=self.limit,
-                                   max_new_tokens=self.max_new_tokens, reward_model=self.reward_model)
         report = {"policy": str(policy), "baseline": self.baseline or "base model (adapters off)",
-                  **win_rate_report(model, tok, settings, self.ctx, self.shared)}
+                  **win_rate_report(model, tok, self.prompts, self.limit, self.max_new_tokens, self.reward_model,
+                                    self.ctx, self.shared)}
         report["kl_to_reference"] = self._kl_to_reference(parent, report)
         if self.sft_data:
             report["perplexity_policy"] = perplexity(model, tok, self.sft_data, self.max_length, self.limit)
@@ -181,8 +152,6 @@ class _Job:
         return self.shared[what]
 
     def _reference_pairs(self) -> list:
-        from align.data.rows import load_sft_data
-
         if "pairs" not in self.shared:
             examples = load_sft_data(self.sft_data, self.tokenizer, self.max_length, True, limit=self.limit).examples
             self.shared["pairs"] = [(e.prompt, e.completion[-1]["content"]) for e in examples
@@ -190,19 +159,12 @@ class _Job:
         return self.shared["pairs"]
 
     def _overlap(self, pairs, desc: str | None) -> dict:
-        from align.modeling.generate import answer_batch
-
         answers = answer_batch(self.model, self.tokenizer, [p for p, _ in pairs], self.max_new_tokens, desc=desc)
         return text_overlap([a for a, _ in answers], [r for _, r in pairs])
 
     def _kl_to_reference(self, parent: str | None, report: dict) -> float | None:
         """KL of the policy to the reference it trained against (its SFT parent, or the base without adapters):
         the number a KL budget is about. When the baseline is that parent, it is the win-rate report's estimate."""
-        from pathlib import Path
-
-        from align.modeling.models import adapter_role, require_safetensors
-        from align.evaluation.winrate import load_prompts, sampled_kl
-
         baseline = self.baseline
         if (parent and baseline and Path(parent).resolve() == Path(baseline).resolve()) or not (parent or baseline):
             return report.get("kl_estimate")

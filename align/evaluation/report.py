@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 from align.runtime.runs import atomic_write_text
-from align.loop.versions import Home
 
 ROWS = [  # (label, key in the headline metrics, format)
     ("gold-judge win-rate", "gold_win_rate", "{:.1%}"), ("  95% interval", "gold_ci95", "interval"),
@@ -164,11 +163,11 @@ def plot_lengths(lengths: dict[str, list[int]], out: Path) -> bool:
 # ---------------------------------------------------------------------------------------------- the report
 
 
-def write_report(home: Home, record: dict[str, Any]) -> Path:
+def write_report(home: Path, record: dict[str, Any]) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
-    vdir = home.root / record["version"]
+    vdir = home / record["version"]
     stages = record["stages"]
     evaluation = record.get("evaluation") or {}
     reports = {n: _read_json(f) for n, f in (evaluation.get("files") or {}).items()}
@@ -205,12 +204,12 @@ def _policy_points(reports: dict[str, dict[str, Any]], record: dict[str, Any], b
     return points
 
 
-def _markdown(home: Home, record: dict[str, Any], reports: dict[str, dict[str, Any]], baseline_name: str,
+def _markdown(home: Path, record: dict[str, Any], reports: dict[str, dict[str, Any]], baseline_name: str,
               figures: list[tuple[str, str]]) -> str:
     version, stages = record["version"], record["stages"]
     decision = record.get("decision") or {}
     champion = decision.get("champion")
-    out = [f"# {home.root.name} {version}", "",
+    out = [f"# {home.name} {version}", "",
            f"Status: {record['status']} · created {record['created']} · report written {record.get('updated', '')}",
            ""]
     out += ["## Decision", "", decision.get("reason", "no decision yet").capitalize() + ".", ""]

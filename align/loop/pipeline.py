@@ -22,6 +22,11 @@ from typing import Any, Literal
 
 import yaml
 
+from align.data.rows import data_hash
+from align.evaluation.promotion import PromotionRule
+from align.loop.steps import evaluate_step, finish
+from align.loop.versions import Home, now
+from align.modeling.models import resolve_model
 from align.runtime.config import (
     STAGES,
     ModelConfig,
@@ -35,9 +40,8 @@ from align.runtime.config import (
     to_dict,
 )
 from align.runtime.errors import ConfigError
-from align.evaluation.promotion import PromotionRule
 from align.runtime.runs import json_hash
-from align.loop.versions import Home, now
+from align.stages import dpo, ppo, reward, sft
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +208,6 @@ def stage_config(p: Pipeline, stage: str, version: str, parents: dict[str, Path]
 def stage_key(stage: str, cfg: StageConfig, parent_keys: dict[str, str], base_model: dict[str, Any]) -> str:
     """What a stage's artifact is made from. Paths that differ between versions (run dir, parents) are left out;
     data enter by content, parents by their own keys."""
-    from align.data.rows import data_hash
 
     d = to_dict(cfg)
     for name in ("run", "runs_dir", "overwrite", "resume", "init_from_sft", "reward_model"):
@@ -218,13 +221,11 @@ def stage_key(stage: str, cfg: StageConfig, parent_keys: dict[str, str], base_mo
 
 
 def _stage_runner(stage: str):
-    from align.stages import dpo, ppo, reward, sft
 
     return {"sft": sft.run, "reward": reward.run, "dpo": dpo.run, "ppo": ppo.run}[stage]
 
 
 def plan_keys(p: Pipeline) -> dict[str, str]:
-    from align.modeling.models import resolve_model
 
     base = resolve_model(p.settings.model).description
     keys: dict[str, str] = {}
@@ -255,7 +256,6 @@ def run(p: Pipeline, start: str | None = None) -> dict[str, Any]:
     record["stages"] = {s: e for s, e in record["stages"].items() if s in keys}
     for stage in p.enabled():
         _run_stage(p, home, record, stage, keys[stage], made[stage])
-    from align.loop.steps import evaluate_step, finish
 
     _step(home, record, "evaluate", lambda: evaluate_step(p, home, record, force="evaluate" in forced))
     _step(home, record, "merge", lambda: finish(p, home, record))

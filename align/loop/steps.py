@@ -7,9 +7,13 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from align.data.rows import data_hash
+from align.evaluation.evaluate import evaluate_policies
 from align.evaluation.promotion import decide
-from align.runtime.runs import atomic_write_json, json_hash
+from align.evaluation.report import write_report
 from align.loop.versions import Home, now
+from align.runtime.runs import atomic_write_json, json_hash
+from align.serving.merge import merge
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +62,6 @@ def candidates(record: dict[str, Any], baseline: str | None) -> list[str]:
 
 def evaluate_step(p, home: Home, record: dict[str, Any], force: bool = False) -> None:
     """Each new policy against the baseline on held-out prompts, then the promotion decision (and champion)."""
-    from align.data.rows import data_hash
-    from align.evaluation.evaluate import evaluate_policies
 
     stages, version, s = record["stages"], record["version"], p.settings
     champion = home.champion()
@@ -120,13 +122,11 @@ def promote(home: Home, record: dict[str, Any], reports: dict[str, dict[str, Any
 
 def finish(p, home: Home, record: dict[str, Any]) -> None:
     """Merge a newly promoted champion into a plain model directory, then write the report."""
-    from align.evaluation.report import write_report
 
     decision = record.get("decision") or {}
     champion = decision.get("champion") if decision.get("changed") else None
     record["merged"] = None
     if p.settings.merge.enabled and champion is not None:
-        from align.serving.merge import merge
 
         out = home.root / record["version"] / "merged"
         log.info("merge: %s %s into %s", champion["version"], champion["stage"], out)
@@ -134,5 +134,5 @@ def finish(p, home: Home, record: dict[str, Any]) -> None:
         record["merged"] = {"path": str(out), "stage": champion["stage"], "dtype": p.settings.merge.dtype,
                             "verification": summary.get("verification")}
     record["status"] = "done"  # the report says so; a failure while writing it sets "failed" again
-    record["report"] = str(write_report(home, record))
+    record["report"] = str(write_report(home.root, record))
     home.write(record)

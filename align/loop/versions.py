@@ -19,11 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from align.runtime.errors import OutputError
-from align.runtime.runs import atomic_write_json
+from align.runtime.runs import CHAMPION_FILE, atomic_write_json
 
 VERSION_FILE = "version.json"
 INDEX_FILE = "index.json"
-CHAMPION_FILE = "champion.json"
 _VERSION = re.compile(r"^v(\d+)$")
 
 

@@ -9,6 +9,7 @@ import torch
 from tqdm.auto import tqdm
 
 from align.modeling.formatting import Messages, encode_prompt
+from align.modeling.heads import pad_batch
 
 
 @torch.no_grad()
@@ -64,7 +65,6 @@ def sample_batch(model, tokenizer, prompts: list[Messages], sampling: Sampling, 
     """`sampling.n` answers to each prompt, as (text, answer token ids ending at the EOS when the model produced
     one), in prompt order. Prompts are batched by length with left padding, so a batch wastes little.
     `encoded`: the prompts' token ids when the caller already has them (from encode_prompt)."""
-    from align.modeling.heads import pad_batch
 
     was_training = model.training
     model.eval()

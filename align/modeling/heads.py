@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from align.runtime.errors import ModelError
 from align.modeling.formatting import IGNORE
-from align.rl.losses import last_token_index
+from align.rl.losses import last_token_index, sequence_logps, token_logps
+from align.runtime.errors import ModelError
 
 
 def unwrap(model):
@@ -102,7 +102,6 @@ def labelled_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     Vocabulary logits are made only for what is scored: from the position before the first labelled token on
     (small batches), or for the labelled positions alone, in chunks (large ones).
     """
-    from align.rl.losses import sequence_logps
 
     targets = labels[:, 1:]
     picked = targets != IGNORE
@@ -126,7 +125,6 @@ def packed_logps(model, input_ids: torch.Tensor, positions: torch.Tensor, labels
 
     Logits are made only at the positions that predict a labelled token (logits_to_keep as indices), in chunks
     when there are many."""
-    from align.rl.losses import token_logps
 
     targets = labels[:, 1:]
     picked = targets != IGNORE
@@ -168,7 +166,6 @@ def _transforms_logits(causal) -> bool:
 
 
 def _head_logps(head: torch.nn.Module, states: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    from align.rl.losses import token_logps
 
     return token_logps(head(states.to(head.weight.dtype))[None], tokens[None])[0]
 

@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from align.modeling.compiled import compile_decoder_layers
+from align.modeling.tiled import tile_mlps
 from align.runtime.config import LoraConfig, ModelConfig
 from align.runtime.distributed import launch_local_rank, sharded_by
 from align.runtime.errors import ModelError
@@ -255,11 +257,9 @@ def attach_lora(model, cfg: LoraConfig, quantized: bool, gradient_checkpointing:
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
     if mlp_tiles > 1:
-        from align.modeling.tiled import tile_mlps
 
         tile_mlps(peft_model, mlp_tiles)
     if compile:
-        from align.modeling.compiled import compile_decoder_layers
 
         compile_decoder_layers(peft_model)
     return peft_model

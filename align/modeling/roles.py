@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from align.runtime.errors import ModelError
 from align.modeling.heads import pad_batch, position_ids, unwrap
-from align.rl.losses import entropy, token_logps
 from align.modeling.models import adapter_role, load_adapter_weights, lora_like, peft_lora_config
+from align.rl.losses import entropy, token_logps
+from align.runtime.errors import ModelError
 
 log = logging.getLogger(__name__)
 POLICY, VALUE, REFERENCE, REWARD = "default", "value", "reference", "reward"

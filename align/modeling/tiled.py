@@ -19,8 +19,9 @@ import logging
 
 import torch
 
-from align.runtime.errors import ModelError
+from align.modeling.compiled import decoder_layers
 from align.modeling.recompute import adapter_state, adapters_as, lora_layers
+from align.runtime.errors import ModelError
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,6 @@ log = logging.getLogger(__name__)
 def tile_mlps(model, tiles: int) -> int:
     """Run every decoder layer's `mlp` of `model` in `tiles` tiles of tokens when gradients are computed; returns
     how many MLPs. Parameter names (and so saved adapters and checkpoints) are unchanged."""
-    from align.modeling.compiled import decoder_layers
 
     mlps = [getattr(layer, "mlp", None) for layer in decoder_layers(model)]
     if not mlps or any(not isinstance(m, torch.nn.Module) for m in mlps):

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from align.runtime.distributed import barrier
+from align.runtime.errors import OutputError
 from align.runtime.runs import atomic_dir, atomic_write_json, remove_dir
 
 log = logging.getLogger(__name__)
@@ -224,7 +225,6 @@ class SafetensorsCheckpoints:
 
 def refuse_pickles(path: Path) -> None:
     """A checkpoint whose optimizer/scheduler/RNG state exists only as pickles is refused, never unpickled."""
-    from align.runtime.errors import OutputError
 
     pickles = [n for n in TRAINER_PICKLES if (path / n).exists()]
     if pickles and not all((path / n).is_file() for n in (*TRAINER_SAFE, "rng.safetensors")):

@@ -31,6 +31,7 @@ from typing import Any
 from align.runtime.errors import OutputError
 
 MANIFEST = "manifest.json"
+CHAMPION_FILE = "champion.json"  # in a pipeline's directory: which version's policy is its champion
 LIBRARIES = ("align-rlhf", "torch", "transformers", "trl", "peft", "datasets", "accelerate", "bitsandbytes")
 
 

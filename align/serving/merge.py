@@ -22,6 +22,11 @@ from typing import Any
 
 import torch
 
+from align.data.pairs import parse_pair
+from align.data.rows import _as_messages, read_rows
+from align.modeling.formatting import encode_prompt, encode_scored
+from align.modeling.heads import sequence_scores
+from align.modeling.models import load_base, load_tokenizer
 from align.runtime.config import ModelConfig
 from align.runtime.errors import ModelError, OutputError
 from align.runtime.runs import atomic_dir, atomic_write_json, atomic_write_text, is_nonempty_dir, sha256_path
@@ -66,9 +71,6 @@ def check_output(out: Path, base_path: str, force: bool) -> None:
 
 def probes(cfg, tokenizer, stage: str, n: int) -> list[list[int]]:
     """Token ids of up to n whole examples from the run's data (eval split first): the inputs verification runs."""
-    from align.data.rows import read_rows
-    from align.modeling.formatting import encode_prompt, encode_scored
-    from align.data.pairs import parse_pair
 
     seqs: list[list[int]] = []
     for spec in [s for s in (cfg.data.eval, cfg.data.train) if s]:
@@ -81,7 +83,6 @@ def probes(cfg, tokenizer, stage: str, n: int) -> list[list[int]]:
                         prompt, chosen, _ = parse_pair(raw)
                         seqs.append(encode_scored(tokenizer, prompt, chosen, cfg.data.max_length))
                     else:
-                        from align.data.rows import _as_messages
                         seqs.append(encode_prompt(tokenizer, _as_messages(raw.get("prompt") or raw["messages"][:-1],
                                                                           "prompt", "user")))
                 except Exception:  # noqa: BLE001 - a probe that does not parse is skipped, not fatal
@@ -97,7 +98,6 @@ def probes(cfg, tokenizer, stage: str, n: int) -> list[list[int]]:
 @torch.no_grad()
 def outputs(model, seqs: list[list[int]], pad_id: int, reward: bool) -> list[torch.Tensor]:
     """Per probe: logits (T, V) for a policy, the (1,) score for a reward model, in float32."""
-    from align.modeling.heads import sequence_scores
 
     out = []
     device = next(model.parameters()).device
@@ -155,7 +155,6 @@ def _nf4_outputs(ref, cfg, adapter_dir: Path, seqs, pad_id: int, reward: bool):
     """Outputs of the 4-bit base + adapter, as trained, to report how far the merged model drifted from it."""
     from peft import PeftModel
 
-    from align.modeling.models import load_base
 
     model_cfg = ModelConfig(name_or_path=cfg.model.name_or_path, gguf_file=cfg.model.gguf_file, quantization="nf4",
                             dtype="float32", trust_remote_code=cfg.model.trust_remote_code)
@@ -167,7 +166,6 @@ def merge(adapter: str, out: str, dtype: str = "fp32", force: bool = False, acce
           n_probes: int = 8) -> dict[str, Any]:
     from peft import PeftModel
 
-    from align.modeling.models import load_base, load_tokenizer
 
     adapter_dir, out_path = Path(adapter), Path(out)
     manifest, cfg, ref = open_run(adapter_dir, STAGES, "--adapter")

@@ -16,10 +16,13 @@ from typing import Any
 
 import torch
 
-from align.data.rows import RowError, _as_messages, char_bound, chars, keys_of, parse_row
-from align.runtime.errors import DataError, ModelError
+from align.data.pairs import _answer, parse_pair
+from align.data.rows import RowError, _as_messages, char_bound, chars, jsonl_rows, keys_of, parse_row, read_rows
 from align.modeling.formatting import Messages, encode_scored
 from align.modeling.heads import pad_batch, sequence_scores
+from align.modeling.models import load_base, load_tokenizer
+from align.runtime.errors import DataError, ModelError
+from align.runtime.runs import atomic_write_text
 from align.serving.trained import model_config_for, open_run, pick_device
 
 log = logging.getLogger(__name__)
@@ -66,7 +69,6 @@ class ScoreRow:
 def parse_score_row(raw: Any) -> ScoreRow:
     """{"prompt", "response"}, {"messages"} (the last assistant message is scored) or {"prompt", "chosen",
     "rejected"} (and the implicit-prompt pair forms training accepts)."""
-    from align.data.pairs import _answer, parse_pair
 
     if isinstance(raw, dict) and ("chosen" in raw or "rejected" in raw):
         prompt, chosen, rejected = parse_pair(raw)
@@ -137,7 +139,6 @@ class RewardModel:
 
 def load_reward_model(path: str | Path, device: str = "auto") -> RewardModel:
     """A reward run directory (adapter + head over its base) or a merged reward-model directory."""
-    from align.modeling.models import load_tokenizer
 
     path = Path(path)
     dev = pick_device(device)
@@ -156,7 +157,6 @@ def load_reward_model(path: str | Path, device: str = "auto") -> RewardModel:
 def _load_reward_run(path: Path, dev: torch.device, pad_token_id: int | None):
     from peft import PeftModel
 
-    from align.modeling.models import load_base
 
     manifest, cfg, ref = open_run(path, ("reward",), "--model")
     model_cfg = model_config_for(cfg, manifest, dev)
@@ -244,7 +244,6 @@ def summarize(results: list[dict[str, Any]]) -> ScoreSummary:
 
 def read_input(spec: str) -> list[tuple[int, Any]]:
     """Rows of a file (JSONL, JSON, CSV, Parquet, saved dataset) or of JSONL on stdin ("-")."""
-    from align.data.rows import jsonl_rows, read_rows
 
     if spec == "-":
         rows = [(n, raw) for _, n, raw in jsonl_rows(sys.stdin.buffer, "<stdin>")]
@@ -262,7 +261,6 @@ def write_output(results: list[dict[str, Any]], spec: str) -> None:
     """JSONL to stdout ("-") or a .jsonl file; .csv and .parquet files get one column per field."""
     import json
 
-    from align.runtime.runs import atomic_write_text
 
     lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results)
     if spec == "-":

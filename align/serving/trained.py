@@ -11,8 +11,10 @@ from typing import Any
 
 import torch
 
+from align.modeling.models import load_base, load_tokenizer, require_safetensors, resolve_model
 from align.runtime.config import STAGES, ModelConfig, load_config
 from align.runtime.errors import ModelError
+from align.runtime.runs import CHAMPION_FILE, MANIFEST, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +35,6 @@ def pick_device(name: str = "auto") -> torch.device:
 
 def open_run(path: Path, stages: tuple[str, ...], flag: str) -> tuple[dict[str, Any], Any, Any]:
     """(manifest, stage config, resolved base) of a finished stage output whose stage is one of `stages`."""
-    from align.modeling.models import require_safetensors, resolve_model
-    from align.runtime.runs import MANIFEST, read_manifest
 
     if not (path / MANIFEST).is_file() or not (path / "adapter_config.json").is_file():
         raise ModelError(f"{flag} {path}: not a finished stage output (runs/<run>/<stage>/ with manifest.json "
@@ -61,8 +61,6 @@ def model_config_for(cfg: Any, manifest: dict[str, Any], dev: torch.device) -> M
 
 def champion_or(path: str | Path) -> Path:
     """A pipeline directory (runs/<name>, holding champion.json) stands for its champion policy."""
-    from align.loop.versions import CHAMPION_FILE
-
     path = Path(path)
     pointer = path / CHAMPION_FILE
     if pointer.is_file():
@@ -77,7 +75,6 @@ def load_policy(path: str | Path, device: str = "auto", flag: str = "--policy"):
     a pipeline's champion when `path` is the pipeline's directory."""
     from peft import PeftModel
 
-    from align.modeling.models import load_base, load_tokenizer
 
     path = champion_or(path)
     dev = pick_device(device)

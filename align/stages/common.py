@@ -19,8 +19,11 @@ from typing import Any
 
 import torch
 
-from align.runtime.config import StageConfig, to_yaml
 from align.data.rows import Loaded, check_reject_share, data_hash, write_rejects
+from align.modeling.compiled import check_compiler
+from align.modeling.models import device, load_tokenizer, require_safetensors, resolve_model, resolve_quantization
+from align.runtime.checkpoint import checkpoint_dirs, checkpoints, is_complete, refuse_pickles
+from align.runtime.config import StageConfig, to_yaml
 from align.runtime.distributed import is_main, main_first, on_main, weights_spread, world_size
 from align.runtime.errors import ConfigError, OutputError
 from align.runtime.guards import NonFiniteGuard, TrainingStopped, check_finite, oom_as_message
@@ -33,6 +36,7 @@ from align.runtime.runs import (
     make_manifest,
     read_manifest,
     remove_dir,
+    remove_stale,
     sha256_path,
 )
 
@@ -85,7 +89,6 @@ def prepare(stage: str, cfg: StageConfig, make_loader: Callable[[Any], Callable[
 
 def _prepare(stage: str, cfg: StageConfig, make_loader: Callable[[Any], Callable[[str, str, int | None], Loaded]],
              init_from_sft: str | None, adjust_tokenizer: Callable[[Any], None] | None) -> Prepared:
-    from align.modeling.models import load_tokenizer, resolve_model
 
     paths = StagePaths.of(cfg, stage)
     check_new_output(cfg, paths)
@@ -94,8 +97,6 @@ def _prepare(stage: str, cfg: StageConfig, make_loader: Callable[[Any], Callable
                           "(a tiled MLP recomputes itself inside the backward pass, which a compiled layer cannot "
                           "hold); choose one: compile for speed, mlp_tiles for memory")
     if cfg.training.compile:
-        from align.modeling.compiled import check_compiler
-        from align.modeling.models import device
 
         check_compiler(device())
     model_ref = resolve_model(cfg.model)
@@ -154,7 +155,6 @@ def sft_parent(init_from_sft: str | None, model_ref) -> Path | None:
                           f"stage's base is {model_ref.description}; set model.name_or_path to the SFT base")
     if not (sft / "adapter_config.json").is_file():
         raise ConfigError(f"init_from_sft={init_from_sft}: no adapter_config.json; is it an SFT stage output?")
-    from align.modeling.models import require_safetensors
 
     require_safetensors(sft, "init_from_sft=")
     return sft
@@ -162,7 +162,6 @@ def sft_parent(init_from_sft: str | None, model_ref) -> Path | None:
 
 def newest_checkpoint(work: Path) -> Path | None:
     """The newest complete checkpoint (align.checkpoint.is_complete): never one a killed writer left half-written."""
-    from align.runtime.checkpoint import checkpoints
 
     found = checkpoints(work)
     return found[-1] if found else None
@@ -208,8 +207,6 @@ def _prepare_output(cfg: StageConfig, paths: StagePaths, inputs: dict[str, str])
     again into a fresh directory, and its rotation, which orders by modification time, never counts them) and
     temporary files of killed writers.
     """
-    from align.runtime.checkpoint import checkpoint_dirs, is_complete, refuse_pickles
-    from align.runtime.runs import remove_stale
 
     inputs_file = paths.work / "inputs.json"
     remove_stale(paths.run_dir, paths.work.name)
@@ -328,7 +325,6 @@ def _unprepare(trainer) -> None:
 def finish(stage: str, prep: Prepared, make_trainer: Callable[[], Any], after: Callable[[Any], dict[str, Any]],
            loss_before: bool = True, extra: dict[str, Any] | None = None, adapters: list[str] | None = None) -> Path:
     """Train (or resume, or skip when up to date), then save the adapter with metrics and manifest."""
-    from align.modeling.models import resolve_quantization
 
     cfg = prep.cfg
     quantization = resolve_quantization(cfg.model)

@@ -22,13 +22,10 @@ from typing import Any
 import torch
 from datasets import Dataset
 
-from align.runtime.config import DPOConfig
+from align.data.pairs import EncodedPair, pair_loader
 from align.data.rows import Loaded
-from align.runtime.distributed import gather, is_main, world_size
-from align.runtime.distributed import rank as rank_of
 from align.modeling.formatting import IGNORE
 from align.modeling.heads import answer_labels, labelled_logps, pack_batch, packed_logps, pad_batch
-from align.rl.losses import dpo_loss
 from align.modeling.models import (
     adapter_role,
     attach_lora,
@@ -37,7 +34,11 @@ from align.modeling.models import (
     lora_like,
     resolve_quantization,
 )
-from align.data.pairs import EncodedPair, pair_loader
+from align.rl.losses import dpo_loss
+from align.runtime.checkpoint import SafetensorsCheckpoints
+from align.runtime.config import DPOConfig
+from align.runtime.distributed import gather, is_main, world_size
+from align.runtime.distributed import rank as rank_of
 from align.runtime.runs import json_hash
 from align.stages.common import (
     Prepared,
@@ -46,7 +47,6 @@ from align.stages.common import (
     trainer_args,
     use_cuda_defaults,
 )
-from align.evaluation.winrate import win_rate_report
 
 log = logging.getLogger(__name__)
 STAGE = "dpo"
@@ -216,7 +216,6 @@ def _collate(rows: list[dict], pad_id: int, packed: bool) -> dict[str, torch.Ten
 def _trainer_class():
     from transformers import Trainer
 
-    from align.runtime.checkpoint import SafetensorsCheckpoints
 
     class DPOTrainer(SafetensorsCheckpoints, Trainer):
         """transformers' Trainer with align's DPO losses over precomputed reference log-probs."""
@@ -267,8 +266,6 @@ def train(prep: Prepared) -> Path:
         metrics: dict[str, Any] = {}
         if trainer.eval_dataset is not None:
             metrics.update({k: v for k, v in trainer.evaluate().items() if k.startswith("eval_")})
-        if cfg.eval_prompts and is_main():  # generation: the main process alone, it writes the output
-            metrics["win_rate"] = win_rate_report(trainer.model, prep.tokenizer, cfg, reference)
         return metrics
 
     return finish(STAGE, prep, lambda: build_trainer(prep), metrics_after,

@@ -25,10 +25,32 @@ from typing import Any
 
 import torch
 
-from align.rl.advantages import KLController, RunningMoments, gae, kl_per_token, masked_mean, masked_var, shaped_rewards, whiten
+from align.data.rows import Example, RowError, _as_messages, char_bound, chars, load_rows
+from align.modeling.formatting import FormatError, encode_prompt
+from align.modeling.generate import Sampling, sample_batch
+from align.modeling.models import (
+    attach_lora,
+    load_adapter_weights,
+    load_base,
+    lora_like,
+    peft_lora_config,
+    resolve_quantization,
+)
+from align.modeling.recompute import checkpoint_follows_adapters
+from align.modeling.roles import POLICY, REFERENCE, REWARD, VALUE, Batch, Roles, add_adapter_from, head_from, make_batch
+from align.rl.advantages import (
+    KLController,
+    RunningMoments,
+    gae,
+    kl_per_token,
+    masked_mean,
+    masked_var,
+    shaped_rewards,
+    whiten,
+)
+from align.rl.losses import ppo_policy_loss, ppo_value_loss
 from align.runtime.checkpoint import load_checkpoint, save_checkpoint
 from align.runtime.config import PPOConfig
-from align.data.rows import Example, RowError, _as_messages, char_bound, chars, load_rows
 from align.runtime.distributed import (
     any_rank,
     gather,
@@ -39,17 +61,11 @@ from align.runtime.distributed import (
     world_size,
 )
 from align.runtime.errors import ConfigError
-from align.modeling.formatting import FormatError, encode_prompt
-from align.modeling.generate import Sampling, sample_batch
 from align.runtime.guards import TrainingStopped, oom_as_message
-from align.rl.losses import ppo_policy_loss, ppo_value_loss
-from align.modeling.models import attach_lora, load_adapter_weights, load_base, lora_like, peft_lora_config, resolve_quantization
-from align.modeling.recompute import checkpoint_follows_adapters
-from align.modeling.roles import POLICY, REFERENCE, REWARD, VALUE, Batch, Roles, add_adapter_from, head_from, make_batch
-from align.runtime.runs import make_manifest, sha256_path
-from align.stages.common import Prepared, nothing_to_train, prepare, prepare_output, save_stage, use_cuda_defaults
+from align.runtime.runs import make_manifest, read_manifest, sha256_path
+from align.serving.score import load_reward_model
 from align.serving.trained import open_run
-from align.evaluation.winrate import win_rate_report
+from align.stages.common import Prepared, nothing_to_train, prepare, prepare_output, save_stage, use_cuda_defaults
 
 log = logging.getLogger(__name__)
 STAGE = "ppo"
@@ -105,8 +121,6 @@ def setup(cfg: PPOConfig) -> Prepared:
 
 def build_roles(prep: Prepared) -> Roles:
     """One base; policy (+ value) trainable, reference and reward frozen, all as adapters on it."""
-    from align.runtime.runs import read_manifest
-    from align.serving.score import load_reward_model
 
     cfg, rm_dir = prep.cfg, Path(prep.cfg.reward_model)
     quantized = resolve_quantization(cfg.model) == "nf4"
@@ -421,8 +435,6 @@ def train(prep: Prepared) -> Path:
         metrics["reward_first"] = sum(h["reward_mean"] for h in history[:k]) / k
         metrics["reward_last"] = sum(h["reward_mean"] for h in history[-k:]) / k
         metrics["kl_last"] = sum(h["kl"] for h in history[-k:]) / k
-    if cfg.eval_prompts:
-        metrics["win_rate"] = win_rate_report(roles.model, prep.tokenizer, cfg, lambda m: roles.role(REFERENCE))
     parent = str(prep.sft.resolve()) if prep.sft is not None else None
     manifest = make_manifest(STAGE, cfg.run, prep.inputs, prep.model_ref.description, parent=parent,
                              extra={"quantization": quantization, "seed": cfg.training.seed,

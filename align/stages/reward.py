@@ -17,11 +17,9 @@ from typing import Any
 import torch
 from datasets import Dataset
 
-from align.runtime.config import RewardConfig
+from align.data.pairs import pair_loader
 from align.data.rows import Loaded
-from align.runtime.distributed import is_main
 from align.modeling.heads import scoring_pad_id, sequence_scores
-from align.rl.losses import expected_calibration_error, pairwise_reward_loss
 from align.modeling.models import (
     attach_lora,
     load_adapter_weights,
@@ -29,7 +27,10 @@ from align.modeling.models import (
     lora_like,
     resolve_quantization,
 )
-from align.data.pairs import pair_loader
+from align.rl.losses import expected_calibration_error, pairwise_reward_loss
+from align.runtime.checkpoint import SafetensorsCheckpoints
+from align.runtime.config import RewardConfig
+from align.runtime.distributed import is_main
 from align.serving.score import score_sequences
 from align.stages.common import (
     Prepared,
@@ -92,7 +93,6 @@ def build_trainer(prep: Prepared):
 def _trainer_class():
     from trl import RewardTrainer
 
-    from align.runtime.checkpoint import SafetensorsCheckpoints
 
     class AlignRewardTrainer(SafetensorsCheckpoints, RewardTrainer):
         """TRL's RewardTrainer with the score read at each answer's EOS and align's loss (same maths + margin)."""

@@ -15,11 +15,12 @@ from typing import Any
 
 from datasets import Dataset
 
-from align.runtime.config import SFTConfig
 from align.data.rows import Loaded, load_sft_data
-from align.runtime.distributed import is_main
 from align.modeling.generate import compare_with_base
 from align.modeling.models import attach_lora, load_base, resolve_quantization
+from align.runtime.checkpoint import SafetensorsCheckpoints
+from align.runtime.config import SFTConfig
+from align.runtime.distributed import is_main
 from align.stages.common import Prepared, finish, prepare, trainer_args, use_cuda_defaults
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,6 @@ def build_trainer(prep: Prepared):
     from trl import SFTConfig as TRLSFTConfig
     from trl import SFTTrainer
 
-    from align.runtime.checkpoint import SafetensorsCheckpoints
 
     cfg = prep.cfg
     quantized = resolve_quantization(cfg.model) == "nf4"

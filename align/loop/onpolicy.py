@@ -19,12 +19,14 @@ from typing import Any
 
 import torch
 
-from align.runtime.errors import ConfigError, OutputError
+from align.data.prompts import load_prompts
+from align.evaluation.judges import gold_judge
 from align.modeling.formatting import Messages
 from align.modeling.generate import Sampling, sample_batch
+from align.runtime.errors import ConfigError, OutputError
 from align.runtime.runs import atomic_write_text
+from align.serving.score import load_reward_model
 from align.serving.trained import load_policy
-from align.evaluation.winrate import gold_judge, load_prompts
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +56,6 @@ def _gold_scorer(prompts: list[tuple[Messages, int | None]]):
 
 def _rm_scorer(path: str, prompts: list[tuple[Messages, int | None]], samples: list[list[str]], device: str):
     """Scores every sample with the reward model up front (batched), then hands them out per prompt."""
-    from align.serving.score import load_reward_model
 
     rm = load_reward_model(path, device)
     n = len(samples[0]) if samples else 0

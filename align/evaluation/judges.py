@@ -1,0 +1,57 @@
+"""The judges of a policy's answers against a baseline's: the shipped gold judge (answers a program can check)
+and a trained reward model. Each turns answers into verdicts and its part of the evaluation report."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from typing import Any
+
+from align.data.rows import PROJECT_ROOT
+from align.evaluation.winrate import judged
+from align.modeling.formatting import Messages
+from align.serving.score import load_reward_model
+
+log = logging.getLogger(__name__)
+Answers = list[tuple[str, list[int]]]  # (text, token ids) per prompt
+
+
+def gold_judge():
+    """reward_data/judge.py (shipped with the data, not the package), or None when it is not there."""
+    path = PROJECT_ROOT / "reward_data" / "judge.py"
+    if not path.is_file():
+        return None
+    spec = importlib.util.spec_from_file_location("align_gold_judge", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def gold_part(prompts: list[tuple[Messages, int | None]], policy: Answers, baseline: Answers) -> dict[str, Any]:
+    """gold_… keys for the prompts with a gold answer; nothing when there are none or no gold judge."""
+    judge = gold_judge()
+    rows = [(p[-1]["content"], a, pt, bt) for (p, a), (pt, _), (bt, _) in zip(prompts, policy, baseline)
+            if a is not None]
+    if judge is None or not rows:
+        return {}
+    verdicts = [judge.judge_pair(q, pt, bt, a) for q, a, pt, bt in rows]
+    return {**judged("gold", verdicts, [pt for *_, pt, _ in rows], [bt for *_, bt in rows]),
+            "gold_score_policy": sum(judge.gold_score(q, pt, a) for q, a, pt, _ in rows) / len(rows),
+            "gold_score_reference": sum(judge.gold_score(q, bt, a) for q, a, _, bt in rows) / len(rows)}
+
+
+def reward_model_part(path: str, messages: list[Messages], policy: Answers, baseline: Answers, shared: dict
+                      ) -> dict[str, Any]:
+    """rm_… keys: both answers of each prompt scored by the reward model at `path` (kept in `shared`); a prompt
+    is judged only when both answers fit the reward model."""
+    if "reward_model" not in shared:
+        log.info("judging with the reward model %s (loaded separately for evaluation)", path)
+        shared["reward_model"] = load_reward_model(path)
+    flat = shared["reward_model"].score_answers([m for m in messages for _ in range(2)],
+                                                [t for (pt, _), (bt, _) in zip(policy, baseline) for t in (pt, bt)])
+    kept = [i for i in range(len(messages)) if flat[2 * i] is not None and flat[2 * i + 1] is not None]
+    pol, base = [flat[2 * i] for i in kept], [flat[2 * i + 1] for i in kept]
+    verdicts = [1 if a > b else -1 if a < b else 0 for a, b in zip(pol, base)]
+    return {**judged("rm", verdicts, [policy[i][0] for i in kept], [baseline[i][0] for i in kept]),
+            "rm_score_policy": sum(pol) / len(pol) if pol else None,
+            "rm_score_reference": sum(base) / len(base) if base else None}
