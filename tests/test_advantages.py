@@ -10,12 +10,11 @@ from align.rl.advantages import (
     RunningMoments,
     gae,
     kl_per_token,
-    masked_mean,
-    masked_var,
     shaped_rewards,
     whiten,
 )
 from align.rl.losses import entropy, ppo_policy_loss, ppo_value_loss, token_logps
+from align.rl.masked import masked_mean, masked_var
 
 X = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
 MASK = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from align.rl.masked import masked_mean
+
 
 def pairwise_reward_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | float = 0.0
                          ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -106,10 +108,6 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     return losses.mean(), metrics
 
 
-def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (x * mask).sum() / mask.sum().clamp(min=1)
-
-
 def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
                     clip_range: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO's clipped surrogate, per token: max(−A·r, −A·clip(r, 1−ε, 1+ε)) with r = exp(logp − old_logp),
@@ -121,9 +119,9 @@ def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torc
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    loss = _masked_mean(torch.maximum(unclipped, clipped), mask)
-    metrics = {"clip_fraction": _masked_mean((clipped > unclipped).float(), mask).detach(),
-               "approx_kl": _masked_mean(0.5 * log_ratio.detach() ** 2, mask)}
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    metrics = {"clip_fraction": masked_mean((clipped > unclipped).float(), mask).detach(),
+               "approx_kl": masked_mean(0.5 * log_ratio.detach() ** 2, mask)}
     return loss, metrics
 
 
@@ -133,8 +131,8 @@ def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torc
     clipped_values = old_values + torch.clamp(values - old_values, -clip_range, clip_range)
     unclipped = (values - returns) ** 2
     clipped = (clipped_values - returns) ** 2
-    loss = 0.5 * _masked_mean(torch.maximum(unclipped, clipped), mask)
-    return loss, {"value_clip_fraction": _masked_mean((clipped > unclipped).float(), mask).detach()}
+    loss = 0.5 * masked_mean(torch.maximum(unclipped, clipped), mask)
+    return loss, {"value_clip_fraction": masked_mean((clipped > unclipped).float(), mask).detach()}
 
 
 def token_logps(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

@@ -43,12 +43,11 @@ from align.rl.advantages import (
     RunningMoments,
     gae,
     kl_per_token,
-    masked_mean,
-    masked_var,
     shaped_rewards,
     whiten,
 )
 from align.rl.losses import ppo_policy_loss, ppo_value_loss
+from align.rl.masked import masked_mean, masked_var
 from align.runtime.checkpoint import load_checkpoint, save_checkpoint
 from align.runtime.config import PPOConfig
 from align.runtime.distributed import (
@@ -247,7 +246,7 @@ def update(roles: Roles, cfg: PPOConfig, batch: Batch, r: dict[str, Any], a: dic
             if accum % t.grad_accum == 0:
                 _optimizer_step(optimizer, params, t.max_grad_norm, accelerator, sums, bad)
             for key, value in {"policy_loss": pg_loss, "value_loss": vf_loss, **pg, **vf,
-                               "entropy": (ent * mb.resp_mask).sum() / mb.resp_mask.sum().clamp(min=1)}.items():
+                               "entropy": masked_mean(ent, mb.resp_mask)}.items():
                 sums.setdefault(key, []).append(float(value.detach()))
     if accum % t.grad_accum:
         _optimizer_step(optimizer, params, t.max_grad_norm, accelerator, sums, bad)
