@@ -18,7 +18,7 @@ from align.data.rows import load_sft_data
 from align.evaluation.judges import gold_part, reward_model_part
 from align.evaluation.measures import perplexity, sampled_kl, text_overlap
 from align.modeling.generate import answer_batch
-from align.modeling.models import adapter_role, require_safetensors
+from align.modeling.models import adapter_role, add_adapter_from
 from align.runtime.errors import ModelError
 from align.runtime.runs import atomic_write_json, read_manifest
 from align.serving.trained import POLICY_STAGES, champion_or, load_policy, open_run
@@ -98,14 +98,14 @@ def evaluate_policies(policies: list[str], baseline: str | None = None, reward_m
     for path, manifest, name in zip(paths[1:], manifests[1:], names[1:]):
         if manifest["base_model"] != manifests[0]["base_model"]:
             raise ModelError(f"{path} was trained on another base model than {paths[0]}")
-        model.load_adapter(str(path), adapter_name=name, is_trainable=False)
+        add_adapter_from(model, name, Path(path))
     baseline = baseline or manifests[0].get("parent")
     base_name = None
     if baseline:
         base_manifest, _, _ = open_run(Path(baseline), POLICY_STAGES, "--baseline")
         if base_manifest["base_model"] != manifests[0]["base_model"]:
             raise ModelError(f"--baseline {baseline} was trained on another base model than --policy {paths[0]}")
-        model.load_adapter(str(baseline), adapter_name="baseline", is_trainable=False)
+        add_adapter_from(model, "baseline", Path(baseline))
         base_name = "baseline"
     ctx = lambda m: adapter_role(m, base_name, trainable=())  # noqa: E731
     job = _Job(model, tokenizer, cfg.data.max_length, str(baseline) if baseline else None, ctx, reward_model,
@@ -175,9 +175,8 @@ class _Job:
         if parent:
             refs = self.shared.setdefault("references", {})
             if parent not in refs:
-                require_safetensors(Path(parent), "the policy's reference")
                 refs[parent] = f"reference{len(refs)}"
-                self.model.load_adapter(str(parent), adapter_name=refs[parent], is_trainable=False)
+                add_adapter_from(self.model, refs[parent], Path(parent))
             name = refs[parent]
         return sampled_kl(self.model, self.tokenizer, messages, self.max_new_tokens,
                           lambda m: adapter_role(m, name, trainable=()))

@@ -127,7 +127,6 @@ def finish(p, home: Home, record: dict[str, Any]) -> None:
     champion = decision.get("champion") if decision.get("changed") else None
     record["merged"] = None
     if p.settings.merge.enabled and champion is not None:
-
         out = home.root / record["version"] / "merged"
         log.info("merge: %s %s into %s", champion["version"], champion["stage"], out)
         summary = merge(champion["path"], str(out), p.settings.merge.dtype, force=True)

@@ -64,10 +64,11 @@ def _to_weight_dtype(module: torch.nn.Linear, args: tuple) -> tuple:
     return (args[0].to(module.weight.dtype), *args[1:])
 
 
-def pad_batch(seqs: list[list[int]], pad_id: int, side: str = "right", device: torch.device | str = "cpu"
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token lists → (input_ids, attention_mask), padded on `side` with `pad_id`."""
-    width = max(len(s) for s in seqs)
+def pad_batch(seqs: list[list[int]], pad_id: int, side: str = "right", device: torch.device | str = "cpu",
+              min_width: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists → (input_ids, attention_mask), padded on `side` with `pad_id` to the longest (at least
+    `min_width`: a batch of empty responses still has one column)."""
+    width = max(min_width, max(len(s) for s in seqs))
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for i, s in enumerate(seqs):
@@ -142,9 +143,8 @@ def _per_sequence(per_token: torch.Tensor, owner: torch.Tensor, n: int) -> tuple
 
 
 def _chunk(model, n_tokens: int) -> bool:
-    """Whether to take the chunked path: many answer tokens, and a model whose logits are the plain projection."""
-    causal = unwrap(model)
-    return n_tokens * causal.get_output_embeddings().weight.shape[0] > CHUNK_ELEMENTS and not _transforms_logits(causal)
+    """Whether to take the chunked path: many answer tokens × a large vocabulary."""
+    return n_tokens * unwrap(model).get_output_embeddings().weight.shape[0] > CHUNK_ELEMENTS
 
 
 def pack_batch(seqs: list[list[int]], labels: list[list[int]], device: torch.device | str = "cpu"
@@ -159,15 +159,27 @@ def pack_batch(seqs: list[list[int]], labels: list[list[int]], device: torch.dev
             {"input_ids": ids, "position_ids": positions, "labels": lab, "owner": owner}.items()}
 
 
-def _transforms_logits(causal) -> bool:
-    """Models whose forward changes the logits after the projection (soft-capping, scaling) take the plain path."""
+def output_logits(model, states: torch.Tensor) -> torch.Tensor:
+    """(…, V) logits from decoder output states, as the model's own forward makes them: the output layer, then the
+    transforms some families apply after it (Gemma-2/3's final-logit soft-capping, Cohere's logit_scale,
+    Granite's logits_scaling). Every path that reads logits from hidden states goes through here, so a soft-capped
+    model is scored by the distribution it samples from."""
+    causal = unwrap(model)
+    head = causal.get_output_embeddings()
+    logits = head(states.to(head.weight.dtype))
     cfg = causal.config
-    return bool(getattr(cfg, "final_logit_softcapping", None)) or getattr(cfg, "logit_scale", None) not in (None, 1.0)
+    if getattr(cfg, "logit_scale", None) not in (None, 1.0):
+        logits = logits * cfg.logit_scale
+    if getattr(cfg, "logits_scaling", None) not in (None, 1.0):
+        logits = logits / cfg.logits_scaling
+    if getattr(cfg, "final_logit_softcapping", None):
+        cap = cfg.final_logit_softcapping
+        logits = torch.tanh(logits / cap) * cap
+    return logits
 
 
-def _head_logps(head: torch.nn.Module, states: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-
-    return token_logps(head(states.to(head.weight.dtype))[None], tokens[None])[0]
+def _head_logps(model, states: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    return token_logps(output_logits(model, states)[None], tokens[None])[0]
 
 
 def chunked_token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
@@ -176,11 +188,11 @@ def chunked_token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Te
     vocabulary projection runs over a few rows at a time and is recomputed in the backward pass."""
     from torch.utils.checkpoint import checkpoint
 
-    head = unwrap(model).get_output_embeddings()
+    vocab = unwrap(model).get_output_embeddings().weight.shape[0]
     hidden = final_hidden_states(model, input_ids=input_ids, attention_mask=attention_mask, position_ids=positions)
     states, tokens = hidden[:, :-1][picked], targets[picked]
-    rows = max(1, CHUNK_ELEMENTS // head.weight.shape[0])
-    return torch.cat([checkpoint(_head_logps, head, states[i:i + rows], tokens[i:i + rows], use_reentrant=False)
+    rows = max(1, CHUNK_ELEMENTS // vocab)
+    return torch.cat([checkpoint(_head_logps, model, states[i:i + rows], tokens[i:i + rows], use_reentrant=False)
                       for i in range(0, len(tokens), rows)])
 
 

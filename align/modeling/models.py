@@ -257,10 +257,8 @@ def attach_lora(model, cfg: LoraConfig, quantized: bool, gradient_checkpointing:
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
     if mlp_tiles > 1:
-
         tile_mlps(peft_model, mlp_tiles)
     if compile:
-
         compile_decoder_layers(peft_model)
     return peft_model
 
@@ -354,3 +352,30 @@ def load_adapter_weights(model, adapter_dir: Path, adapter: str | None = None) -
     except RuntimeError as e:
         raise ModelError(f"the adapter in {adapter_dir} does not fit this model: {e}") from None
     return len(state)
+
+
+REFERENCE = "reference"  # the adapter name of the frozen reference policy (the SFT adapter) on the one base
+
+
+def add_adapter_from(model, name: str, adapter_dir: Path, lora: LoraConfig | None = None,
+                     trainable: bool = False) -> None:
+    """Add adapter `name` to the PEFT model, shaped like the saved one in `adapter_dir` (safetensors only), with its
+    LoRA weights copied in; the active adapter stays active. Frozen unless `trainable`: a frozen adapter gets no
+    dropout (a reference or a judged policy must give the same numbers every time it runs). A saved score head is
+    not part of it (align.modeling.roles reads it on its own)."""
+    require_safetensors(adapter_dir, "adapter")
+    shape = lora_like(lora if lora is not None else LoraConfig(), adapter_dir)
+    if not trainable:
+        shape = dataclasses.replace(shape, dropout=0.0)
+    active = model.active_adapter
+    model.add_adapter(name, peft_lora_config(shape))
+    load_adapter_weights(model, adapter_dir, adapter=name)
+    model.base_model.set_adapter(active)
+    for param_name, p in model.named_parameters():
+        if f".{name}." in param_name:
+            p.requires_grad_(trainable)
+
+
+def reference_role(model, trainable: tuple[str, ...] = ("default",)):
+    """Run as the reference: the frozen SFT adapter when the model has one, else the base with adapters off."""
+    return adapter_role(model, REFERENCE if REFERENCE in getattr(model, "peft_config", {}) else None, trainable)

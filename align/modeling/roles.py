@@ -15,13 +15,13 @@ from pathlib import Path
 
 import torch
 
-from align.modeling.heads import pad_batch, position_ids, unwrap
-from align.modeling.models import adapter_role, load_adapter_weights, lora_like, peft_lora_config
-from align.rl.losses import entropy, token_logps
+from align.modeling.heads import output_logits, pad_batch, position_ids, unwrap
+from align.modeling.models import REFERENCE, adapter_role, reference_role
+from align.rl.losses import entropy, last_token_index, token_logps
 from align.runtime.errors import ModelError
 
 log = logging.getLogger(__name__)
-POLICY, VALUE, REFERENCE, REWARD = "default", "value", "reference", "reward"
+POLICY, VALUE, REWARD = "default", "value", "reward"
 TRAINABLE = (POLICY, VALUE)
 
 
@@ -43,12 +43,7 @@ class Batch:
 
 def make_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: int, eos_id: int, device) -> Batch:
     p_ids, p_mask = pad_batch(prompts, pad_id, side="left", device=device)
-    width = max(1, max(len(r) for r in responses))
-    r_ids = torch.full((len(responses), width), pad_id, dtype=torch.long, device=device)
-    r_mask = torch.zeros((len(responses), width), dtype=torch.long, device=device)
-    for i, r in enumerate(responses):
-        r_ids[i, :len(r)] = torch.tensor(r, dtype=torch.long, device=device)
-        r_mask[i, :len(r)] = 1
+    r_ids, r_mask = pad_batch(responses, pad_id, side="right", device=device, min_width=1)
     ended = torch.tensor([bool(r) and r[-1] == eos_id for r in responses], device=device)
     return Batch(torch.cat([p_ids, r_ids], 1), torch.cat([p_mask, r_mask], 1), r_ids, r_mask.float(),
                  p_ids.shape[1], ended)
@@ -63,11 +58,10 @@ class Roles:
         self.value_head = value_head
         self.score_head = score_head
         self.separate_rm = separate_rm  # a RewardModel on its own base, when the bases differ
-        self.has_reference = REFERENCE in model.peft_config
 
     def role(self, name: str):
-        if name == REFERENCE and not self.has_reference:
-            return adapter_role(self.model, None, TRAINABLE)
+        if name == REFERENCE:
+            return reference_role(self.model, TRAINABLE)
         return adapter_role(self.model, name, TRAINABLE)
 
     def _hidden(self, batch: Batch) -> torch.Tensor:
@@ -83,7 +77,7 @@ class Roles:
 
     def policy_logps(self, batch: Batch, with_entropy: bool = False):
         """(B, T) log-probs of the response tokens under the active adapter (and their entropies)."""
-        logits = unwrap(self.model).get_output_embeddings()(self._response_states(batch))
+        logits = output_logits(self.model, self._response_states(batch))
         logps = token_logps(logits, batch.responses)
         return (logps, entropy(logits)) if with_entropy else logps
 
@@ -99,8 +93,8 @@ class Roles:
             return _separate_scores(self.separate_rm, prompts, texts).to(batch.ids.device)
         with self.role(REWARD):
             h = self._hidden(batch)
-        last = batch.prompt_len + batch.resp_mask.sum(1).long() - 1
-        h_last = h[torch.arange(h.shape[0], device=h.device), last]
+        # read where every score is read: the row's last real token (its EOS when it has one)
+        h_last = h[torch.arange(h.shape[0], device=h.device), last_token_index(batch.mask).to(h.device)]
         return self.score_head(h_last.to(self.score_head.weight.dtype)).squeeze(-1).float()
 
 
@@ -124,12 +118,3 @@ def head_from(adapter_dir: Path, hidden: int, dtype, device) -> torch.nn.Linear:
     with torch.no_grad():
         head.weight.copy_(weight)
     return head
-
-
-def add_adapter_from(model, name: str, adapter_dir: Path, lora_cfg, trainable: bool) -> None:
-    """Add adapter `name` shaped like the saved one and copy its LoRA weights in."""
-    model.add_adapter(name, peft_lora_config(lora_like(lora_cfg, adapter_dir)))
-    load_adapter_weights(model, adapter_dir, adapter=name)
-    for n, p in model.named_parameters():
-        if f".{name}." in n:
-            p.requires_grad_(trainable)

@@ -155,7 +155,6 @@ def _nf4_outputs(ref, cfg, adapter_dir: Path, seqs, pad_id: int, reward: bool):
     """Outputs of the 4-bit base + adapter, as trained, to report how far the merged model drifted from it."""
     from peft import PeftModel
 
-
     model_cfg = ModelConfig(name_or_path=cfg.model.name_or_path, gguf_file=cfg.model.gguf_file, quantization="nf4",
                             dtype="float32", trust_remote_code=cfg.model.trust_remote_code)
     base = load_base(ref.path, model_cfg, task="score" if reward else "causal", pad_token_id=pad_id)
@@ -165,7 +164,6 @@ def _nf4_outputs(ref, cfg, adapter_dir: Path, seqs, pad_id: int, reward: bool):
 def merge(adapter: str, out: str, dtype: str = "fp32", force: bool = False, accept_drift: bool = False,
           n_probes: int = 8) -> dict[str, Any]:
     from peft import PeftModel
-
 
     adapter_dir, out_path = Path(adapter), Path(out)
     manifest, cfg, ref = open_run(adapter_dir, STAGES, "--adapter")

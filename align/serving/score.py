@@ -157,7 +157,6 @@ def load_reward_model(path: str | Path, device: str = "auto") -> RewardModel:
 def _load_reward_run(path: Path, dev: torch.device, pad_token_id: int | None):
     from peft import PeftModel
 
-
     manifest, cfg, ref = open_run(path, ("reward",), "--model")
     model_cfg = model_config_for(cfg, manifest, dev)
     base = load_base(ref.path, model_cfg, task="score", pad_token_id=pad_token_id)
@@ -260,7 +259,6 @@ OUTPUT_COLUMNS = ["row", "score", "chosen_score", "rejected_score", "margin", "c
 def write_output(results: list[dict[str, Any]], spec: str) -> None:
     """JSONL to stdout ("-") or a .jsonl file; .csv and .parquet files get one column per field."""
     import json
-
 
     lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results)
     if spec == "-":

@@ -75,7 +75,6 @@ def load_policy(path: str | Path, device: str = "auto", flag: str = "--policy"):
     a pipeline's champion when `path` is the pipeline's directory."""
     from peft import PeftModel
 
-
     path = champion_or(path)
     dev = pick_device(device)
     manifest, cfg, ref = open_run(path, POLICY_STAGES, flag)

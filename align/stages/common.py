@@ -21,7 +21,17 @@ import torch
 
 from align.data.rows import Loaded, check_reject_share, data_hash, write_rejects
 from align.modeling.compiled import check_compiler
-from align.modeling.models import device, load_tokenizer, require_safetensors, resolve_model, resolve_quantization
+from align.modeling.models import (
+    attach_lora,
+    device,
+    load_adapter_weights,
+    load_base,
+    load_tokenizer,
+    lora_like,
+    require_safetensors,
+    resolve_model,
+    resolve_quantization,
+)
 from align.runtime.checkpoint import checkpoint_dirs, checkpoints, is_complete, refuse_pickles
 from align.runtime.config import StageConfig, to_yaml
 from align.runtime.distributed import is_main, main_first, on_main, weights_spread, world_size
@@ -97,7 +107,6 @@ def _prepare(stage: str, cfg: StageConfig, make_loader: Callable[[Any], Callable
                           "(a tiled MLP recomputes itself inside the backward pass, which a compiled layer cannot "
                           "hold); choose one: compile for speed, mlp_tiles for memory")
     if cfg.training.compile:
-
         check_compiler(device())
     model_ref = resolve_model(cfg.model)
     sft = sft_parent(init_from_sft, model_ref)
@@ -230,6 +239,25 @@ def _prepare_output(cfg: StageConfig, paths: StagePaths, inputs: dict[str, str])
     paths.work.mkdir(parents=True)
     atomic_write_json(inputs_file, inputs)
     return None
+
+
+def build_lora_model(prep: Prepared, task: str = "causal", pad_token_id: int | None = None):
+    """The base, loaded once under the quantization policy, wrapped with the stage's trainable LoRA adapter; when
+    the stage starts from SFT the adapter takes the SFT adapter's shape and weights."""
+    cfg = prep.cfg
+    lora = lora_like(cfg.lora, prep.sft) if prep.sft is not None else cfg.lora
+    base = load_base(prep.model_ref.path, cfg.model, task=task, pad_token_id=pad_token_id)
+    model = attach_lora(base, lora, resolve_quantization(cfg.model) == "nf4",
+                        use_cuda_defaults(cfg)["gradient_checkpointing"], task=task, upcast=cfg.model.upcast,
+                        compile=cfg.training.compile, mlp_tiles=cfg.training.mlp_tiles)
+    if prep.sft is not None:
+        n = load_adapter_weights(model, prep.sft)
+        log.info("the adapter starts from %s (r=%d, alpha=%d; %d LoRA tensors copied)", prep.sft, lora.r, lora.alpha,
+                 n)
+    trainable, total = model.get_nb_trainable_parameters()
+    log.info("LoRA adapter: %s trainable of %s parameters (%.2f%%)", f"{trainable:,}", f"{total:,}",
+             100 * trainable / total)
+    return model
 
 
 def use_cuda_defaults(cfg: StageConfig) -> dict[str, Any]:

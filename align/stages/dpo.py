@@ -27,12 +27,9 @@ from align.data.rows import Loaded
 from align.modeling.formatting import IGNORE
 from align.modeling.heads import answer_labels, labelled_logps, pack_batch, packed_logps, pad_batch
 from align.modeling.models import (
-    adapter_role,
-    attach_lora,
-    load_adapter_weights,
-    load_base,
-    lora_like,
-    resolve_quantization,
+    REFERENCE,
+    add_adapter_from,
+    reference_role,
 )
 from align.rl.losses import dpo_loss
 from align.runtime.checkpoint import SafetensorsCheckpoints
@@ -42,15 +39,14 @@ from align.runtime.distributed import rank as rank_of
 from align.runtime.runs import json_hash
 from align.stages.common import (
     Prepared,
+    build_lora_model,
     finish,
     prepare,
     trainer_args,
-    use_cuda_defaults,
 )
 
 log = logging.getLogger(__name__)
 STAGE = "dpo"
-REFERENCE = "reference"
 
 
 def setup(cfg: DPOConfig) -> Prepared:
@@ -63,20 +59,9 @@ def setup(cfg: DPOConfig) -> Prepared:
 
 def build_model(prep: Prepared):
     """One base; the policy adapter ("default", trainable) and, from SFT, the frozen "reference" adapter."""
-    cfg = prep.cfg
-    quantized = resolve_quantization(cfg.model) == "nf4"
-    lora = lora_like(cfg.lora, prep.sft) if prep.sft is not None else cfg.lora
-    base = load_base(prep.model_ref.path, cfg.model)
-    model = attach_lora(base, lora, quantized, use_cuda_defaults(cfg)["gradient_checkpointing"],
-                        upcast=cfg.model.upcast, compile=cfg.training.compile,
-                        mlp_tiles=cfg.training.mlp_tiles)
+    model = build_lora_model(prep)
     if prep.sft is not None:
-        load_adapter_weights(model, prep.sft)
-        model.load_adapter(str(prep.sft), adapter_name=REFERENCE, is_trainable=False)
-        model.set_adapter("default")
-        for name, p in model.named_parameters():
-            if f".{REFERENCE}." in name:
-                p.requires_grad_(False)
+        add_adapter_from(model, REFERENCE, prep.sft)
         log.info("policy adapter starts from %s; the same SFT adapter, frozen, is the reference", prep.sft)
     else:
         log.info("no SFT stage: the reference is the base model (adapters off)")
@@ -85,7 +70,7 @@ def build_model(prep: Prepared):
 
 def reference(model):
     """Run the model as the reference: the frozen SFT adapter, or the base with adapters off. No weights copied."""
-    return adapter_role(model, REFERENCE if REFERENCE in getattr(model, "peft_config", {}) else None)
+    return reference_role(model)
 
 
 def _batch(pairs: list[EncodedPair], pad_id: int, device, packed: bool = False) -> dict[str, torch.Tensor]:
@@ -215,7 +200,6 @@ def _collate(rows: list[dict], pad_id: int, packed: bool) -> dict[str, torch.Ten
 
 def _trainer_class():
     from transformers import Trainer
-
 
     class DPOTrainer(SafetensorsCheckpoints, Trainer):
         """transformers' Trainer with align's DPO losses over precomputed reference log-probs."""

@@ -20,24 +20,24 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from align.data.rows import Example, RowError, _as_messages, char_bound, chars, load_rows
-from align.modeling.formatting import FormatError, encode_prompt
+from align.modeling.formatting import FormatError, Messages, encode_prompt
 from align.modeling.generate import Sampling, sample_batch
 from align.modeling.models import (
-    attach_lora,
-    load_adapter_weights,
-    load_base,
+    REFERENCE,
+    add_adapter_from,
     lora_like,
     peft_lora_config,
     resolve_quantization,
 )
 from align.modeling.recompute import checkpoint_follows_adapters
-from align.modeling.roles import POLICY, REFERENCE, REWARD, VALUE, Batch, Roles, add_adapter_from, head_from, make_batch
+from align.modeling.roles import POLICY, REWARD, VALUE, Batch, Roles, head_from, make_batch
 from align.rl.advantages import (
     KLController,
     RunningMoments,
@@ -49,7 +49,7 @@ from align.rl.advantages import (
 from align.rl.losses import ppo_policy_loss, ppo_value_loss
 from align.rl.masked import masked_mean, masked_var
 from align.runtime.checkpoint import load_checkpoint, save_checkpoint
-from align.runtime.config import PPOConfig
+from align.runtime.config import PPOConfig, PPOSection
 from align.runtime.distributed import (
     any_rank,
     gather,
@@ -64,7 +64,15 @@ from align.runtime.guards import TrainingStopped, oom_as_message
 from align.runtime.runs import make_manifest, read_manifest, sha256_path
 from align.serving.score import load_reward_model
 from align.serving.trained import open_run
-from align.stages.common import Prepared, nothing_to_train, prepare, prepare_output, save_stage, use_cuda_defaults
+from align.stages.common import (
+    Prepared,
+    build_lora_model,
+    nothing_to_train,
+    prepare,
+    prepare_output,
+    save_stage,
+    use_cuda_defaults,
+)
 
 log = logging.getLogger(__name__)
 STAGE = "ppo"
@@ -124,16 +132,13 @@ def build_roles(prep: Prepared) -> Roles:
     cfg, rm_dir = prep.cfg, Path(prep.cfg.reward_model)
     quantized = resolve_quantization(cfg.model) == "nf4"
     lora = lora_like(cfg.lora, prep.sft) if prep.sft is not None else cfg.lora
-    base = load_base(prep.model_ref.path, cfg.model)
-    hidden = base.config.hidden_size
+    model = build_lora_model(prep)  # the policy, from SFT when there is one
+    hidden = model.config.hidden_size
     checkpointing = use_cuda_defaults(cfg)["gradient_checkpointing"]
     if checkpointing and not quantized:  # (the 4-bit path does it in attach_lora); checkpointing itself: below
-        base.enable_input_require_grads()
-    model = attach_lora(base, lora, quantized, checkpointing, upcast=cfg.model.upcast,
-                        mlp_tiles=cfg.training.mlp_tiles)
+        model.enable_input_require_grads()
     dev = next(p for p in model.parameters()).device
     if prep.sft is not None:
-        load_adapter_weights(model, prep.sft)
         add_adapter_from(model, REFERENCE, prep.sft, cfg.lora, trainable=False)
     same_base = read_manifest(rm_dir).get("base_model") == prep.model_ref.description
     separate = None
@@ -164,7 +169,29 @@ def build_roles(prep: Prepared) -> Roles:
 # ---------------------------------------------------------------------------------------------- one step
 
 
-def rollout(roles: Roles, prep: Prepared, rows: list[int]) -> tuple[Batch, dict[str, Any]]:
+@dataclass
+class Rollout:
+    """What a step needs of its sampled answers besides their Batch: B prompts, answers of up to T tokens."""
+
+    prompts: list[Messages]   # B, shown when a reward is not finite
+    texts: list[str]          # B decoded answers, which a reward model on another base re-encodes
+    old_logp: torch.Tensor    # (B, T) under the policy that sampled them: the ratio's denominator
+    ref_logp: torch.Tensor    # (B, T) under the reference, for the KL penalty
+    old_values: torch.Tensor  # (B, T) before the update: GAE's baseline and the value clip's centre
+    scores: torch.Tensor      # (B,) the reward model's, before the missing-EOS penalty and normalisation
+    gen_seconds: float
+    score_seconds: float      # the four scoring passes above, after generation
+
+
+@dataclass
+class Advantages:
+    advantages: torch.Tensor     # (B, T) GAE, whitened when ppo.whiten_advantages
+    returns: torch.Tensor        # (B, T) the value model's targets
+    kl: torch.Tensor             # (B,) per-answer KL to the reference (summed over tokens)
+    shaped_scores: torch.Tensor  # (B,) the scores as the rewards used them: penalised, normalised, clipped
+
+
+def rollout(roles: Roles, prep: Prepared, rows: list[int]) -> tuple[Batch, Rollout]:
     """Sample answers to the prompts `rows` with the policy; return the batch and what the step needs of it."""
     cfg, tok = prep.cfg, prep.tokenizer
     prompts = [prep.train.examples[i].prompt for i in rows]
@@ -193,30 +220,28 @@ def rollout(roles: Roles, prep: Prepared, rows: list[int]) -> tuple[Batch, dict[
         with roles.role(VALUE):
             old_values = each(lambda b, _: roles.values(b))
         scores = each(lambda b, idx: roles.rewards(b, [prompts[i] for i in idx], [texts[i] for i in idx]))
-    return batch, {"prompts": prompts, "texts": texts, "old_logp": old_logp, "ref_logp": ref_logp,
-                   "old_values": old_values, "scores": scores, "gen_seconds": gen_seconds,
-                   "score_seconds": time.monotonic() - start - gen_seconds}
+    return batch, Rollout(prompts, texts, old_logp, ref_logp, old_values, scores, gen_seconds,
+                          time.monotonic() - start - gen_seconds)
 
 
-def advantages_of(cfg: PPOConfig, batch: Batch, r: dict[str, Any], kl_coef: float, moments: RunningMoments
-                  ) -> dict[str, torch.Tensor]:
+def advantages_of(cfg: PPOConfig, batch: Batch, r: Rollout, kl_coef: float, moments: RunningMoments) -> Advantages:
     """Rewards → per-token shaped rewards → GAE advantages and returns."""
     p = cfg.ppo
-    scores = r["scores"] - cfg.rollout.missing_eos_penalty * (~batch.ended).float()
+    scores = r.scores - cfg.rollout.missing_eos_penalty * (~batch.ended).float()
     moments.update(gather(scores))  # every process normalises with the statistics of all processes' rewards
     if p.normalize_reward:
         scores = (scores - moments.mean) / max(moments.std, 1e-6)
     if p.reward_clip is not None:
         scores = scores.clamp(-p.reward_clip, p.reward_clip)
-    kl = kl_per_token(r["old_logp"], r["ref_logp"], p.kl_estimator) * batch.resp_mask
+    kl = kl_per_token(r.old_logp, r.ref_logp, p.kl_estimator) * batch.resp_mask
     rewards = shaped_rewards(scores, kl, batch.resp_mask, kl_coef)
-    adv, returns = gae(rewards, r["old_values"], batch.resp_mask, p.gamma, p.lam)
+    adv, returns = gae(rewards, r.old_values, batch.resp_mask, p.gamma, p.lam)
     if p.whiten_advantages:
         adv = whiten(adv, batch.resp_mask)
-    return {"advantages": adv, "returns": returns, "kl": kl.sum(1), "shaped_scores": scores}
+    return Advantages(adv, returns, kl.sum(1), scores)
 
 
-def update(roles: Roles, cfg: PPOConfig, batch: Batch, r: dict[str, Any], a: dict[str, torch.Tensor],
+def update(roles: Roles, cfg: PPOConfig, batch: Batch, r: Rollout, a: Advantages,
            optimizer, params: dict[str, list[torch.nn.Parameter]], accelerator) -> dict[str, float]:
     """`ppo.epochs` passes of clipped policy and value updates over shuffled mini-batches."""
     t = cfg.training
@@ -231,11 +256,11 @@ def update(roles: Roles, cfg: PPOConfig, batch: Batch, r: dict[str, Any], a: dic
             rows = order[start:start + t.batch_size].to(batch.ids.device)
             mb = batch.select(rows)
             logp, ent = roles.policy_logps(mb, with_entropy=True)
-            pg_loss, pg = ppo_policy_loss(logp, r["old_logp"][rows], a["advantages"][rows], mb.resp_mask,
+            pg_loss, pg = ppo_policy_loss(logp, r.old_logp[rows], a.advantages[rows], mb.resp_mask,
                                           cfg.ppo.clip_range)
             with roles.role(VALUE):
                 values = roles.values(mb)
-            vf_loss, vf = ppo_value_loss(values, r["old_values"][rows], a["returns"][rows], mb.resp_mask,
+            vf_loss, vf = ppo_value_loss(values, r.old_values[rows], a.returns[rows], mb.resp_mask,
                                          cfg.ppo.value_clip_range)
             loss = pg_loss + cfg.ppo.value_coef * vf_loss
             if torch.isfinite(loss):
@@ -297,114 +322,172 @@ def _trainable(roles: Roles) -> dict[str, torch.nn.Parameter]:
     return named
 
 
-def _check_scores(r: dict[str, Any], step: int) -> None:
-    bad = ~torch.isfinite(r["scores"])
+def _check_scores(r: Rollout, step: int) -> None:
+    bad = ~torch.isfinite(r.scores)
     if any_rank(bool(bad.any())) and not bad.any():  # every process skips the step together
         raise FloatingPointError(f"step {step}: non-finite reward(s) in another process")
     if bad.any():
-        shown = [f"  prompt {r['prompts'][i][-1]['content'][:80]!r} -> answer {r['texts'][i][:80]!r}"
+        shown = [f"  prompt {r.prompts[i][-1]['content'][:80]!r} -> answer {r.texts[i][:80]!r}"
                  for i in torch.nonzero(bad).flatten().tolist()[:3]]
         raise FloatingPointError(f"step {step}: {int(bad.sum())} non-finite reward(s), e.g.\n" + "\n".join(shown))
 
 
-def _step_metrics(batch: Batch, r: dict[str, Any], a: dict[str, torch.Tensor], kl_coef: float) -> dict[str, float]:
+def _step_metrics(batch: Batch, r: Rollout, a: Advantages, kl_coef: float) -> dict[str, float]:
     m = batch.resp_mask
-    residual = masked_var(a["returns"] - r["old_values"], m)
+    residual = masked_var(a.returns - r.old_values, m)
     return {
-        "reward_mean": r["scores"].mean().item(), "reward_std": r["scores"].std().item() if len(r["scores"]) > 1 else 0,
-        "kl": a["kl"].mean().item(), "kl_coef": kl_coef,
+        "reward_mean": r.scores.mean().item(), "reward_std": r.scores.std().item() if len(r.scores) > 1 else 0,
+        "kl": a.kl.mean().item(), "kl_coef": kl_coef,
         "response_tokens": m.sum(1).mean().item(), "no_eos_share": (~batch.ended).float().mean().item(),
-        "explained_variance": 1.0 - (residual / masked_var(a["returns"], m).clamp(min=1e-8)).item(),
-        "value_mean": masked_mean(r["old_values"], m).item(),
-        "generation_seconds": r["gen_seconds"], "scoring_seconds": r["score_seconds"]}
+        "explained_variance": 1.0 - (residual / masked_var(a.returns, m).clamp(min=1e-8)).item(),
+        "value_mean": masked_mean(r.old_values, m).item(),
+        "generation_seconds": r.gen_seconds, "scoring_seconds": r.score_seconds}
 
 
-def train_loop(prep: Prepared, roles: Roles, resume_from: Path | None) -> dict[str, Any]:
-    from accelerate import Accelerator
-    from tqdm.auto import tqdm
+@dataclass
+class LoopState:
+    """What the loop carries from one step to the next. A checkpoint's trainer_state.json holds all of it under
+    the keys below (the scheduler, controller and moments as their state), so a resume continues exactly."""
 
-    cfg = prep.cfg
+    scheduler: Any            # the learning-rate schedule, stepped once per successful PPO step
+    controller: KLController  # the KL coefficient, adaptive when ppo.target_kl is set
+    moments: RunningMoments   # the reward statistics normalisation uses, over every step so far
+    step: int = 0             # steps done, skipped ones included: the next step is step + 1
+    log_history: list[dict[str, float]] = field(default_factory=list)
+    kl_over: int = 0          # steps in a row above ppo.kl_ceiling
+    bad_steps: int = 0        # steps in a row skipped on non-finite numbers
+
+    def to_checkpoint(self) -> dict[str, Any]:
+        return {"log_history": self.log_history, "kl_over": self.kl_over, "bad_steps": self.bad_steps,
+                "scheduler": self.scheduler.state_dict(), "controller": vars(self.controller),
+                "moments": vars(self.moments), "step": self.step}
+
+    @classmethod
+    def from_checkpoint(cls, saved: dict[str, Any], scheduler) -> LoopState:
+        """`saved` as load_checkpoint returns it; `scheduler`, built over the same optimizer, takes its state."""
+        scheduler.load_state_dict(saved["scheduler"])
+        return cls(scheduler, KLController(**saved["controller"]), RunningMoments(**saved["moments"]), saved["step"],
+                   saved["log_history"], saved["kl_over"], saved["bad_steps"])
+
+
+def _optimizer(cfg: PPOConfig, named: dict[str, torch.nn.Parameter]
+               ) -> tuple[dict[str, list[torch.nn.Parameter]], torch.optim.Optimizer, LoopState]:
+    """The policy's and the value model's parameter groups, their optimizer, and a fresh loop state over it."""
+    from transformers import get_scheduler
+
     t, p = cfg.training, cfg.ppo
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    named = _trainable(roles)
     params = {"policy": [w for n, w in named.items() if f".{POLICY}." in n],
               "value": [w for n, w in named.items() if f".{POLICY}." not in n]}
     # one optimizer, two groups: the value model may learn at its own pace (its loss weight barely matters to AdamW)
     optimizer = torch.optim.AdamW([{"params": params["policy"], "lr": t.learning_rate},
                                    {"params": params["value"], "lr": p.value_learning_rate or t.learning_rate}],
                                   weight_decay=t.weight_decay)
-    from transformers import get_scheduler
     scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=int(t.warmup_ratio * t.max_steps),
                               num_training_steps=t.max_steps)
-    controller = KLController(p.kl_coef, p.target_kl, p.kl_horizon)
-    moments = RunningMoments()
-    state: dict[str, Any] = {"log_history": [], "kl_over": 0, "bad_steps": 0}
-    first = 0
+    return params, optimizer, LoopState(scheduler, KLController(p.kl_coef, p.target_kl, p.kl_horizon), RunningMoments())
+
+
+def _resume(path: Path, named: dict[str, torch.nn.Parameter], optimizer, scheduler, accelerator,
+            seed: int) -> LoopState:
+    """Weights, optimizer, random state and loop state from the checkpoint at `path`."""
+    weights, saved = load_checkpoint(path, optimizer)
+    with torch.no_grad():
+        for name, value in weights.items():
+            named[name].copy_(value)
+    state = LoopState.from_checkpoint(saved, scheduler)
+    if accelerator.num_processes > 1:  # the checkpoint holds the main process's random state only
+        torch.manual_seed(seed + accelerator.process_index + state.step * accelerator.num_processes)
+        log.warning("multi-process PPO resumed at step %d: the processes' sampling continues from fresh seeds, "
+                    "so the run is not an exact continuation", state.step)
+    log.info("resumed PPO at step %d from %s", state.step, path)
+    return state
+
+
+def _step(prep: Prepared, roles: Roles, state: LoopState, step: int, optimizer,
+          params: dict[str, list[torch.nn.Parameter]], accelerator) -> dict[str, float] | None:
+    """PPO step `step` (from 0): its metrics, or None when it was skipped on non-finite numbers."""
+    cfg, t = prep.cfg, prep.cfg.training
+    b, world, rank = cfg.rollout.batch_size, accelerator.num_processes, accelerator.process_index
+    # each process answers its own share of the step's prompts (rollout.batch_size is per process)
+    rows = prompt_rows(len(prep.train.encoded), b * world, step, t.seed)[rank * b:(rank + 1) * b]
+    batch, r = rollout(roles, prep, rows)
+    start = time.monotonic()
+    try:
+        _check_scores(r, step + 1)
+        a = advantages_of(cfg, batch, r, state.controller.coef, state.moments)
+        metrics = _step_metrics(batch, r, a, state.controller.coef)
+        metrics.update(update(roles, cfg, batch, r, a, optimizer, params, accelerator))
+        metrics = mean_over_ranks(metrics)  # one KL for the controller, one set of numbers in the log
+    except FloatingPointError as e:
+        state.bad_steps += 1
+        log.error("PPO step %d skipped: %s", step + 1, e)
+        if state.bad_steps >= t.max_bad_steps:
+            raise TrainingStopped(f"{state.bad_steps} PPO steps in a row failed on non-finite numbers "
+                                  f"(last: {e}). Check the reward model and lower training.learning_rate; the "
+                                  f"last checkpoint is kept in {prep.paths.work}") from None
+        return None
+    state.bad_steps = 0
+    state.scheduler.step()
+    metrics["train_seconds"] = time.monotonic() - start
+    metrics["step"] = step + 1
+    state.controller.update(metrics["kl"], cfg.rollout.batch_size)
+    state.log_history.append(metrics)
+    return metrics
+
+
+def _log_step(metrics: dict[str, float]) -> None:
+    log.info("step %d: reward %.3f ± %.3f, KL %.3f (coef %.3g), entropy %.3f, clip %.2f, value loss %.4f, "
+             "expl. var %.2f, %.1f tokens, %.0f%% no EOS, gen %.1fs / train %.1fs", metrics["step"],
+             metrics["reward_mean"], metrics["reward_std"], metrics["kl"], metrics["kl_coef"],
+             metrics["entropy"], metrics["clip_fraction"], metrics["value_loss"],
+             metrics["explained_variance"], metrics["response_tokens"], 100 * metrics["no_eos_share"],
+             metrics["generation_seconds"], metrics["train_seconds"])
+
+
+def _kl_guard(state: LoopState, metrics: dict[str, float], p: PPOSection, work: Path) -> None:
+    """Stop a run whose KL to the reference stays above ppo.kl_ceiling for ppo.kl_ceiling_steps steps."""
+    state.kl_over = state.kl_over + 1 if metrics["kl"] > p.kl_ceiling else 0
+    if state.kl_over >= p.kl_ceiling_steps:
+        raise TrainingStopped(f"the mean KL to the reference stayed above ppo.kl_ceiling={p.kl_ceiling} for "
+                              f"{state.kl_over} steps (step {metrics['step']}: {metrics['kl']:.2f} nats per answer): "
+                              "the policy is running away from the reference. Lower training.learning_rate, raise "
+                              f"ppo.kl_coef or set ppo.target_kl; the last checkpoint is kept in {work}")
+
+
+def _checkpoint(prep: Prepared, state: LoopState, named: dict[str, torch.nn.Parameter], optimizer,
+                accelerator) -> None:
+    if accelerator.is_main_process:  # ranks hold the same weights after each synced step
+        save_checkpoint(prep.paths.work, state.step, dict(named), optimizer, state.to_checkpoint(),
+                        prep.cfg.training.save_total_limit)
+    accelerator.wait_for_everyone()
+
+
+def train_loop(prep: Prepared, roles: Roles, resume_from: Path | None) -> dict[str, Any]:
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    t = prep.cfg.training
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    named = _trainable(roles)
+    params, optimizer, state = _optimizer(prep.cfg, named)
     torch.manual_seed(t.seed + accelerator.process_index)  # processes sample different answers
     if resume_from is not None:
-        weights, state = load_checkpoint(resume_from, optimizer)
-        with torch.no_grad():
-            for name, value in weights.items():
-                named[name].copy_(value)
-        scheduler.load_state_dict(state.pop("scheduler"))
-        controller = KLController(**state.pop("controller"))
-        moments = RunningMoments(**state.pop("moments"))
-        first = state.pop("step")
-        if accelerator.num_processes > 1:  # the checkpoint holds the main process's random state only
-            torch.manual_seed(t.seed + accelerator.process_index + first * accelerator.num_processes)
-            log.warning("multi-process PPO resumed at step %d: the processes' sampling continues from fresh seeds, "
-                        "so the run is not an exact continuation", first)
-        log.info("resumed PPO at step %d from %s", first, resume_from)
-    n_prompts = len(prep.train.encoded)
-    bar = tqdm(range(first, t.max_steps), initial=first, total=t.max_steps, desc="ppo", unit="step", file=sys.stderr)
-    b, world, rank = cfg.rollout.batch_size, accelerator.num_processes, accelerator.process_index
+        state = _resume(resume_from, named, optimizer, state.scheduler, accelerator, t.seed)
+    bar = tqdm(range(state.step, t.max_steps), initial=state.step, total=t.max_steps, desc="ppo", unit="step",
+               file=sys.stderr)
     for step in bar:
-        # each process answers its own share of the step's prompts (rollout.batch_size is per process)
-        rows = prompt_rows(n_prompts, b * world, step, t.seed)[rank * b:(rank + 1) * b]
-        batch, r = rollout(roles, prep, rows)
-        start = time.monotonic()
-        try:
-            _check_scores(r, step + 1)
-            a = advantages_of(cfg, batch, r, controller.coef, moments)
-            metrics = _step_metrics(batch, r, a, controller.coef)
-            metrics.update(update(roles, cfg, batch, r, a, optimizer, params, accelerator))
-            metrics = mean_over_ranks(metrics)  # one KL for the controller, one set of numbers in the log
-            state["bad_steps"] = 0
-        except FloatingPointError as e:
-            state["bad_steps"] += 1
-            log.error("PPO step %d skipped: %s", step + 1, e)
-            if state["bad_steps"] >= t.max_bad_steps:
-                raise TrainingStopped(f"{state['bad_steps']} PPO steps in a row failed on non-finite numbers "
-                                      f"(last: {e}). Check the reward model and lower training.learning_rate; the "
-                                      f"last checkpoint is kept in {prep.paths.work}") from None
+        metrics = _step(prep, roles, state, step, optimizer, params, accelerator)
+        state.step = step + 1
+        if metrics is None:
             continue
-        scheduler.step()
-        metrics["train_seconds"] = time.monotonic() - start
-        metrics["step"] = step + 1
-        controller.update(metrics["kl"], cfg.rollout.batch_size)
-        state["log_history"].append(metrics)
         bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics['kl']:.3f}")
-        if (step + 1) % t.logging_steps == 0:
-            log.info("step %d: reward %.3f ± %.3f, KL %.3f (coef %.3g), entropy %.3f, clip %.2f, value loss %.4f, "
-                     "expl. var %.2f, %.1f tokens, %.0f%% no EOS, gen %.1fs / train %.1fs", step + 1,
-                     metrics["reward_mean"], metrics["reward_std"], metrics["kl"], metrics["kl_coef"],
-                     metrics["entropy"], metrics["clip_fraction"], metrics["value_loss"],
-                     metrics["explained_variance"], metrics["response_tokens"], 100 * metrics["no_eos_share"],
-                     metrics["generation_seconds"], metrics["train_seconds"])
-        state["kl_over"] = state["kl_over"] + 1 if metrics["kl"] > p.kl_ceiling else 0
-        if state["kl_over"] >= p.kl_ceiling_steps:
-            raise TrainingStopped(f"the mean KL to the reference stayed above ppo.kl_ceiling={p.kl_ceiling} for "
-                                  f"{state['kl_over']} steps (step {step + 1}: {metrics['kl']:.2f} nats per answer): "
-                                  "the policy is running away from the reference. Lower training.learning_rate, raise "
-                                  f"ppo.kl_coef or set ppo.target_kl; the last checkpoint is kept in {prep.paths.work}")
-        if (step + 1) % t.save_steps == 0 and step + 1 < t.max_steps:
-            if accelerator.is_main_process:  # ranks hold the same weights after each synced step
-                save_checkpoint(prep.paths.work, step + 1, {k: v for k, v in named.items()}, optimizer,
-                                {**state, "scheduler": scheduler.state_dict(), "controller": vars(controller),
-                                 "moments": vars(moments)}, t.save_total_limit)
-            accelerator.wait_for_everyone()
+        if state.step % t.logging_steps == 0:
+            _log_step(metrics)
+        _kl_guard(state, metrics, prep.cfg.ppo, prep.paths.work)
+        if state.step % t.save_steps == 0 and state.step < t.max_steps:
+            _checkpoint(prep, state, named, optimizer, accelerator)
     bar.close()
-    return {"steps": t.max_steps, "log_history": state["log_history"]}
+    return {"steps": t.max_steps, "log_history": state.log_history}
 
 
 def train(prep: Prepared) -> Path:

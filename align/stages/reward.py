@@ -20,13 +20,6 @@ from datasets import Dataset
 from align.data.pairs import pair_loader
 from align.data.rows import Loaded
 from align.modeling.heads import scoring_pad_id, sequence_scores
-from align.modeling.models import (
-    attach_lora,
-    load_adapter_weights,
-    load_base,
-    lora_like,
-    resolve_quantization,
-)
 from align.rl.losses import expected_calibration_error, pairwise_reward_loss
 from align.runtime.checkpoint import SafetensorsCheckpoints
 from align.runtime.config import RewardConfig
@@ -34,10 +27,10 @@ from align.runtime.distributed import is_main
 from align.serving.score import score_sequences
 from align.stages.common import (
     Prepared,
+    build_lora_model,
     finish,
     prepare,
     trainer_args,
-    use_cuda_defaults,
 )
 
 log = logging.getLogger(__name__)
@@ -61,21 +54,8 @@ def _dataset(loaded: Loaded) -> Dataset:
 
 def build_model(prep: Prepared):
     """The base (once) as a one-output sequence classifier + a LoRA adapter, from SFT's weights when asked."""
-    cfg = prep.cfg
-    quantized = resolve_quantization(cfg.model) == "nf4"
-    lora = cfg.lora
-    if prep.sft is not None:
-        lora = lora_like(lora, prep.sft)
-        log.info("reward adapter starts from %s (r=%d, alpha=%d)", prep.sft, lora.r, lora.alpha)
-    torch.manual_seed(cfg.training.seed)  # the fresh score head's initial weights
-    base = load_base(prep.model_ref.path, cfg.model, task="score", pad_token_id=prep.tokenizer.pad_token_id)
-    model = attach_lora(base, lora, quantized, use_cuda_defaults(cfg)["gradient_checkpointing"], task="score",
-                        upcast=cfg.model.upcast, compile=cfg.training.compile,
-                        mlp_tiles=cfg.training.mlp_tiles)
-    if prep.sft is not None:
-        n = load_adapter_weights(model, prep.sft)
-        log.info("copied %d LoRA tensors from the SFT adapter; the score head is new", n)
-    return model
+    torch.manual_seed(prep.cfg.training.seed)  # the fresh score head's initial weights
+    return build_lora_model(prep, task="score", pad_token_id=prep.tokenizer.pad_token_id)
 
 
 def build_trainer(prep: Prepared):
@@ -92,7 +72,6 @@ def build_trainer(prep: Prepared):
 
 def _trainer_class():
     from trl import RewardTrainer
-
 
     class AlignRewardTrainer(SafetensorsCheckpoints, RewardTrainer):
         """TRL's RewardTrainer with the score read at each answer's EOS and align's loss (same maths + margin)."""

@@ -17,11 +17,10 @@ from datasets import Dataset
 
 from align.data.rows import Loaded, load_sft_data
 from align.modeling.generate import compare_with_base
-from align.modeling.models import attach_lora, load_base, resolve_quantization
 from align.runtime.checkpoint import SafetensorsCheckpoints
 from align.runtime.config import SFTConfig
 from align.runtime.distributed import is_main
-from align.stages.common import Prepared, finish, prepare, trainer_args, use_cuda_defaults
+from align.stages.common import Prepared, build_lora_model, finish, prepare, trainer_args
 
 log = logging.getLogger(__name__)
 STAGE = "sft"
@@ -44,16 +43,8 @@ def build_trainer(prep: Prepared):
     from trl import SFTConfig as TRLSFTConfig
     from trl import SFTTrainer
 
-
     cfg = prep.cfg
-    quantized = resolve_quantization(cfg.model) == "nf4"
-    base = load_base(prep.model_ref.path, cfg.model)
-    model = attach_lora(base, cfg.lora, quantized, use_cuda_defaults(cfg)["gradient_checkpointing"],
-                        upcast=cfg.model.upcast, compile=cfg.training.compile,
-                        mlp_tiles=cfg.training.mlp_tiles)
-    trainable, total = model.get_nb_trainable_parameters()
-    log.info("LoRA adapter: %s trainable of %s parameters (%.2f%%)", f"{trainable:,}", f"{total:,}",
-             100 * trainable / total)
+    model = build_lora_model(prep)
     # Sequences arrive tokenized, labelled and truncated by align's formatting path, so TRL must not redo any of
     # it: max_length=None (no second truncation), no packing, no shuffling of its own (the sampler shuffles).
     args = TRLSFTConfig(**trainer_args(cfg, prep.paths.work), max_length=None, packing=False,
