@@ -2,7 +2,8 @@
 
 import pytest
 
-from align.modeling.formatting import IGNORE, FormatError, _with_bos, encode, encode_prompt
+from align.modeling.formatting import IGNORE, _with_bos, encode, encode_prompt
+from align.runtime.errors import FormatError
 
 Q = [{"role": "user", "content": "What is 2 + 3?"}]
 A = [{"role": "assistant", "content": "2 + 3 = 5. The answer is 5."}]

@@ -19,20 +19,12 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from align.runtime.config import PPOConfig
-from align.data.rows import (
-    RowError,
-    check_reject_share,
-    jsonl_rows,
-    load_sft_data,
-    parse_row,
-    read_rows,
-    write_rejects,
-)
-from align.runtime.errors import DataError
 from align.data.pairs import load_pair_data, parse_pair, row_margin
-from align.stages.ppo import prompt_loader
+from align.data.rows import check_reject_share, jsonl_rows, load_sft_data, parse_row, read_rows, write_rejects
+from align.runtime.config import PPOConfig
+from align.runtime.errors import DataError, RowError
 from align.serving.score import RewardModel, encode_rows, parse_score_row, read_input
+from align.stages.ppo import prompt_loader
 
 LONG_RUN = os.environ.get("ALIGN_FUZZ_EXAMPLES")
 COUNTS: dict[str, int] = {}

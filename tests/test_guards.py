@@ -8,9 +8,10 @@ import torch
 from conftest import pair_rows, write_jsonl
 from safetensors.torch import load_file
 
-from align.stages import sft
 from align.runtime.config import SFTConfig, load_config
-from align.runtime.guards import NonFiniteGuard, NumericError, OutOfMemory, TrainingStopped, check_finite, nonfinite_grads
+from align.runtime.errors import NumericError, OutOfMemory, TrainingStopped
+from align.runtime.guards import NonFiniteGuard, check_finite, nonfinite_grads
+from align.stages import sft
 
 
 def sft_cfg(tmp: Path, tiny: Path, *extra: str):

@@ -2,8 +2,8 @@
 
 import pytest
 
-from align.data.rows import RowError
 from align.data.pairs import parse_pair
+from align.runtime.errors import RowError
 
 U = {"role": "user", "content": "What is 2 + 3?"}
 GOOD = {"role": "assistant", "content": "2 + 3 = 5. The answer is 5."}

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import write_jsonl
 
-from align.data.rows import RowError
+from align.runtime.errors import RowError
 from align.serving.score import load_reward_model, parse_score_row, read_input, score_rows, summarize
 
 

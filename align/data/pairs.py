@@ -12,18 +12,9 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from align.data.rows import (
-    Loaded,
-    RowError,
-    _as_messages,
-    char_bound,
-    chars,
-    check_messages,
-    load_rows,
-    shown,
-    type_name,
-)
+from align.data.rows import Loaded, _as_messages, char_bound, chars, check_messages, load_rows, shown, type_name
 from align.modeling.formatting import Messages, encode_whole
+from align.runtime.errors import RowError
 
 IDENTICAL = "'chosen' and 'rejected' are identical: the pair teaches nothing"
 _HH_TURN = re.compile(r"\n\n(Human|Assistant): ")

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import logging
 
-from align.data.rows import RowError, _as_messages, read_rows
+from align.data.rows import _as_messages, read_rows
 from align.modeling.formatting import Messages
+from align.runtime.errors import RowError
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from align.modeling.formatting import Encoded, FormatError, Messages, encode
-from align.runtime.errors import DataError
+from align.modeling.formatting import Encoded, Messages, encode
+from align.runtime.errors import DataError, FormatError, RowError
 from align.runtime.runs import atomic_write_text, json_hash, sha256_path
 
 ROLES = ("system", "user", "assistant")
@@ -28,9 +28,6 @@ SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 # Where relative data paths are also looked up, so the shipped reward_data/ is found from any directory.
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
-
-class RowError(ValueError):
-    """Why one row cannot be used."""
 
 
 @dataclass

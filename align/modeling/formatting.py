@@ -19,12 +19,11 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
+from align.runtime.errors import FormatError
+
 IGNORE = -100
 Messages = list[dict[str, str]]
 
-
-class FormatError(ValueError):
-    """An example this tokenizer/template cannot turn into a training sequence; the message is the reason."""
 
 
 @dataclass

@@ -1,4 +1,6 @@
-"""Errors a user can act on. The CLI prints these as one message, never as a traceback."""
+"""Every error class of the package. Those under AlignError are errors a user can act on: the CLI prints them as
+one message, never as a traceback. RowError and FormatError say why one row is rejected; they are collected
+into the reject files, not raised to the user."""
 
 
 class AlignError(Exception):
@@ -19,3 +21,27 @@ class ModelError(AlignError):
 
 class OutputError(AlignError):
     pass
+
+
+class TrainingStopped(AlignError):
+    """A guard stopped the run: the message says why, and the last checkpoint is kept."""
+
+
+class OutOfMemory(AlignError):
+    """A step did not fit in memory."""
+
+
+class NumericError(AlignError):
+    """Weights about to be saved are not finite."""
+
+
+class RowError(ValueError):
+    """Why one row cannot be used."""
+
+
+class FormatError(ValueError):
+    """An example this tokenizer/template cannot turn into a training sequence; the message is the reason."""
+
+
+class MergeVerificationError(OutputError):
+    """The merged model does not reproduce base + adapter within the thresholds; nothing was written."""

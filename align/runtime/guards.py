@@ -14,21 +14,12 @@ from collections.abc import Iterator
 import torch
 from transformers import TrainerCallback
 
-from align.runtime.errors import AlignError
+from align.runtime.errors import NumericError, OutOfMemory
 
 log = logging.getLogger(__name__)
 
 
-class TrainingStopped(AlignError):
-    """A guard stopped the run: the message says why, and the last checkpoint is kept."""
 
-
-class OutOfMemory(AlignError):
-    """A step did not fit in memory."""
-
-
-class NumericError(AlignError):
-    """Weights about to be saved are not finite."""
 
 
 def nonfinite_grads(params) -> list[str]:

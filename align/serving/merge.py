@@ -28,7 +28,7 @@ from align.modeling.formatting import encode_prompt, encode_scored
 from align.modeling.heads import sequence_scores
 from align.modeling.models import load_base, load_tokenizer
 from align.runtime.config import ModelConfig
-from align.runtime.errors import ModelError, OutputError
+from align.runtime.errors import MergeVerificationError, ModelError, OutputError
 from align.runtime.runs import atomic_dir, atomic_write_json, atomic_write_text, is_nonempty_dir, sha256_path
 from align.serving.trained import open_run
 
@@ -129,9 +129,6 @@ def failures(result: dict[str, float], t: Thresholds) -> list[str]:
         bad.append(f"max |score difference| {result['max_score_diff']:.3g} > {t.max_score_diff:g}")
     return bad
 
-
-class MergeVerificationError(OutputError):
-    """The merged model does not reproduce base + adapter within the thresholds; nothing was written."""
 
 
 def _merged_model(peft_model):

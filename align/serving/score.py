@@ -17,11 +17,11 @@ from typing import Any
 import torch
 
 from align.data.pairs import _answer, parse_pair
-from align.data.rows import RowError, _as_messages, char_bound, chars, jsonl_rows, keys_of, parse_row, read_rows
+from align.data.rows import _as_messages, char_bound, chars, jsonl_rows, keys_of, parse_row, read_rows
 from align.modeling.formatting import Messages, encode_scored
 from align.modeling.heads import pad_batch, sequence_scores
 from align.modeling.models import load_base, load_tokenizer
-from align.runtime.errors import DataError, ModelError
+from align.runtime.errors import DataError, ModelError, RowError
 from align.runtime.runs import atomic_write_text
 from align.serving.trained import model_config_for, open_run, pick_device
 

@@ -35,8 +35,8 @@ from align.modeling.models import (
 from align.runtime.checkpoint import checkpoint_dirs, checkpoints, is_complete, refuse_pickles
 from align.runtime.config import StageConfig, to_yaml
 from align.runtime.distributed import is_main, main_first, on_main, weights_spread, world_size
-from align.runtime.errors import ConfigError, OutputError
-from align.runtime.guards import NonFiniteGuard, TrainingStopped, check_finite, oom_as_message
+from align.runtime.errors import ConfigError, OutputError, TrainingStopped
+from align.runtime.guards import NonFiniteGuard, check_finite, oom_as_message
 from align.runtime.runs import (
     atomic_dir,
     atomic_write_json,

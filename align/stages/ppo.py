@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
-from align.data.rows import Example, RowError, _as_messages, char_bound, chars, load_rows
-from align.modeling.formatting import FormatError, Messages, encode_prompt
+from align.data.rows import Example, _as_messages, char_bound, chars, load_rows
+from align.modeling.formatting import Messages, encode_prompt
 from align.modeling.generate import Sampling, sample_batch
 from align.modeling.models import (
     REFERENCE,
@@ -59,8 +59,8 @@ from align.runtime.distributed import (
     weights_spread,
     world_size,
 )
-from align.runtime.errors import ConfigError
-from align.runtime.guards import TrainingStopped, oom_as_message
+from align.runtime.errors import ConfigError, FormatError, RowError, TrainingStopped
+from align.runtime.guards import oom_as_message
 from align.runtime.runs import make_manifest, read_manifest, sha256_path
 from align.serving.score import load_reward_model
 from align.serving.trained import open_run
