@@ -236,7 +236,8 @@ def real_parents(model_dir: Path, runs_dir: Path, work: Path) -> tuple[Path, Pat
 
 
 class Probe:
-    """Wraps align.ppo's build_roles / rollout / update to read CUDA memory around each (timings are align's)."""
+    """Wraps align.stages.ppo's build_roles / rollout / update (whatever they take and return) to read CUDA memory
+    around each (timings are align's)."""
 
     def __init__(self):
         self.cuda = torch.cuda.is_available()

@@ -110,9 +110,9 @@ def test_one_base_holds_all_four_roles_and_the_reward_role_scores_like_the_rewar
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     torch.manual_seed(0)
     batch, r = ppo.rollout(roles, prep, [0, 1, 2])
-    assert torch.allclose(r["old_logp"], r["ref_logp"], atol=1e-5)  # the policy starts as the frozen SFT adapter
+    assert torch.allclose(r.old_logp, r.ref_logp, atol=1e-5)  # the policy starts as the frozen SFT adapter
     with roles.role(VALUE):
-        assert not torch.allclose(roles.policy_logps(batch), r["old_logp"])  # another adapter, another network
+        assert not torch.allclose(roles.policy_logps(batch), r.old_logp)  # another adapter, another network
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
     # the reward role (adapter + head on the shared base) scores exactly as the reward model loaded on its own
     rm = load_reward_model(peaky["reward"], "cpu")
@@ -121,7 +121,7 @@ def test_one_base_holds_all_four_roles_and_the_reward_role_scores_like_the_rewar
         resp = batch.responses[i][batch.resp_mask[i] > 0].tolist()
         seqs.append(prep.train.encoded[i] + resp)
     alone = torch.tensor(rm.score(seqs))
-    assert torch.allclose(r["scores"], alone, atol=1e-4), (r["scores"], alone)
+    assert torch.allclose(r.scores, alone, atol=1e-4), (r.scores, alone)
 
 
 def test_a_nan_reward_skips_the_step_and_a_run_of_them_stops_training(tmp_path, peaky, monkeypatch, caplog):
@@ -179,6 +179,37 @@ def test_resume_continues_the_same_trajectory(tmp_path, peaky, monkeypatch):
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
 
 
+def test_the_loop_state_round_trips_through_a_checkpoint_in_the_format_earlier_runs_wrote(tmp_path):
+    from transformers import get_scheduler
+
+    from align.rl.advantages import KLController, RunningMoments
+    from align.runtime.checkpoint import STATE, load_checkpoint, save_checkpoint
+
+    def optimizer_and_scheduler():
+        optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.ones(2))])
+        return optimizer, get_scheduler("linear", optimizer, num_warmup_steps=1, num_training_steps=10)
+
+    optimizer, scheduler = optimizer_and_scheduler()
+    state = ppo.LoopState(scheduler, KLController(0.1, 0.5, 10), RunningMoments(), step=3,
+                          log_history=[{"step": 3, "kl": 0.25}], kl_over=1)
+    for _ in range(3):
+        optimizer.step()
+        scheduler.step()
+    state.controller.update(2.0, 4)
+    state.moments.update(torch.tensor([1.0, 2.0, 5.0]))
+    path = save_checkpoint(tmp_path, state.step, {"w": torch.ones(2)}, optimizer, state.to_checkpoint(), keep=1)
+    # the keys checkpoints written before LoopState hold: a resume reads those as well
+    assert set(json.loads((path / STATE).read_text())) == {"log_history", "kl_over", "bad_steps", "scheduler",
+                                                           "controller", "moments", "step", "param_groups"}
+    optimizer, fresh = optimizer_and_scheduler()
+    back = ppo.LoopState.from_checkpoint(load_checkpoint(path, optimizer)[1], fresh)
+    assert back.scheduler is fresh and fresh.state_dict() == scheduler.state_dict()
+    assert fresh.get_last_lr() == scheduler.get_last_lr() != [0.001]
+    assert (back.controller, back.moments) == (state.controller, state.moments) != (KLController(0.1, 0.5, 10),
+                                                                                    RunningMoments())
+    assert (back.step, back.log_history, back.kl_over, back.bad_steps) == (3, [{"step": 3, "kl": 0.25}], 1, 0)
+
+
 def test_setup_errors_name_the_fix(tmp_path, peaky):
     from align.runtime.errors import ConfigError, ModelError
 
@@ -232,13 +263,13 @@ def test_a_reward_model_on_another_base_is_loaded_separately_and_said_so(tmp_pat
     assert any("loaded separately" in r.getMessage() for r in caplog.records)
     torch.manual_seed(0)
     batch, r = ppo.rollout(roles, prep, [0, 1])
-    assert r["scores"].shape == (2,) and torch.isfinite(r["scores"]).all()
+    assert r.scores.shape == (2,) and torch.isfinite(r.scores).all()
     # the separate reward model scores the decoded answers exactly as `align score` would
     from align.serving.score import ScoreRow
     seqs = []
-    for prompt, text in zip(r["prompts"], r["texts"]):
+    for prompt, text in zip(r.prompts, r.texts):
         seqs += roles.separate_rm.encode(ScoreRow(prompt, [[{"role": "assistant", "content": text or " "}]]))
-    assert torch.allclose(r["scores"], torch.tensor(roles.separate_rm.score(seqs)))
+    assert torch.allclose(r.scores, torch.tensor(roles.separate_rm.score(seqs)))
 
 
 def test_the_value_model_learns_at_its_own_rate_and_leaves_the_policy_alone(tmp_path, peaky, monkeypatch):

@@ -168,7 +168,7 @@ def test_ppo_resumes_with_the_same_prompts_answers_kl_controller_and_reward_stat
     def record(seen: list):
         def rollout(roles, prep, rows):
             batch, r = real(roles, prep, rows)
-            seen.append((tuple(rows), tuple(r["texts"]), digest(batch.ids)))
+            seen.append((tuple(rows), tuple(r.texts), digest(batch.ids)))
             return batch, r
 
         monkeypatch.setattr(ppo, "rollout", rollout)
