@@ -26,7 +26,7 @@ import torch
 from conftest import ROOT, chat, pair_rows, write_jsonl
 from safetensors.torch import load_file
 
-from align.stages.common import newest_checkpoint
+from align.runtime.rundir import newest_checkpoint
 
 DRIVER = ROOT / "tests" / "faults" / "kill_during_save.py"
 KILLS = int(os.environ.get("ALIGN_FAULT_KILLS", "2"))  # random kills per stage, besides 2 targeted
@@ -320,7 +320,7 @@ def test_resuming_removes_half_written_checkpoints_and_dead_writers_files(tmp_pa
     from align.runtime import runs
     from align.runtime.config import SFTConfig, load_config
     from align.runtime.errors import OutputError
-    from align.stages.common import StagePaths, prepare_output
+    from align.runtime.rundir import StagePaths, prepare_output
 
     cfg = load_config(SFTConfig, None, [f"runs_dir={tmp_path}", "run=t"])
     paths = StagePaths.of(cfg, "sft")

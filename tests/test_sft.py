@@ -9,10 +9,10 @@ import torch
 from conftest import chat, write_jsonl
 from transformers import TrainerCallback
 
-from align.stages import sft
 from align.runtime.config import SFTConfig, load_config
 from align.runtime.errors import DataError, OutputError
-from align.stages.common import prepare_output
+from align.stages import common, sft
+from align.runtime.rundir import prepare_output
 
 PAIRS = [chat(f"What is {a} + {b}?", f"{a} + {b} = {a + b}. The answer is {a + b}.")
          for a in range(2, 6) for b in (3, 7)]
@@ -93,7 +93,7 @@ def test_finished_output_is_not_overwritten_without_the_flag(tmp_path, tiny_mode
     out = sft.run(cfg)
     first = (out / "adapter_model.safetensors").read_bytes()
     with monkeypatch.context() as m:  # same inputs: nothing to do, and no model is loaded to find that out
-        m.setattr(sft, "load_base", lambda *a, **k: pytest.fail("re-ran an up-to-date stage"))
+        m.setattr(common, "load_base", lambda *a, **k: pytest.fail("re-ran an up-to-date stage"))
         assert sft.run(cfg) == out
     with pytest.raises(OutputError, match="already holds a finished stage made from other inputs"):
         sft.run(make_cfg(tmp_path, tiny_model_dir, data, "training.max_steps=3"))
@@ -138,7 +138,7 @@ def test_resume_refuses_checkpoints_from_other_data(tmp_path, tiny_model_dir, da
 
 def test_bad_data_fails_before_the_model_loads_and_writes_no_output(tmp_path, tiny_model_dir, monkeypatch):
     bad = write_jsonl(tmp_path / "bad.jsonl", PAIRS + [{"prompt": "q"}, {"text": "  "}])
-    monkeypatch.setattr(sft, "load_base", lambda *a, **k: pytest.fail("model loaded despite bad data"))
+    monkeypatch.setattr(common, "load_base", lambda *a, **k: pytest.fail("model loaded despite bad data"))
     with pytest.raises(DataError, match=r"2 of 10 rows rejected") as e:
         sft.run(make_cfg(tmp_path, tiny_model_dir, bad))
     assert f"{bad}:9: missing key 'completion'" in str(e.value)

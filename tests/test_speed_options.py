@@ -7,8 +7,8 @@ import pytest
 from conftest import chat, count_tiled_backwards, pair_rows, write_jsonl
 from safetensors.torch import load_file
 
-from align.stages import dpo, sft
 from align.runtime.config import DPOConfig, SFTConfig, load_config
+from align.stages import common, dpo, sft
 
 
 def losses(out) -> list[float]:
@@ -111,8 +111,8 @@ def test_packed_answer_logps_chunked_equal_unchunked(tiny_model_dir, reward_data
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from align.modeling import heads
     from align.data.pairs import pair_loader
+    from align.modeling import heads
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
@@ -149,7 +149,7 @@ def test_4bit_base_without_upcast_keeps_bf16_weights_and_the_loss(tmp_path, tiny
         dtypes[upcast] = (embed.dtype, trainable)
         return peft_model
 
-    monkeypatch.setattr(sft, "attach_lora", spy)
+    monkeypatch.setattr(common, "attach_lora", spy)
     data = write_jsonl(tmp_path / "sft.jsonl", varied_lengths())
     outs = {}
     for upcast in (True, False):
@@ -187,8 +187,8 @@ def reward_and_dpo_both_ways(tmp_path, tiny_model_dir, reward_data_files, sft_ru
                              ran) -> None:
     """The reward model and DPO, each run with `option` at both `values` (the plain one first), end with the same
     losses and adapter; `ran()` counts what only the option does, and must move exactly in the second run."""
-    from align.stages import reward
     from align.runtime.config import RewardConfig
+    from align.stages import reward
 
     common = [f"model.name_or_path={tiny_model_dir}", f"data.train={reward_data_files[0]}",
               f"data.eval={reward_data_files[1]}", "data.eval_limit=8", "training.learning_rate=5e-3",
@@ -217,10 +217,9 @@ def test_compile_refused_where_it_cannot_work(tmp_path, monkeypatch):
     import torch
 
     from align.modeling import compiled
-
-    from align.stages import ppo
     from align.runtime.config import PPOConfig
     from align.runtime.errors import ConfigError
+    from align.stages import ppo
 
     cfg = load_config(PPOConfig, None, [f"runs_dir={tmp_path}", "training.compile=true", "reward_model=x"])
     with pytest.raises(ConfigError, match="training.compile=true is for SFT, reward and DPO"):
@@ -302,8 +301,8 @@ def test_tiled_mlp_refuses_an_mlp_that_returns_more_than_a_tensor(tiny_model_dir
     import torch
     from transformers import AutoModelForCausalLM
 
-    from align.runtime.errors import ModelError
     from align.modeling.tiled import tile_mlps
+    from align.runtime.errors import ModelError
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     for layer in model.model.layers:

@@ -61,15 +61,14 @@ from align.runtime.distributed import (
 )
 from align.runtime.errors import ConfigError, FormatError, RowError, TrainingStopped
 from align.runtime.guards import oom_as_message
+from align.runtime.rundir import nothing_to_train, prepare_output
 from align.runtime.runs import make_manifest, read_manifest, sha256_path
 from align.serving.score import load_reward_model
 from align.serving.trained import open_run
 from align.stages.common import (
     Prepared,
     build_lora_model,
-    nothing_to_train,
     prepare,
-    prepare_output,
     save_stage,
     use_cuda_defaults,
 )
