@@ -3,7 +3,7 @@
     python recipes/merge.py --adapter runs/demo/dpo --out merged/demo-dpo
     python recipes/merge.py --adapter runs/demo/reward --out merged/demo-rm --dtype bf16
 
-Same as `align merge ...`; the logic is align/merge.py.
+Same as `align merge ...`; the logic is align/serving/merge.py.
 """
 
 import sys

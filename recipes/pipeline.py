@@ -4,7 +4,7 @@
     python recipes/pipeline.py dpo.beta=0.5 --from dpo      # change DPO, train it (and what follows) again
     python recipes/pipeline.py data.preferences=reward_data/prefs/train.jsonl,new-pairs.jsonl
 
-Same as `align run recipes/configs/pipeline.yaml ...`. The loop itself is align/pipeline.py. Output: versions
+Same as `align run recipes/configs/pipeline.yaml ...`. The loop itself is align/loop/pipeline.py. Output: versions
 runs/<name>/v1, v2, ... each with report.md; `align runs` lists them, `align runs show vN` shows one's lineage.
 """
 

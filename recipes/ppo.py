@@ -4,7 +4,7 @@ penalty; policy, reference, reward model and value model are adapters on one bas
     python recipes/ppo.py                                   # recipes/configs/ppo.yaml: runs/demo/sft + reward
     python recipes/ppo.py training.max_steps=100 ppo.target_kl=2.0 run=ppo-long
 
-Same as `align ppo --config recipes/configs/ppo.yaml ...`; the stage itself is align/ppo.py. Output:
+Same as `align ppo --config recipes/configs/ppo.yaml ...`; the stage itself is align/stages/ppo.py. Output:
 runs/<run>/ppo/ (the policy's PEFT adapter at the top, the value adapter and head in value/, tokenizer, config,
 metrics with every step's reward, KL, entropy, clip fraction and timings, the win-rate against the SFT policy,
 manifest). Interrupted runs resume from runs/<run>/ppo.work/checkpoint-*.

@@ -4,7 +4,7 @@
     python recipes/reward.py init_from_sft= run=rm-fresh    # a fresh adapter, no SFT stage needed
     python recipes/reward.py --config my.yaml data.train=my_pairs.jsonl
 
-Same as `align reward --config recipes/configs/reward.yaml ...`; the stage itself is align/reward.py. Output:
+Same as `align reward --config recipes/configs/reward.yaml ...`; the stage itself is align/stages/reward.py. Output:
 runs/<run>/reward/ (PEFT adapter with the score head, tokenizer, config, metrics incl. held-out accuracy,
 calibration and a score histogram, manifest). Score text with it: `align score --model runs/demo/reward ...`.
 """

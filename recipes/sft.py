@@ -4,7 +4,7 @@
     python recipes/sft.py training.learning_rate=1e-4 run=exp1
     python recipes/sft.py --config my.yaml model.name_or_path=Qwen/Qwen2.5-0.5B-Instruct
 
-Same as `align sft --config recipes/configs/sft.yaml ...`. The stage itself is align/sft.py; this script only
+Same as `align sft --config recipes/configs/sft.yaml ...`. The stage itself is align/stages/sft.py; this script only
 picks the config that sits next to it. Output: runs/<run>/sft/ (PEFT adapter, tokenizer, config, metrics,
 manifest). Run it again after an interruption and it resumes from the newest checkpoint.
 """

@@ -6,7 +6,7 @@
 
 A stage is skipped when its inputs — its resolved config, the content of its data, the base model, and the
 artifacts it starts from — are those of an artifact this pipeline already made. A run that trains anything is a
-new version vN (align/versions.py); a failed stage stops the run with its error, and the next run continues the
+new version vN (align/loop/versions.py); a failed stage stops the run with its error, and the next run continues the
 same version from there (the failed stage from its newest checkpoint).
 """
 

@@ -6,7 +6,7 @@ One base in memory: the policy is a trainable LoRA adapter started from the SFT 
 reference is the SFT adapter loaded frozen under the name "reference" on that same base (or the base with
 adapters off when there is no SFT stage). The reference's log-probs of every pair are computed once before
 training (and optionally cached in the run directory, keyed by the data's and the reference's content hashes),
-so no reference forward pass happens during training. The losses are align.losses.dpo_loss (pure, tested by
+so no reference forward pass happens during training. The losses are align.rl.losses.dpo_loss (pure, tested by
 hand); the trainer is transformers' Trainer with that loss — TRL's DPOTrainer re-tokenizes and owns its loss
 maths, while here the tokens come from align's one formatting path.
 """

@@ -1,12 +1,12 @@
 """PPO: the policy adapter learns to raise a trained reward model's score, held near the SFT policy by a KL
-penalty — classic RLHF on one base model (see align/roles.py for the four roles).
+penalty — classic RLHF on one base model (see align/modeling/roles.py for the four roles).
 
     align ppo --config recipes/configs/ppo.yaml init_from_sft=runs/demo/sft reward_model=runs/demo/reward
 
 Each step: sample answers to a batch of prompts (rollouts), score them with the reward model (at the EOS; an
 answer cut off before its EOS loses `rollout.missing_eos_penalty`), subtract a per-token KL penalty against the
 reference, estimate advantages with GAE over the value adapter's estimates, then run `ppo.epochs` passes of
-clipped policy and value updates over mini-batches. The maths is in align/advantages.py and align/losses.py
+clipped policy and value updates over mini-batches. The maths is in align/rl/advantages.py and align/rl/losses.py
 (pure, tested by hand). TRL 1.16 has no PPO, so the loop is ours; devices and gradient sync come from accelerate.
 
 The value model is a separate trainable adapter plus a scalar head, started from the reward model (its LoRA

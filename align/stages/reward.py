@@ -4,7 +4,7 @@
 
 setup (config → model path → tokenizer → pairs, all checked before the model loads) → train with TRL's
 RewardTrainer on pairs built by align's one formatting path, Bradley–Terry loss, the score read at each answer's
-final EOS (align.heads) → held-out accuracy, mean margin, calibration, score histogram → save
+final EOS (align.modeling.heads) → held-out accuracy, mean margin, calibration, score histogram → save
 `runs/<run>/reward/` atomically: the adapter with its score head, tokenizer, config, metrics, manifest.
 """
 
