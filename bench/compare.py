@@ -327,8 +327,8 @@ def run_baseline(stage: str, model_dir: Path, data: dict[str, Path], s, work: Pa
 
 def run_align(stage: str, model_dir: Path, data: dict[str, Path], s, work: Path) -> dict:
     """align's own stage, unchanged; its build_trainer is wrapped only to attach the meter to the trainer."""
-    from align.stages import dpo, reward, sft
     from align.runtime.config import DPOConfig, RewardConfig, SFTConfig, load_config
+    from align.stages import dpo, reward, sft
 
     module, cls = {"sft": (sft, SFTConfig), "reward": (reward, RewardConfig), "dpo": (dpo, DPOConfig)}[stage]
     file = data["sft" if stage == "sft" else "pairs"]

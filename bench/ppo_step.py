@@ -83,8 +83,8 @@ def tokenizer_dir(work: Path, given: str | None) -> Path:
     out = work / "tokenizer"
     if (out / "tokenizer_config.json").is_file():
         return out
-    from align.runtime.config import ModelConfig
     from align.modeling.models import resolve_model
+    from align.runtime.config import ModelConfig
 
     src = resolve_model(ModelConfig()).path  # converts the embedded GGUF once (align's own cache)
     AutoTokenizer.from_pretrained(src).save_pretrained(out)
@@ -183,9 +183,9 @@ def synthetic_parents(model_dir: Path, runs_dir: Path, tok_dir: Path, quantizati
     with random adapters: what `align ppo` reads of them, without training either."""
     from transformers import AutoTokenizer
 
-    from align.runtime.config import RewardConfig, SFTConfig, load_config, to_yaml
     from align.modeling.heads import scoring_pad_id
     from align.modeling.models import resolve_model
+    from align.runtime.config import RewardConfig, SFTConfig, load_config, to_yaml
     from align.runtime.runs import atomic_dir, atomic_write_json, atomic_write_text, json_hash, make_manifest
 
     outs = []
@@ -215,8 +215,8 @@ def synthetic_parents(model_dir: Path, runs_dir: Path, tok_dir: Path, quantizati
 
 def real_parents(model_dir: Path, runs_dir: Path, work: Path) -> tuple[Path, Path]:
     """The SFT and reward runs made by align's own stages, one optimizer step each on 8 rows."""
-    from align.stages import reward, sft
     from align.runtime.config import RewardConfig, SFTConfig, load_config
+    from align.stages import reward, sft
 
     rows = [{"prompt": f"What is {a} + {b}?", "chosen": f"{a} + {b} = {a + b}. The answer is {a + b}.",
              "rejected": f"Maybe {a * b}? I am not sure."} for a, b in zip(range(2, 10), range(3, 11))]
@@ -280,8 +280,8 @@ class Probe:
 
 
 def run_ppo(args, model_dir: Path, sft_dir: Path, rm_dir: Path, runs_dir: Path) -> tuple[dict, Probe, Path]:
-    from align.stages import ppo
     from align.runtime.config import PPOConfig, load_config
+    from align.stages import ppo
 
     overrides = [
         f"model.name_or_path={model_dir}", f"model.quantization={args.quantization}", f"runs_dir={runs_dir}",
@@ -313,8 +313,8 @@ def separate_models(model_dir: Path, sft_dir: Path, rm_dir: Path, quantization: 
     reward frozen), to compare with one base carrying four adapters."""
     from peft import PeftModel
 
-    from align.runtime.config import LoraConfig, ModelConfig
     from align.modeling.models import attach_lora, load_base, lora_like
+    from align.runtime.config import LoraConfig, ModelConfig
 
     mcfg = ModelConfig(name_or_path=str(model_dir), quantization=quantization)
     quantized = quantization == "nf4"
@@ -492,8 +492,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
-    from align.runtime.config import ModelConfig
     from align.modeling.models import resolve_quantization
+    from align.runtime.config import ModelConfig
 
     quantization = resolve_quantization(ModelConfig(quantization=args.quantization))
     work = Path(args.work).resolve()

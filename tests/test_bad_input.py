@@ -13,12 +13,12 @@ import time
 import pytest
 from conftest import write_jsonl
 
-from align.runtime.config import PPOConfig
-from align.data.rows import load_sft_data, read_rows
-from align.runtime.errors import DataError
 from align.data.pairs import load_pair_data
-from align.stages.ppo import prompt_loader
+from align.data.rows import load_sft_data, read_rows
+from align.runtime.config import PPOConfig
+from align.runtime.errors import DataError
 from align.serving.score import RewardModel, encode_rows, read_input
+from align.stages.ppo import prompt_loader
 
 MAX_LENGTH = 128
 Q = "What is 2 + 3?"

@@ -10,8 +10,8 @@ from conftest import ROOT, write_jsonl
 from safetensors.torch import load_file
 
 from align.evaluation.evaluate import evaluate_stage_output
-from align.stages import dpo
 from align.runtime.config import DPOConfig, load_config
+from align.stages import dpo
 
 
 def make_cfg(tmp_path, tiny_model_dir, reward_data_files, *overrides):
@@ -139,8 +139,8 @@ def test_nf4_base_with_checkpointing_trains_the_policy(tmp_path, tiny_model_dir,
 def test_sampled_kl_is_zero_against_itself_and_leaves_the_rng_alone(sft_run):
     import contextlib
 
-    from align.serving.trained import load_policy
     from align.evaluation.measures import sampled_kl
+    from align.serving.trained import load_policy
 
     model, tok, _ = load_policy(sft_run, "cpu")
     prompts = [[{"role": "user", "content": f"What is {a} + 2?"}] for a in range(3)]

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from align.runtime.config import ModelConfig
 from align.modeling.formatting import encode_scored
 from align.modeling.heads import pad_batch, scoring_pad_id, sequence_scores
 from align.modeling.models import load_base
+from align.runtime.config import ModelConfig
 
 
 def msgs(role, text):

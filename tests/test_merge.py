@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from align.serving import merge as merging
 from align.runtime.errors import OutputError
+from align.serving import merge as merging
 
 
 @pytest.fixture(scope="module")
@@ -119,8 +119,8 @@ def test_half_precision_merge_is_held_to_the_precision_s_own_drift(tmp_path, sft
 def test_an_adapter_trained_on_nf4_reports_its_drift_from_the_4bit_model(tmp_path, tiny_model_dir):
     from conftest import pair_rows, write_jsonl
 
-    from align.stages import sft
     from align.runtime.config import SFTConfig, load_config
+    from align.stages import sft
 
     data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": r["prompt"], "completion": r["chosen"]}
                                               for r in pair_rows([(2, 3), (4, 5)])])

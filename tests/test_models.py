@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from align.modeling import models
+from align.modeling.generate import answer
 from align.runtime.config import LoraConfig, ModelConfig
 from align.runtime.errors import ModelError
-from align.modeling.generate import answer
 
 
 def test_auto_quantization_is_nf4_on_cuda_and_none_on_cpu(monkeypatch):

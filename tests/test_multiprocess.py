@@ -174,10 +174,10 @@ def test_two_process_run_killed_midway_resumes_to_the_same_adapter(tmp_path, tin
 
 def test_what_does_not_scale_out_says_so(tmp_path, monkeypatch, capsys):
     """`align run` drives one process, and PPO cannot run sharded: both refuse with a message, before any work."""
-    from align.stages import ppo
     from align.cli.main import main
     from align.runtime.config import PPOConfig, load_config
     from align.runtime.errors import ConfigError
+    from align.stages import ppo
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["run", "name=x", f"runs_dir={tmp_path}"]) == 2

@@ -8,10 +8,10 @@ import pytest
 import torch
 from conftest import write_jsonl
 
-from align.stages import onpolicy
-from align.runtime.errors import ConfigError, OutputError
-from align.modeling.generate import Sampling, answer, sample_batch
 from align.data.pairs import load_pair_data
+from align.loop import onpolicy
+from align.modeling.generate import Sampling, answer, sample_batch
+from align.runtime.errors import ConfigError, OutputError
 from align.serving.trained import load_policy
 
 PROMPTS = [[{"role": "user", "content": "What is 2 + 3? Answer with care and show the working."}],

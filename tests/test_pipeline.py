@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 from conftest import EVAL_NUMBERS, pair_rows, write_jsonl
 
-from align.loop import pipeline
 from align.cli.main import main
-from align.runtime.errors import ConfigError
+from align.loop import pipeline
 from align.loop.pipeline import load_pipeline, run, stage_config
 from align.loop.versions import Home
+from align.runtime.errors import ConfigError
 
 PROMPTS = Path(__file__).resolve().parent.parent / "reward_data" / "prefs" / "prompts.jsonl"
 

@@ -12,9 +12,9 @@ import torch
 from conftest import ROOT, count_tiled_backwards, pair_rows, write_jsonl
 from safetensors.torch import load_file
 
-from align.stages import ppo, reward, sft
-from align.runtime.config import PPOConfig, RewardConfig, SFTConfig, load_config
 from align.modeling.roles import POLICY, REFERENCE, REWARD, VALUE, Roles
+from align.runtime.config import PPOConfig, RewardConfig, SFTConfig, load_config
+from align.stages import ppo, reward, sft
 
 
 @pytest.fixture(scope="module")

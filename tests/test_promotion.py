@@ -2,8 +2,8 @@
 
 import pytest
 
-from align.loop.steps import promote
 from align.evaluation.promotion import PromotionRule, check, decide, judged_rate
+from align.loop.steps import promote
 from align.loop.versions import Home
 
 

@@ -13,8 +13,8 @@ from conftest import chat, pair_rows, write_jsonl
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from align.stages import dpo, ppo, reward, sft
 from align.runtime.config import DPOConfig, PPOConfig, RewardConfig, SFTConfig, load_config
+from align.stages import dpo, ppo, reward, sft
 
 
 class Crash(Exception):

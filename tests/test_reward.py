@@ -10,11 +10,11 @@ import torch
 from conftest import EVAL_NUMBERS, ROOT, pair_rows, reward_overrides, write_jsonl
 from safetensors.torch import load_file
 
-from align.stages import reward, sft
+from align.data.pairs import load_pair_data
+from align.modeling.formatting import encode_scored
 from align.runtime.config import RewardConfig, SFTConfig, load_config
 from align.runtime.errors import ConfigError
-from align.modeling.formatting import encode_scored
-from align.data.pairs import load_pair_data
+from align.stages import reward, sft
 
 
 def test_preference_metrics_by_hand():

@@ -64,9 +64,9 @@ def test_score_refuses_a_pickled_reward_model(tmp_path, tiny_reward_run, capsys)
 def test_a_stage_refuses_a_pickled_parent(tmp_path, sft_run, tiny_model_dir, reward_data_files):
     from conftest import reward_overrides
 
-    from align.stages import reward
     from align.runtime.config import RewardConfig, load_config
     from align.runtime.errors import ModelError
+    from align.stages import reward
 
     marker = tmp_path / "payload-ran"
     bad = poisoned_copy(sft_run, tmp_path / "run" / "sft", marker)
@@ -78,8 +78,8 @@ def test_a_stage_refuses_a_pickled_parent(tmp_path, sft_run, tiny_model_dir, rew
 
 
 def test_a_base_model_with_only_pickled_weights_is_refused(tmp_path, tiny_model_dir):
-    from align.runtime.errors import ModelError
     from align.modeling.models import load_base
+    from align.runtime.errors import ModelError
 
     base = tmp_path / "base"
     shutil.copytree(tiny_model_dir, base)
@@ -97,9 +97,9 @@ def test_remote_code_is_off_unless_asked_for():
 def test_trainer_checkpoints_hold_no_pickled_state_and_a_pickled_one_is_refused(tmp_path, tiny_model_dir):
     from conftest import pair_rows, write_jsonl
 
-    from align.stages import sft
     from align.runtime.config import SFTConfig, load_config
     from align.runtime.errors import OutputError
+    from align.stages import sft
 
     data = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": r["prompt"], "completion": r["chosen"]}
                                                 for r in pair_rows([(a, 3) for a in range(2, 10)])])

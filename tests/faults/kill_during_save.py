@@ -236,8 +236,8 @@ def run(spec_path: str) -> None:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(name)s: %(message)s")
     logging.getLogger("align").setLevel(logging.INFO)  # "resuming from ..." says which checkpoint a run read
     preload()
-    from align.stages import dpo, ppo, reward, sft
     from align.runtime.config import DPOConfig, PPOConfig, RewardConfig, SFTConfig, load_config
+    from align.stages import dpo, ppo, reward, sft
 
     stages = {"sft": (sft, SFTConfig), "reward": (reward, RewardConfig), "dpo": (dpo, DPOConfig),
               "ppo": (ppo, PPOConfig)}
