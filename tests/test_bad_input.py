@@ -18,6 +18,7 @@ from align.data.rows import load_sft_data, read_rows
 from align.runtime.config import PPOConfig
 from align.runtime.errors import DataError
 from align.serving.score import RewardModel, encode_rows, read_input
+from align.stages import common
 from align.stages.ppo import prompt_loader
 
 MAX_LENGTH = 128
@@ -528,7 +529,7 @@ def test_too_many_bad_rows_stop_before_training_and_leave_no_output(tmp_path, ti
     data = tmp_path / "train.jsonl"
     bad_at = _mixed(data, _good_rows(kind), BAD_LINES[kind])
     stage = _stage_module(kind)
-    monkeypatch.setattr(stage, "load_base", lambda *a, **k: pytest.fail("the model loaded despite bad data"))
+    monkeypatch.setattr(common, "load_base", lambda *a, **k: pytest.fail("the model loaded despite bad data"))
     with pytest.raises(DataError) as e:
         stage.run(_stage_cfg(kind, tmp_path, tiny_model_dir, data, "data.max_reject_share=0.1"))
     msg = str(e.value)
