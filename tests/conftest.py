@@ -18,8 +18,8 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="session")
 def embedded_dir() -> Path:
     """The embedded SmolLM2 model as a converted HF directory (converted once, then cached)."""
-    from align.runtime.config import ModelConfig
     from align.modeling.models import resolve_model
+    from align.runtime.config import ModelConfig
 
     return Path(resolve_model(ModelConfig()).path)
 
@@ -31,13 +31,53 @@ def tokenizer(embedded_dir):
     return load_tokenizer(str(embedded_dir))
 
 
+# SmolLM2's chat template: ChatML with a default system prompt (so tests see a template that adds a turn)
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
+    "{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def tiny_tokenizer():
+    """A byte-level BPE of 512 tokens trained here on the first rows of the shipped data and the template's words,
+    with SmolLM2's special tokens in SmolLM2's roles: <|im_start|> is BOS (written by the template, never added by
+    the tokenizer), <|im_end|> is EOS and pad, <|endoftext|> is unk (the spare pad the reward stage scores with).
+    Byte-level, so every text encodes (no unknown characters) and decodes back to itself; training takes well
+    under a second, and the same texts give the same tokenizer every time."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts = ["You are a helpful AI assistant named SmolLM, trained by Hugging Face", "system user assistant"] * 100
+    for name in ("sft/train.jsonl", "prefs/train.jsonl"):
+        for line in (ROOT / "reward_data" / name).read_text().splitlines()[:200]:
+            row = json.loads(line)
+            texts += [m["content"] for m in row["messages"]] if "messages" in row else [
+                row["prompt"], row["chosen"], row["rejected"]]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=512, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                   pad_token="<|im_end|>", unk_token="<|endoftext|>", chat_template=CHAT_TEMPLATE)
+
+
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory, embedded_dir) -> Path:
-    """A 2-layer Llama with random weights and the real SmolLM2 tokenizer and chat template."""
+def tiny_tokenizer_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tiny-tokenizer")
+    tiny_tokenizer().save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_tokenizer_dir) -> Path:
+    """A 2-layer Llama with random weights and the tokenizer built at test time (SmolLM2's template and roles)."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     out = tmp_path_factory.mktemp("tiny-llama")
-    tok = AutoTokenizer.from_pretrained(embedded_dir)
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                       tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
@@ -46,6 +86,14 @@ def tiny_model_dir(tmp_path_factory, embedded_dir) -> Path:
     LlamaForCausalLM(cfg).save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_tok(tiny_model_dir):
+    """The tiny models' tokenizer as align loads it."""
+    from align.modeling.models import load_tokenizer
+
+    return load_tokenizer(str(tiny_model_dir))
 
 
 def write_jsonl(path: Path, rows) -> Path:
@@ -91,8 +139,8 @@ def reward_data_files(tmp_path_factory) -> tuple[Path, Path]:
 @pytest.fixture(scope="session")
 def tiny_reward_run(tmp_path_factory, tiny_model_dir, reward_data_files) -> Path:
     """A reward run on the tiny Llama, trained once per session (about 10 s)."""
-    from align.stages import reward
     from align.runtime.config import RewardConfig, load_config
+    from align.stages import reward
 
     tmp = tmp_path_factory.mktemp("rm")
     cfg = load_config(RewardConfig, None, reward_overrides(tmp, tiny_model_dir, *reward_data_files))
@@ -102,8 +150,8 @@ def tiny_reward_run(tmp_path_factory, tiny_model_dir, reward_data_files) -> Path
 @pytest.fixture(scope="session")
 def sft_run(tmp_path_factory, tiny_model_dir) -> Path:
     """A tiny SFT run (2 steps) for the stages that start from SFT."""
-    from align.stages import sft
     from align.runtime.config import SFTConfig, load_config
+    from align.stages import sft
 
     tmp = tmp_path_factory.mktemp("sft-run")
     data = write_jsonl(tmp / "sft.jsonl", [{"prompt": r["prompt"], "completion": r["chosen"]}

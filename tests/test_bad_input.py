@@ -8,6 +8,7 @@ too many stop the stage before training, leaving no output directory behind.
 """
 
 import json
+import re
 import time
 
 import pytest
@@ -173,6 +174,17 @@ def _row_cases(stage: str) -> list[tuple[str, object, str]]:
 
 STAGES = ("sft", "pairs", "ppo", "score")
 CORPUS = {stage: _field_cases(stage) + _row_cases(stage) for stage in STAGES}
+
+
+def said(reason: str, error: str, any_count: bool = False) -> bool:
+    """`reason` is in `error`. The token counts in the reasons ("prompt + answer is 240 tokens") are the embedded
+    SmolLM2 tokenizer's; with `any_count` (the tests on the tiny models, whose test-time tokenizer counts other
+    numbers) a count there matches any number."""
+    if not any_count:
+        return reason in error
+    return re.search(re.sub(r"is\\ \d+\\ tokens", r"is\\ \\d+\\ tokens", re.escape(reason)), error) is not None
+
+
 # a defect of the line itself (the JSON cannot be read): a request body with it is malformed, not a bad item
 LINE_LEVEL = ("non-utf8", "truncated-json", "trailing-garbage", "huge-number", "deep-nesting")
 
@@ -379,13 +391,13 @@ def test_align_score_reports_every_bad_row_and_scores_the_rest(tiny_reward_run, 
     for r in results:
         if r["row"] in expected:
             name, reason = expected[r["row"]]
-            assert set(r) == {"row", "error"} and reason in r["error"], name
+            assert set(r) == {"row", "error"} and said(reason, r["error"], any_count=True), name
             assert_clear(r["error"])
         else:
             assert isinstance(r["score"], float)
     assert f"scored {n - len(expected)} of {n} rows" in err and f"{len(expected)} rows failed" in err
     first = min(expected)
-    assert f":{first}: {expected[first][1]}" in err and "Traceback" not in err
+    assert said(f":{first}: {expected[first][1]}", err, any_count=True) and "Traceback" not in err
 
 
 @pytest.mark.parametrize("content", [b"", b"\n \n"], ids=["empty", "blank-lines"])
@@ -420,7 +432,7 @@ def test_server_names_the_bad_item(client, name, row, reason):
     if name in LINE_LEVEL:
         assert resp.status_code == 400 and error.startswith("malformed JSON"), error
     else:
-        assert resp.status_code == 422 and error.startswith("item 1: ") and reason in error
+        assert resp.status_code == 422 and error.startswith("item 1: ") and said(reason, error, any_count=True)
         assert resp.json()["items"] == [{"item": 1, "error": error[len("item 1: "):]}]
     assert "Traceback" not in resp.text
 

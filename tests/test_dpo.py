@@ -170,7 +170,7 @@ def test_accumulating_two_half_batches_is_one_whole_batch(tmp_path, tiny_model_d
     assert max((w_whole[k] - w_halves[k]).abs().max().item() for k in w_whole) < 2e-4
 
 
-def test_reference_pass_batches_by_length_and_returns_data_order(tiny_model_dir, tokenizer):
+def test_reference_pass_batches_by_length_and_returns_data_order(tiny_model_dir, tiny_tok):
     """The reference pass groups pairs of similar length; the rows still come back in the data's order, equal to
     each pair scored on its own (no padding at all)."""
     from peft import LoraConfig, get_peft_model
@@ -183,7 +183,7 @@ def test_reference_pass_batches_by_length_and_returns_data_order(tiny_model_dir,
     lengths = [9, 30, 12, 25, 8, 40, 15]
     pairs = [EncodedPair(list(range(100, 100 + n)), list(range(200, 200 + n + i)), 0.0, 4)
              for i, n in enumerate(lengths)]
-    batched = dpo.reference_logps(model, pairs, tokenizer.pad_token_id, batch_size=3)
-    alone = torch.cat([dpo.reference_logps(model, [p], tokenizer.pad_token_id, batch_size=1) for p in pairs])
+    batched = dpo.reference_logps(model, pairs, tiny_tok.pad_token_id, batch_size=3)
+    alone = torch.cat([dpo.reference_logps(model, [p], tiny_tok.pad_token_id, batch_size=1) for p in pairs])
     assert batched.shape == (7, 2)
     assert torch.allclose(batched, alone, atol=1e-4)

@@ -60,8 +60,8 @@ def _canned(eos):
     return fake
 
 
-def test_sample_pairs_writes_best_vs_worst_that_dpo_reads(tmp_path, sft_run, tokenizer, monkeypatch):
-    monkeypatch.setattr(onpolicy, "sample_batch", _canned(tokenizer.eos_token_id))
+def test_sample_pairs_writes_best_vs_worst_that_dpo_reads(tmp_path, sft_run, tiny_tok, monkeypatch):
+    monkeypatch.setattr(onpolicy, "sample_batch", _canned(tiny_tok.eos_token_id))
     prompts = write_jsonl(tmp_path / "p.jsonl", [
         {"prompt": "What is 2 + 3?", "answer": 5}, {"prompt": "What is 4 + 4?", "answer": 8},
         {"prompt": "What is 7 + 1?", "answer": 8}, {"prompt": "What is 7 + 1?", "answer": 8},  # duplicate: once
@@ -79,7 +79,7 @@ def test_sample_pairs_writes_best_vs_worst_that_dpo_reads(tmp_path, sft_run, tok
          "chosen_score": 2.5, "rejected_score": 0.5, "answer": 8}]
     assert summary["prompts"] == 3 and summary["pairs"] == 2 and summary["samples"] == 9
     assert summary["no_eos_share"] == pytest.approx(1 / 9)
-    loaded = load_pair_data(str(out), tokenizer, 256)
+    loaded = load_pair_data(str(out), tiny_tok, 256)
     assert len(loaded.encoded) == 2 and not loaded.rejects
     with pytest.raises(OutputError, match="already exists"):
         onpolicy.sample_pairs(str(sft_run), str(prompts), str(out), device="cpu")
@@ -106,10 +106,10 @@ def test_cli_argument_errors(tmp_path, sft_run, args, message):
     assert not (tmp_path / "o.jsonl").exists()
 
 
-def test_a_reward_model_can_judge_the_answers(tmp_path, sft_run, tiny_reward_run, tokenizer, monkeypatch):
+def test_a_reward_model_can_judge_the_answers(tmp_path, sft_run, tiny_reward_run, tiny_tok, monkeypatch):
     from align.serving.score import ScoreRow, load_reward_model
 
-    monkeypatch.setattr(onpolicy, "sample_batch", _canned(tokenizer.eos_token_id))
+    monkeypatch.setattr(onpolicy, "sample_batch", _canned(tiny_tok.eos_token_id))
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "What is 2 + 3?"}, {"prompt": "What is 7 + 1?"}])
     out = tmp_path / "pairs.jsonl"
     summary = onpolicy.sample_pairs(str(sft_run), str(prompts), str(out), judge=str(tiny_reward_run),

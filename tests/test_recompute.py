@@ -29,7 +29,7 @@ def value_gradients(model_dir, recompute: str) -> dict[str, torch.Tensor]:
     if recompute == "tiled":
         tile_mlps(model, 3)
     model.train()
-    ids = torch.randint(0, 1000, (2, 11), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, base.config.vocab_size, (2, 11), generator=torch.Generator().manual_seed(1))
     with adapter_role(model, "value", ROLES):
         logits = model(input_ids=ids).logits
     assert model.active_adapter == "default"  # the role has ended before the backward pass

@@ -62,12 +62,12 @@ def test_run_writes_adapter_with_score_head_and_metrics(tiny_reward_run):
     assert manifest["stage"] == "reward" and manifest["parent"] is None
 
 
-def test_artifact_scores_the_same_with_plain_transformers_and_peft(tiny_reward_run, tiny_model_dir, tokenizer):
+def test_artifact_scores_the_same_with_plain_transformers_and_peft(tiny_reward_run, tiny_model_dir, tiny_tok):
     # a fresh process, no align import: AutoModelForSequenceClassification + PeftModel on the saved adapter,
     # fed the token ids align's formatting path makes for a training row
     probe = json.loads((tiny_reward_run / "metrics.json").read_text())["train_probe"][0]
     row = json.loads(open(probe["source"]).readlines()[probe["row"] - 1])
-    ids = encode_scored(tokenizer, [{"role": "user", "content": row["prompt"]}],
+    ids = encode_scored(tiny_tok, [{"role": "user", "content": row["prompt"]}],
                         [{"role": "assistant", "content": row["chosen"]}])
     code = f"""
 import torch
