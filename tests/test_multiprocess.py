@@ -4,6 +4,10 @@ Two processes with batch b see, at each optimizer step, the same examples as one
 accumulation steps (accelerate hands rank r the batches r, r+2, ... of the same shuffled order), and DDP averages
 their gradients, so the adapters must match the one-process run's within float rounding, and both ranks must
 hold the same weights (each run records the largest difference in metrics.json).
+
+One launch runs every multi-process job compared here (tests/run_commands.py runs them one after another in the
+same two processes), since each launch costs the start-up of two Pythons with torch; the kill test launches twice
+more, because it kills a launch.
 """
 
 import contextlib
@@ -12,6 +16,7 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -32,9 +37,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
 def launcher(processes: int, target: list[str]) -> list[str]:
     """The command a user types: `accelerate launch --config_file recipes/accelerate/ddp.yaml ... TARGET` (on a
-    machine without GPUs the processes form a gloo group on CPUs); one process is a plain `python TARGET`."""
-    if processes == 1:
-        return [sys.executable, *target]
+    machine without GPUs the processes form a gloo group on CPUs)."""
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
             str(ROOT / "recipes" / "accelerate" / "ddp.yaml"), "--num_processes", str(processes),
             "--main_process_port", str(free_port()), *target]
@@ -65,11 +68,64 @@ def stage_args(stage: str, tmp, run: str, tiny, train, evals, batch: int, accum:
             "lora.r=4", "lora.alpha=8", "lora.dropout=0", *extra]
 
 
-def check_pair(tmp, stage: str, tiny, train, evals, *extra: str, atol: float = 2e-5) -> tuple[dict, dict]:
-    """Run `stage` in two processes (batch 2) and in one (batch 2 × 2 accumulation steps); compare."""
-    two = launch(2, stage_args(stage, tmp, "two", tiny, train, evals, 2, 1, *extra), tmp)
-    launch(1, stage_args(stage, tmp, "one", tiny, train, evals, 2, 2, *extra), tmp)
-    assert two.stdout.count(f"{stage} finished") == 1  # one summary, from the main process
+def sft_rows(tmp) -> Path:
+    rows = [{"prompt": r["prompt"], "completion": r["chosen"]} for r in pair_rows([(a, 3) for a in range(2, 14)])]
+    return write_jsonl(tmp / "sft.jsonl", rows)
+
+
+def killable_sft_args(tmp, run: str, tiny, train) -> list[str]:
+    """The SFT run the kill test cuts: long enough to be killed midway, dropout on (random state must resume)."""
+    return [*stage_args("sft", tmp, run, tiny, train, "", 2, 1, "samples=0"), "training.max_steps=24",
+            "training.save_steps=4", "lora.dropout=0.1"]
+
+
+def split_jobs(stdout: str) -> dict[str, str]:
+    """The launch's output, job by job (tests/run_commands.py prints `=== NAME` from the main process)."""
+    parts = stdout.split("=== ")
+    return {part.split("\n", 1)[0]: part for part in parts[1:]}
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory, tiny_model_dir, reward_data_files, sft_run, tiny_reward_run):
+    """One `accelerate launch` of two processes runs every multi-process job below (each of SFT, DPO and the reward
+    model in two processes with batch 2; the PPO recipe; the uninterrupted run of the kill test), one after another
+    in the same processes; then the one-process runs to compare with (batch 2 × 2 accumulation steps) run here, on
+    one thread as the launched processes do."""
+    tmp = tmp_path_factory.mktemp("launched")
+    train, evals = reward_data_files
+    sft_train = sft_rows(tmp)
+    prompts = write_jsonl(tmp / "prompts.jsonl", [{"prompt": r["prompt"]} for r in pair_rows(
+        [(a, 5) for a in range(2, 10)])])
+    extra = {"sft": (sft_train, "", "samples=0"),
+             "dpo": (train, evals, f"init_from_sft={sft_run}", "beta=0.5", "eval_prompts="),
+             "reward": (train, evals)}
+    jobs = [{"name": stage, "argv": stage_args(stage, tmp, "two", tiny_model_dir, data, ev, 2, 1, *more)}
+            for stage, (data, ev, *more) in extra.items()]
+    jobs.append({"name": "ppo-recipe", "script": str(ROOT / "recipes" / "ppo.py"), "argv": [
+        f"model.name_or_path={tiny_model_dir}", f"data.train={prompts}", f"init_from_sft={sft_run}",
+        f"reward_model={tiny_reward_run}", "training.max_steps=2", "rollout.batch_size=2", "rollout.max_new_tokens=4",
+        "training.batch_size=2", "training.save_steps=1", "eval_prompts=", "training.logging_steps=1"]})
+    jobs.append({"name": "sft-whole", "argv": killable_sft_args(tmp, "whole", tiny_model_dir, sft_train)})
+    (tmp / "jobs.json").write_text(json.dumps(jobs))
+    proc = subprocess.run(launcher(2, [str(ROOT / "tests" / "run_commands.py"), str(tmp / "jobs.json")]), cwd=tmp,
+                          env={**ENV, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    from align.cli.main import main
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for stage, (data, ev, *more) in extra.items():
+            assert main(stage_args(stage, tmp, "one", tiny_model_dir, data, ev, 2, 2, *more)) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return {"tmp": tmp, "stdout": proc.stdout, "jobs": split_jobs(proc.stdout), "sft_train": sft_train}
+
+
+def check_pair(launched, stage: str, atol: float = 2e-5) -> tuple[dict, dict]:
+    """`stage` in two processes (batch 2) against one (batch 2 × 2 accumulation steps)."""
+    tmp = launched["tmp"]
+    assert launched["jobs"][stage].count(f"{stage} finished") == 1  # one summary, from the main process
     m2 = json.loads((tmp / "runs" / "two" / stage / "metrics.json").read_text())
     m1 = json.loads((tmp / "runs" / "one" / stage / "metrics.json").read_text())
     assert m2["processes"] == 2 and m1["processes"] == 1
@@ -79,18 +135,22 @@ def check_pair(tmp, stage: str, tiny, train, evals, *extra: str, atol: float = 2
     return m2, m1
 
 
-def test_sft_two_processes_match_one(tmp_path, tiny_model_dir):
-    rows = [{"prompt": r["prompt"], "completion": r["chosen"]} for r in pair_rows([(a, 3) for a in range(2, 14)])]
-    train = write_jsonl(tmp_path / "sft.jsonl", rows)
-    m2, m1 = check_pair(tmp_path, "sft", tiny_model_dir, train, "", "samples=0")
+def test_one_launch_ran_every_job_and_only_the_main_process_summarised(launched):
+    assert list(launched["jobs"]) == ["sft", "dpo", "reward", "ppo-recipe", "sft-whole"]
+    # each finished stage printed its summary once in all: the other process printed none anywhere
+    assert launched["stdout"].count("sft finished") == 2 and launched["stdout"].count("dpo finished") == 1
+    assert launched["stdout"].count("reward finished") == 1 and launched["stdout"].count("ppo finished") == 1
+
+
+def test_sft_two_processes_match_one(launched):
+    m2, m1 = check_pair(launched, "sft")
     assert m2["steps"] == m1["steps"] == 3
     assert m2["train_loss"] == pytest.approx(m1["train_loss"], rel=1e-4)
 
 
-def test_dpo_two_processes_match_one(tmp_path, tiny_model_dir, reward_data_files, sft_run):
-    train, evals = reward_data_files
-    m2, m1 = check_pair(tmp_path, "dpo", tiny_model_dir, train, evals, f"init_from_sft={sft_run}", "beta=0.5",
-                        "eval_prompts=")
+def test_dpo_two_processes_match_one(launched):
+    tmp_path = launched["tmp"]
+    m2, m1 = check_pair(launched, "dpo")
     # the same held-out pairs, evaluated by both processes together, give the same preference accuracy
     assert m2["eval_accuracy"] == pytest.approx(m1["eval_accuracy"], abs=1e-6)
     assert m2["eval_loss"] == pytest.approx(m1["eval_loss"], rel=1e-4)
@@ -104,26 +164,17 @@ def test_dpo_two_processes_match_one(tmp_path, tiny_model_dir, reward_data_files
         assert two.shape == one.shape and torch.allclose(two, one, atol=1e-5)
 
 
-def test_reward_two_processes_match_one(tmp_path, tiny_model_dir, reward_data_files):
-    train, evals = reward_data_files
-    m2, m1 = check_pair(tmp_path, "reward", tiny_model_dir, train, evals)
+def test_reward_two_processes_match_one(launched):
+    m2, m1 = check_pair(launched, "reward")
     assert m2["eval_accuracy"] == pytest.approx(m1["eval_accuracy"], abs=1e-6)
 
 
-def test_ppo_recipe_under_accelerate_launch(tmp_path, tiny_model_dir, sft_run, tiny_reward_run):
+def test_ppo_recipe_under_accelerate_launch(launched):
     """PPO's own loop: each process answers its share of the prompts, gradients are averaged by hand, the KL
     controller and reward statistics see every process's numbers."""
-    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": r["prompt"]} for r in pair_rows(
-        [(a, 5) for a in range(2, 10)])])
-    proc = subprocess.run(launcher(2, [
-        str(ROOT / "recipes" / "ppo.py"), f"model.name_or_path={tiny_model_dir}", f"data.train={prompts}",
-        f"init_from_sft={sft_run}",
-        f"reward_model={tiny_reward_run}", "training.max_steps=2", "rollout.batch_size=2", "rollout.max_new_tokens=4",
-        "training.batch_size=2", "training.save_steps=1", "eval_prompts=", "training.logging_steps=1"]),
-        cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    assert proc.stdout.count("ppo finished") == 1
-    out = tmp_path / "runs" / "demo" / "ppo"
+    tmp_path = launched["tmp"]
+    assert launched["jobs"]["ppo-recipe"].count("ppo finished") == 1
+    out = tmp_path / "runs" / "demo" / "ppo"  # the recipe's own run name, under the launch's directory
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["processes"] == 2 and metrics["rank_weight_spread"] <= 1e-7
     assert [h["step"] for h in metrics["log_history"]] == [1, 2]
@@ -132,24 +183,20 @@ def test_ppo_recipe_under_accelerate_launch(tmp_path, tiny_model_dir, sft_run, t
     assert not (tmp_path / "runs" / "demo" / "ppo.work").exists()
 
 
-def test_two_process_run_killed_midway_resumes_to_the_same_adapter(tmp_path, tiny_model_dir):
+def test_two_process_run_killed_midway_resumes_to_the_same_adapter(launched, tiny_model_dir):
     """SIGKILL to the whole launcher once a checkpoint is complete, then the same command: each process picks up
-    its own random state (dropout is on) and the run ends where an uninterrupted one does."""
+    its own random state (dropout is on) and the run ends where an uninterrupted one (in the shared launch) does."""
     import signal
     import time
 
     from align.runtime.checkpoint import checkpoints
 
-    rows = [{"prompt": r["prompt"], "completion": r["chosen"]} for r in pair_rows([(a, 3) for a in range(2, 14)])]
-    train = write_jsonl(tmp_path / "sft.jsonl", rows)
-
-    def args(run: str) -> list[str]:
-        return [*stage_args("sft", tmp_path, run, tiny_model_dir, train, "", 2, 1, "samples=0"),
-                "training.max_steps=24", "training.save_steps=4", "lora.dropout=0.1"]
-
-    launch(2, args("whole"), tmp_path)
-    proc = subprocess.Popen(launcher(2, ["-m", "align.cli", *args("cut")]), cwd=tmp_path, env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    tmp_path, train = launched["tmp"], launched["sft_train"]
+    assert json.loads((tmp_path / "runs" / "whole" / "sft" / "metrics.json").read_text())["steps"] == 24
+    proc = subprocess.Popen(launcher(2, ["-m", "align.cli", *killable_sft_args(tmp_path, "cut", tiny_model_dir,
+                                                                                train)]),
+                            cwd=tmp_path, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
     work = tmp_path / "runs" / "cut" / "sft.work"
     deadline = time.monotonic() + 300
     while not (work.is_dir() and any(c.name == "checkpoint-8" for c in checkpoints(work))):
@@ -165,7 +212,7 @@ def test_two_process_run_killed_midway_resumes_to_the_same_adapter(tmp_path, tin
     proc.wait()
     psutil.wait_procs(everyone, timeout=30)
     assert not (tmp_path / "runs" / "cut" / "sft").exists()  # killed before it finished
-    launch(2, args("cut"), tmp_path)
+    launch(2, killable_sft_args(tmp_path, "cut", tiny_model_dir, train), tmp_path)
     m = json.loads((tmp_path / "runs" / "cut" / "sft" / "metrics.json").read_text())
     assert m["resumed_from"] and m["rank_weight_spread"] == 0
     assert_same_adapter(adapter(tmp_path / "runs" / "cut" / "sft"), adapter(tmp_path / "runs" / "whole" / "sft"),

@@ -173,26 +173,30 @@ def compiled_calls() -> int:
 
 def test_sft_compiled_layers_keep_the_loss(tmp_path, tiny_model_dir):
     """training.compile: the decoder layers run through torch.compile (checked by dynamo's own counter), and the
-    run ends with the eager run's losses and adapter (dropout off: compiled dropout draws other random numbers)."""
+    run ends with the eager run's losses and adapter (dropout off: compiled dropout draws other random numbers).
+    No held-out set: each graph variant costs ~20 s of compilation on a small CPU, and evaluation's losses are not
+    what is compared; compiled passes without gradients are compared in DPO (its reference pass)."""
     data = write_jsonl(tmp_path / "sft.jsonl", varied_lengths())
     outs = {}
     for flag in (False, True):
         before = compiled_calls()
-        outs[flag] = sft.run(sft_config(tmp_path, tiny_model_dir, data, f"run=c-{flag}", f"training.compile={flag}"))
+        outs[flag] = sft.run(sft_config(tmp_path, tiny_model_dir, data, f"run=c-{flag}", f"training.compile={flag}",
+                                        "data.eval="))
         assert (compiled_calls() > before) == flag
     assert_same_run(outs[False], outs[True])
 
 
 def reward_and_dpo_both_ways(tmp_path, tiny_model_dir, reward_data_files, sft_run, option: str, values: tuple,
-                             ran) -> None:
+                             ran, held_out: bool = True) -> None:
     """The reward model and DPO, each run with `option` at both `values` (the plain one first), end with the same
     losses and adapter; `ran()` counts what only the option does, and must move exactly in the second run."""
     from align.runtime.config import RewardConfig
     from align.stages import reward
 
-    common = [f"model.name_or_path={tiny_model_dir}", f"data.train={reward_data_files[0]}",
-              f"data.eval={reward_data_files[1]}", "data.eval_limit=8", "training.learning_rate=5e-3",
-              "training.batch_size=4", "training.max_steps=3", "training.logging_steps=1", "lora.dropout=0"]
+    evals = [f"data.eval={reward_data_files[1]}", "data.eval_limit=8"] if held_out else ["data.eval="]
+    common = [f"model.name_or_path={tiny_model_dir}", f"data.train={reward_data_files[0]}", *evals,
+              "training.learning_rate=5e-3", "training.batch_size=4", "training.max_steps=3",
+              "training.logging_steps=1", "lora.dropout=0"]
     for cls, stage, extra in ((RewardConfig, reward, []),
                               (DPOConfig, dpo, [f"init_from_sft={sft_run}", "beta=0.5", "eval_prompts="])):
         outs = []
@@ -206,9 +210,10 @@ def reward_and_dpo_both_ways(tmp_path, tiny_model_dir, reward_data_files, sft_ru
 
 def test_reward_and_dpo_compiled_layers_keep_the_loss(tmp_path, tiny_model_dir, reward_data_files, sft_run):
     """The same for the reward model (score head outside the compiled layers) and DPO (the frozen reference
-    adapter and the policy run through the same compiled layers)."""
+    adapter and the policy run through the same compiled layers; its reference pass is a compiled pass without
+    gradients, and its log-probs are in every loss compared). No held-out sets, as for SFT above."""
     reward_and_dpo_both_ways(tmp_path, tiny_model_dir, reward_data_files, sft_run, "training.compile",
-                             (False, True), compiled_calls)
+                             (False, True), compiled_calls, held_out=False)
 
 
 def test_compile_refused_where_it_cannot_work(tmp_path, monkeypatch):
