@@ -271,7 +271,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _setup_logging(quiet: bool) -> None:
-    # loaded for this verb only: it brings torch and the models, which `align --help` does not need
+    # loaded once a verb runs (`--help` exits before): it brings torch
     from align.runtime.distributed import launch_rank
 
     rank = launch_rank()  # the main process of a multi-process run narrates
@@ -290,12 +290,10 @@ def _run_stage(stage: str, args: argparse.Namespace) -> int:
         print(to_yaml(cfg), end="")
         return 0
     # loaded for this verb only: it brings torch and the models, which `align --help` does not need
+    from align.runtime.distributed import launch_rank
     from align.stages import dpo, ppo, reward, sft
 
     out = {"sft": sft.run, "reward": reward.run, "dpo": dpo.run, "ppo": ppo.run}[stage](cfg)
-    # loaded for this verb only: it brings torch and the models, which `align --help` does not need
-    from align.runtime.distributed import launch_rank
-
     if launch_rank() == 0:  # the main process evaluates the saved policy and prints one summary
         if getattr(cfg, "eval_prompts", None):
             # evaluation loads torch and the models: only for the stages that ask for it

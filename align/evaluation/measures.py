@@ -42,14 +42,15 @@ def sampled_kl(model, tokenizer, messages: list[Messages], max_new_tokens: int, 
     """KL(policy ‖ reference) per answer, estimated as the mean of log π(y|x) − log ρ(y|x) over one answer per
     prompt sampled from the policy at temperature 1 (the k1 estimator is unbiased only on the policy's own
     samples, not on greedy answers). Seeded, and the global RNG is restored afterwards."""
+    prompts = [encode_prompt(tokenizer, m) for m in messages]  # once, for the sampler and both log-prob passes
     state = torch.get_rng_state()
     torch.manual_seed(seed)
     try:
-        drawn = sample_batch(model, tokenizer, messages, Sampling(1.0, 1.0, 1), max_new_tokens, desc="KL samples")
+        drawn = sample_batch(model, tokenizer, messages, Sampling(1.0, 1.0, 1), max_new_tokens, desc="KL samples",
+                             encoded=prompts)
     finally:
         torch.set_rng_state(state)
     answers = [a[0][1] or [tokenizer.eos_token_id] for a in drawn]
-    prompts = [encode_prompt(tokenizer, m) for m in messages]
     seqs, lens = [p + a for p, a in zip(prompts, answers)], [len(p) for p in prompts]
     was_training = model.training
     model.eval()

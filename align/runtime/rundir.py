@@ -47,8 +47,8 @@ def check_new_output(cfg: StageConfig, paths: StagePaths) -> None:
 
 
 def newest_checkpoint(work: Path) -> Path | None:
-    """The newest complete checkpoint (align.runtime.checkpoint.is_complete): never one a killed writer left half-written."""
-
+    """The newest complete checkpoint (align.runtime.checkpoint.is_complete): never one a killed writer left
+    half-written."""
     found = checkpoints(work)
     return found[-1] if found else None
 
