@@ -1,7 +1,16 @@
-"""Answering prompts with a model through the one formatting path (used for samples, evaluation and rollouts)."""
+"""Answering prompts with a model through the one formatting path (used for samples, evaluation and rollouts).
+
+THE one sampling path: every answer align draws comes from `draw`, which states the whole distribution. transformers
+fills every generation setting a call leaves unset from the model's generation_config.json (Qwen2.5-Instruct ships
+top_k 20, top_p 0.8, temperature 0.7, repetition_penalty 1.05) and then from its own defaults (top_k 50). A PPO
+ratio, a KL estimate or an on-policy pair assumes answers drawn from softmax(logits / temperature) alone, so `draw`
+runs with a bare generation config and sets each logits-shaping option to its neutral value; only the stop and pad
+ids are the tokenizer's.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from dataclasses import dataclass
 
@@ -16,8 +25,8 @@ from align.modeling.heads import pad_batch
 def answer(model, tokenizer, prompt: Messages, max_new_tokens: int = 64) -> str:
     """Greedy answer to one prompt, decoded without special tokens."""
     ids = torch.tensor([encode_prompt(tokenizer, prompt)], device=model.device)
-    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                         do_sample=False, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    out = draw(model, ids, torch.ones_like(ids), Sampling(), max_new_tokens, tokenizer.eos_token_id,
+               tokenizer.pad_token_id)
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
 
 
@@ -37,16 +46,63 @@ def compare_with_base(peft_model, tokenizer, prompts: list[Messages], max_new_to
 
 @dataclass(frozen=True)
 class Sampling:
-    """How answers are drawn: greedy when temperature is 0, else sampled with temperature and top-p."""
+    """How answers are drawn: greedy when temperature is 0, else from softmax(logits / temperature), truncated to
+    the top-p nucleus only when top_p < 1 (then the draw is no longer the policy's own distribution: `exact`)."""
 
     temperature: float = 0.0
     top_p: float = 1.0
     n: int = 1  # answers per prompt
 
-    def generate_kwargs(self) -> dict:
+    @property
+    def exact(self) -> bool:
+        """Whether answers are drawn from softmax(logits / temperature) itself, as RL log-probs assume."""
+        return self.temperature > 0 and self.top_p >= 1.0
+
+    def generation_config(self, max_new_tokens: int, stop_id: int, pad_id: int):
+        """A complete transformers GenerationConfig: nothing left for generate() to fill from elsewhere."""
+        from transformers import GenerationConfig
+
+        neutral = dict(top_k=0, top_p=1.0, min_p=None, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0,
+                       repetition_penalty=1.0, encoder_repetition_penalty=1.0, no_repeat_ngram_size=0,
+                       length_penalty=1.0, min_length=0, min_new_tokens=None, bad_words_ids=None,
+                       suppress_tokens=None, begin_suppress_tokens=None, forced_bos_token_id=None,
+                       forced_eos_token_id=None, sequence_bias=None, exponential_decay_length_penalty=None,
+                       renormalize_logits=False, num_beams=1, use_cache=True)
         if self.temperature <= 0:
-            return {"do_sample": False}
-        return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p}
+            chosen = dict(do_sample=False, temperature=1.0)
+        else:
+            chosen = dict(do_sample=True, temperature=self.temperature, top_p=self.top_p)
+        return GenerationConfig(**{**neutral, **chosen}, max_new_tokens=max_new_tokens, eos_token_id=stop_id,
+                                pad_token_id=pad_id, num_return_sequences=self.n)
+
+
+@contextlib.contextmanager
+def _bare_generation_config(model):
+    """The model's own generation_config (from its generation_config.json) set aside while align samples, so that
+    generate() has nothing of it to fill a setting from."""
+    from transformers import GenerationConfig
+
+    from align.modeling.heads import unwrap
+
+    inner = unwrap(model)
+    saved = inner.generation_config
+    inner.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        inner.generation_config = saved
+
+
+@torch.no_grad()
+def draw(model, ids: torch.Tensor, mask: torch.Tensor, sampling: Sampling, max_new_tokens: int, stop_id: int,
+         pad_id: int, scores: bool = False):
+    """Every generate() call of align: (rows × n, prompt + answer) token ids, or with `scores` the generate output
+    holding the processed logits each token was drawn from (tests compare them with the RL log-probs)."""
+    config = sampling.generation_config(max_new_tokens, stop_id, pad_id)
+    if scores:
+        config.update(return_dict_in_generate=True, output_scores=True)
+    with _bare_generation_config(model):
+        return model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
 
 
 @torch.no_grad()
@@ -79,9 +135,7 @@ def sample_batch(model, tokenizer, prompts: list[Messages], sampling: Sampling, 
     for start in range(0, len(order), per_batch):
         idx = order[start:start + per_batch]
         ids, mask = pad_batch([encoded[i] for i in idx], tokenizer.pad_token_id, side="left", device=device)
-        gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                             num_return_sequences=sampling.n, eos_token_id=eos,
-                             pad_token_id=tokenizer.pad_token_id, **sampling.generate_kwargs())
+        gen = draw(model, ids, mask, sampling, max_new_tokens, eos, tokenizer.pad_token_id)
         for row in range(gen.shape[0]):
             tokens = gen[row, ids.shape[1]:].tolist()
             if eos in tokens:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from align.modeling.formatting import IGNORE
-from align.rl.losses import last_token_index, sequence_logps, token_logps
+from align.rl.losses import entropy, last_token_index, sequence_logps, token_logps
 from align.runtime.errors import ModelError
 
 
@@ -178,22 +178,54 @@ def output_logits(model, states: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-def _head_logps(model, states: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    return token_logps(output_logits(model, states)[None], tokens[None])[0]
+def _head_logps(model, states: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
+    logits = output_logits(model, states)
+    if temperature != 1.0:
+        logits = logits / temperature
+    return token_logps(logits[None], tokens[None])[0]
+
+
+def _head_logps_entropy(model, states: torch.Tensor, tokens: torch.Tensor, temperature: float
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = output_logits(model, states)
+    if temperature != 1.0:
+        logits = logits / temperature
+    return token_logps(logits[None], tokens[None])[0], entropy(logits[None])[0]
+
+
+def states_logps(model, states: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0,
+                 with_entropy: bool = False):
+    """THE log-prob path from decoder states: (..., H) states and the (...) tokens they predict → (...) log-probs
+    under softmax(logits / temperature) (and the entropies of those distributions).
+
+    Logits come from output_logits (the model's own soft-capping and logit scale). `temperature` is the one the
+    answers were sampled at, so an RL ratio compares the distribution that drew them. Over CHUNK_ELEMENTS logits
+    the vocabulary projection runs over a few rows at a time, recomputed in the backward pass, so the full
+    (tokens × vocabulary) logits never exist at once."""
+    from torch.utils.checkpoint import checkpoint
+
+    shape = tokens.shape
+    flat_states, flat_tokens = states.reshape(-1, states.shape[-1]), tokens.reshape(-1)
+    vocab = unwrap(model).get_output_embeddings().weight.shape[0]
+    n = len(flat_tokens)
+    rows = n if n * vocab <= CHUNK_ELEMENTS else max(1, CHUNK_ELEMENTS // vocab)
+    fn = _head_logps_entropy if with_entropy else _head_logps
+    parts = []
+    for i in range(0, n, rows):
+        args = (model, flat_states[i:i + rows], flat_tokens[i:i + rows], temperature)
+        parts.append(checkpoint(fn, *args, use_reentrant=False) if rows < n and torch.is_grad_enabled()
+                     else fn(*args))
+    if with_entropy:
+        return (torch.cat([p[0] for p in parts]).reshape(shape), torch.cat([p[1] for p in parts]).reshape(shape))
+    return torch.cat(parts).reshape(shape)
 
 
 def chunked_token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                         positions: torch.Tensor, targets: torch.Tensor, picked: torch.Tensor) -> torch.Tensor:
     """Log-probs of the picked target tokens, in the order of `targets[picked]`: the decoder runs once, the
-    vocabulary projection runs over a few rows at a time and is recomputed in the backward pass."""
-    from torch.utils.checkpoint import checkpoint
-
-    vocab = unwrap(model).get_output_embeddings().weight.shape[0]
+    vocabulary projection in chunks (states_logps)."""
     hidden = final_hidden_states(model, input_ids=input_ids, attention_mask=attention_mask, position_ids=positions)
-    states, tokens = hidden[:, :-1][picked], targets[picked]
-    rows = max(1, CHUNK_ELEMENTS // vocab)
-    return torch.cat([checkpoint(_head_logps, model, states[i:i + rows], tokens[i:i + rows], use_reentrant=False)
-                      for i in range(0, len(tokens), rows)])
+    return states_logps(model, hidden[:, :-1][picked], targets[picked])
 
 
 def final_hidden_states(model, **inputs) -> torch.Tensor:

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from align.modeling.heads import output_logits, pad_batch, position_ids, unwrap
+from align.modeling.heads import pad_batch, position_ids, states_logps, unwrap
 from align.modeling.models import REFERENCE, adapter_role, reference_role
-from align.rl.losses import entropy, last_token_index, token_logps
+from align.rl.losses import last_token_index
 from align.runtime.errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -75,11 +75,10 @@ class Roles:
         P, T = batch.prompt_len, batch.responses.shape[1]
         return h[:, P - 1:P + T - 1]
 
-    def policy_logps(self, batch: Batch, with_entropy: bool = False):
-        """(B, T) log-probs of the response tokens under the active adapter (and their entropies)."""
-        logits = output_logits(self.model, self._response_states(batch))
-        logps = token_logps(logits, batch.responses)
-        return (logps, entropy(logits)) if with_entropy else logps
+    def policy_logps(self, batch: Batch, temperature: float = 1.0, with_entropy: bool = False):
+        """(B, T) log-probs of the response tokens under the active adapter at the sampling `temperature` (and
+        the entropies of those distributions), through the one log-prob path (chunked over a large vocabulary)."""
+        return states_logps(self.model, self._response_states(batch), batch.responses, temperature, with_entropy)
 
     def values(self, batch: Batch) -> torch.Tensor:
         """(B, T) value estimates, with the value adapter active."""

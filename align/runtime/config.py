@@ -183,9 +183,12 @@ class DPOConfig(StageConfig):
 @dataclass
 class RolloutConfig:
     batch_size: int = opt(16, "prompts answered per PPO step", _positive, "must be >= 1")
-    temperature: float = opt(1.0, "sampling temperature of rollouts (1.0 = the policy's own distribution, which "
-                             "the PPO ratios assume)", _positive, "must be > 0")
-    top_p: float = opt(1.0, "nucleus sampling mass (1.0 = off)", lambda v: 0 < v <= 1, "must be in (0, 1]")
+    temperature: float = opt(1.0, "sampling temperature of rollouts: answers are drawn from softmax(logits / T) "
+                             "with nothing else applied (no top-k, no repetition penalty, nothing from the base's "
+                             "generation_config.json), and the PPO ratios and KL read log-probs at the same T",
+                             _positive, "must be > 0")
+    top_p: float = opt(1.0, "nucleus sampling mass; only 1.0 (off) is accepted, since a truncated draw is not the "
+                       "distribution the PPO log-probs describe", lambda v: 0 < v <= 1, "must be in (0, 1]")
     max_new_tokens: int = opt(64, "longest answer; a rollout stops at EOS or here", _positive, "must be >= 1")
     missing_eos_penalty: float = opt(1.0, "subtracted from the score of an answer cut off before its EOS",
                                      lambda v: v >= 0, "must be >= 0")

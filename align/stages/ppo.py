@@ -115,6 +115,11 @@ def setup(cfg: PPOConfig) -> Prepared:
         raise ConfigError("training.compile=true is for SFT, reward and DPO; PPO's rollouts generate token by token "
                           "through the same layers, which compiled layers would recompile as the cache grows. "
                           "Set training.compile=false for PPO")
+    if cfg.rollout.top_p < 1:
+        raise ConfigError(f"rollout.top_p={cfg.rollout.top_p}: PPO's ratios and KL penalty are log-probs under "
+                          "softmax(logits / rollout.temperature); answers drawn from a top-p nucleus come from another "
+                          "distribution, so every ratio would be off-policy. Set rollout.top_p=1.0 and shape "
+                          "exploration with rollout.temperature instead")
     if not cfg.reward_model:
         raise ConfigError("reward_model= is required: PPO raises a reward model's score. Train one with "
                           "`align reward`, then pass reward_model=runs/<run>/reward")
@@ -197,8 +202,9 @@ def rollout(roles: Roles, prep: Prepared, rows: list[int]) -> tuple[Batch, Rollo
     roles.model.eval()
     start = time.monotonic()
     prompt_ids = [prep.train.encoded[i] for i in rows]  # tokenized once, when the data was loaded
-    drawn = sample_batch(roles.model, tok, prompts, Sampling(cfg.rollout.temperature, cfg.rollout.top_p, 1),
-                         cfg.rollout.max_new_tokens, batch_size=len(prompts), encoded=prompt_ids)
+    temperature = cfg.rollout.temperature
+    drawn = sample_batch(roles.model, tok, prompts, Sampling(temperature, 1.0, 1), cfg.rollout.max_new_tokens,
+                         batch_size=len(prompts), encoded=prompt_ids)
     gen_seconds = time.monotonic() - start
     responses = [tokens for ((_, tokens),) in drawn]
     texts = [text for ((text, _),) in drawn]
@@ -213,9 +219,9 @@ def rollout(roles: Roles, prep: Prepared, rows: list[int]) -> tuple[Batch, Rollo
         return torch.cat([fn(batch.select(rows_), rows_.tolist()) for rows_ in slices])
 
     with torch.no_grad():
-        old_logp = each(lambda b, _: roles.policy_logps(b))
-        with roles.role(REFERENCE):
-            ref_logp = each(lambda b, _: roles.policy_logps(b))
+        old_logp = each(lambda b, _: roles.policy_logps(b, temperature))
+        with roles.role(REFERENCE):  # the reference read at the same temperature: the KL compares like with like
+            ref_logp = each(lambda b, _: roles.policy_logps(b, temperature))
         with roles.role(VALUE):
             old_values = each(lambda b, _: roles.values(b))
         scores = each(lambda b, idx: roles.rewards(b, [prompts[i] for i in idx], [texts[i] for i in idx]))
@@ -254,7 +260,7 @@ def update(roles: Roles, cfg: PPOConfig, batch: Batch, r: Rollout, a: Advantages
         for start in range(0, n, t.batch_size):
             rows = order[start:start + t.batch_size].to(batch.ids.device)
             mb = batch.select(rows)
-            logp, ent = roles.policy_logps(mb, with_entropy=True)
+            logp, ent = roles.policy_logps(mb, cfg.rollout.temperature, with_entropy=True)
             pg_loss, pg = ppo_policy_loss(logp, r.old_logp[rows], a.advantages[rows], mb.resp_mask,
                                           cfg.ppo.clip_range)
             with roles.role(VALUE):
