@@ -27,8 +27,9 @@ def _stage_parser(sub, stage: str, summary: str) -> None:
     cls = STAGES[stage]
     p = sub.add_parser(stage, help=summary, description=summary, formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog=CONFIG_HELP.format(stage=stage) + "\n".join(describe(cls)))
-    p.add_argument("--config", metavar="FILE", help="YAML config (default: built-in defaults, same as "
-                   f"recipes/configs/{stage}.yaml)")
+    p.add_argument("--config", metavar="FILE", help="YAML config (default: built-in defaults, the same as "
+                   f"recipes/configs/{stage}.yaml except the demo's run paths it names, init_from_sft and "
+                   "reward_model, which default to empty)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
 

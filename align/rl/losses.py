@@ -82,6 +82,8 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     tokens otherwise let DPO lower both answers' likelihood while it widens their gap.
     Metrics: implicit rewards β(π − ρ) of each side (for simpo β·mean log-prob), their accuracy and margin.
     """
+    if label_smoothing and loss_type != "sigmoid":
+        raise ValueError(f"label_smoothing is defined for the sigmoid loss only, not {loss_type}")
     if loss_type == "simpo":
         if chosen_len is None or rejected_len is None:
             raise ValueError("simpo needs the answer lengths (chosen_len, rejected_len)")

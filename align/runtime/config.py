@@ -107,7 +107,7 @@ class TrainingConfig:
                          "must be >= 1")
     seed: int = opt(42, "seed for data order, LoRA init and dropout")
     logging_steps: int = opt(5, "log metrics every N steps", _positive, "must be >= 1")
-    save_steps: int = opt(50, "checkpoint every N steps (resume continues from the newest)", _positive, "must be >= 1")
+    save_steps: int = opt(25, "checkpoint every N steps (resume continues from the newest)", _positive, "must be >= 1")
     save_total_limit: int = opt(2, "checkpoints kept while training", _positive, "must be >= 1")
     eval_steps: int | None = opt(None, "evaluate every N steps; empty = only before and after training",
                                  lambda v: v is None or v >= 1, "must be >= 1 or empty")
@@ -129,9 +129,14 @@ class StageConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig, metadata={"help": "optimisation"})
 
 
+def _sft_training() -> TrainingConfig:
+    return TrainingConfig(learning_rate=3e-4)
+
+
 @dataclass
 class SFTConfig(StageConfig):
     stage: typing.ClassVar[str] = "sft"
+    training: TrainingConfig = field(default_factory=_sft_training, metadata={"help": "optimisation"})
     samples: int = opt(2, "held-out prompts answered by the base and by base + adapter after training (0 = none)",
                        lambda v: v >= 0, "must be >= 0")
 
@@ -153,18 +158,31 @@ class RewardConfig(StageConfig):
                               "must be >= 2")
 
 
+def _dpo_lora() -> LoraConfig:
+    return LoraConfig(dropout=0.0)
+
+
+def _dpo_training() -> TrainingConfig:
+    return TrainingConfig(learning_rate=5e-5)
+
+
 @dataclass
 class DPOConfig(StageConfig):
     stage: typing.ClassVar[str] = "dpo"
     data: DataConfig = field(default_factory=_pref_data, metadata={"help": "preference data"})
+    lora: LoraConfig = field(default_factory=_dpo_lora, metadata={
+        "help": "LoRA adapter (from SFT, its r, alpha and target modules are kept)"})
+    training: TrainingConfig = field(default_factory=_dpo_training, metadata={"help": "optimisation"})
     init_from_sft: str | None = opt(
         None, "SFT stage output (e.g. runs/demo/sft): the policy starts from its weights and the frozen SFT adapter "
         "is the reference; empty = a fresh adapter, and the base (adapters off) is the reference")
     loss: Literal["sigmoid", "ipo", "hinge", "simpo"] = opt(
         "sigmoid", "sigmoid = DPO; ipo = IPO (bounded, less overfitting); hinge = SLiC-style margin; "
         "simpo = reference-free, length-normalised (SimPO)")
-    beta: float = opt(0.1, "strength of the pull toward the reference (higher = stay closer); for simpo, the "
-                      "reward scale", _positive, "must be > 0")
+    beta: float | None = opt(None, "strength of the pull toward the reference (higher = stay closer); for simpo, "
+                             "the reward scale. Empty = 0.1 for sigmoid, ipo and hinge, 2.0 for simpo (the SimPO "
+                             "paper's β is 2–10; 0.1 leaves its length-normalised rewards almost flat)",
+                             lambda v: v is None or v > 0, "must be > 0 or empty")
     label_smoothing: float = opt(0.0, "sigmoid loss only: assumed share of flipped labels (conservative DPO)",
                                  lambda v: 0 <= v < 0.5, "must be in [0, 0.5)")
     simpo_gamma: float = opt(0.5, "simpo only: target reward margin", lambda v: v >= 0, "must be >= 0")
@@ -178,6 +196,13 @@ class DPOConfig(StageConfig):
     eval_limit: int = opt(64, "how many eval_prompts to answer", _positive, "must be >= 1")
     reward_model: str | None = opt(None, "a reward run (e.g. runs/demo/reward) that also judges the win-rate")
     max_new_tokens: int = opt(64, "longest generated answer in the win-rate evaluation", _positive, "must be >= 1")
+
+    def __post_init__(self) -> None:
+        if self.beta is None:
+            self.beta = 2.0 if self.loss == "simpo" else 0.1
+        if self.label_smoothing and self.loss != "sigmoid":
+            raise ConfigError(f"label_smoothing={self.label_smoothing} applies to loss=sigmoid only; loss={self.loss} "
+                              "has no smoothed form, so it would be ignored. Set label_smoothing=0 or loss=sigmoid")
 
 
 @dataclass

@@ -1,0 +1,50 @@
+"""Defaults a user gets without a YAML are the recipes' (the recipes only add the demo's run paths), and the
+DPO family's options fit the loss they are given to."""
+
+import dataclasses
+
+import pytest
+from conftest import ROOT
+
+from align.rl.losses import dpo_loss
+from align.runtime.config import STAGES, DPOConfig, load_config
+from align.runtime.errors import ConfigError
+
+# what a recipe may set that the built-in defaults leave empty: paths into the demo's own runs
+DEMO_PATHS = {"init_from_sft", "reward_model"}
+
+
+def flat(cfg, prefix=""):
+    out = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        out.update(flat(value, f"{prefix}{f.name}.") if dataclasses.is_dataclass(value) else {prefix + f.name: value})
+    return out
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_a_stage_without_config_is_its_recipe(stage):
+    built_in = flat(load_config(STAGES[stage]))
+    recipe = flat(load_config(STAGES[stage], ROOT / "recipes" / "configs" / f"{stage}.yaml"))
+    differ = {k: (built_in[k], recipe[k]) for k in built_in if built_in[k] != recipe[k]}
+    assert set(differ) <= DEMO_PATHS, differ
+    assert all(built_in[k] is None for k in differ)
+
+
+def test_dpo_beta_follows_the_loss():
+    assert load_config(DPOConfig).beta == 0.1
+    assert load_config(DPOConfig, None, ["loss=ipo"]).beta == 0.1
+    assert load_config(DPOConfig, None, ["loss=simpo"]).beta == 2.0  # SimPO's own range is 2–10
+    assert load_config(DPOConfig, None, ["loss=simpo", "beta=5"]).beta == 5.0  # a given β is kept
+
+
+@pytest.mark.parametrize("loss", ["ipo", "hinge", "simpo"])
+def test_label_smoothing_is_refused_where_the_loss_has_none(loss):
+    with pytest.raises(ConfigError, match=f"label_smoothing=0.1 applies to loss=sigmoid only; loss={loss}"):
+        load_config(DPOConfig, None, [f"loss={loss}", "label_smoothing=0.1"])
+    import torch
+
+    x = torch.zeros(2)
+    with pytest.raises(ValueError, match="sigmoid loss only"):
+        dpo_loss(x, x, x, x, 0.1, loss, 0.1, torch.ones(2), torch.ones(2))
+    assert load_config(DPOConfig, None, ["loss=sigmoid", "label_smoothing=0.1"]).label_smoothing == 0.1
