@@ -300,8 +300,14 @@ def _run_stage(stage: str, args: argparse.Namespace) -> int:
             # evaluation loads torch and the models: only for the stages that ask for it
             from align.evaluation.evaluate import evaluate_stage_output
 
-            evaluate_stage_output(out, cfg.eval_prompts, cfg.eval_limit, cfg.max_new_tokens,
-                                  getattr(cfg, "reward_model", None))
+            try:
+                evaluate_stage_output(out, cfg.eval_prompts, cfg.eval_limit, cfg.max_new_tokens,
+                                      getattr(cfg, "reward_model", None))
+            except (AlignError, RuntimeError, OSError) as e:  # the trained policy is saved: say so, keep it
+                print(f"error: the {stage} policy is trained and saved in {out}, but its evaluation failed: {e}\n"
+                      f"evaluate it again with: align eval --policy {out} --prompts {cfg.eval_prompts}",
+                      file=sys.stderr)
+                return 1
         _print_summary(stage, out, json.loads((Path(out) / "metrics.json").read_text()))
     return 0
 

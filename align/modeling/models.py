@@ -302,13 +302,34 @@ def lora_like(lora: LoraConfig, adapter_dir: Path) -> LoraConfig:
                                target_modules=targets if isinstance(targets, str) else sorted(targets))
 
 
+_ADAPTER_PARAM = re.compile(r"\.lora_(?:A|B|embedding_A|embedding_B|magnitude_vector)\.([^.]+)(?:\.|$)")
+
+
+def adapter_of(param_name: str) -> str | None:
+    """The adapter a LoRA parameter belongs to ("…q_proj.lora_A.value.weight" → "value"), None for the base's own.
+
+    Read from the name's LoRA part, never by substring: a base module named like an adapter ("…attention.value.…"
+    in some architectures) would otherwise pass for one."""
+    found = _ADAPTER_PARAM.search(param_name)
+    return found.group(1) if found else None
+
+
+def adapter_params(model, names: tuple[str, ...]) -> dict[str, torch.nn.Parameter]:
+    """The LoRA parameters of the adapters `names`, by parameter name."""
+    return {n: p for n, p in model.named_parameters() if adapter_of(n) in names}
+
+
 @contextlib.contextmanager
 def adapter_role(model, name: str | None, trainable: tuple[str, ...] = ("default",)):
     """Run the PEFT model as adapter `name` (None: the base with adapters off) without copying weights; afterwards
-    the previous adapter is active again and only the `trainable` adapters' LoRA weights require grad."""
+    the previous adapter is active again and only the `trainable` adapters' LoRA weights require grad (PEFT's own
+    switches mark only the active adapter trainable)."""
     if name is None:
-        with model.disable_adapter():
-            yield model
+        try:
+            with model.disable_adapter():
+                yield model
+        finally:
+            _only_trainable(model, trainable)
         return
     active = model.active_adapter
     model.base_model.set_adapter(name)
@@ -323,8 +344,9 @@ def adapter_role(model, name: str | None, trainable: tuple[str, ...] = ("default
 def _only_trainable(model, trainable: tuple[str, ...]) -> None:
     """set_adapter marks only the active adapter trainable; put the stage's own policy back."""
     for param_name, p in model.named_parameters():
-        if ".lora_" in param_name:
-            p.requires_grad_(any(f".{t}." in param_name for t in trainable))
+        adapter = adapter_of(param_name)
+        if adapter is not None:
+            p.requires_grad_(adapter in trainable)
 
 
 def load_adapter_weights(model, adapter_dir: Path, adapter: str | None = None) -> int:
@@ -371,9 +393,8 @@ def add_adapter_from(model, name: str, adapter_dir: Path, lora: LoraConfig | Non
     model.add_adapter(name, peft_lora_config(shape))
     load_adapter_weights(model, adapter_dir, adapter=name)
     model.base_model.set_adapter(active)
-    for param_name, p in model.named_parameters():
-        if f".{name}." in param_name:
-            p.requires_grad_(trainable)
+    for p in adapter_params(model, (name,)).values():
+        p.requires_grad_(trainable)
 
 
 def reference_role(model, trainable: tuple[str, ...] = ("default",)):

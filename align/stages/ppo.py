@@ -10,9 +10,12 @@ clipped policy and value updates over mini-batches. The maths is in align/rl/adv
 (pure, tested by hand). TRL 1.16 has no PPO, so the loop is ours; devices and gradient sync come from accelerate.
 
 The value model is a separate trainable adapter plus a scalar head, started from the reward model (its LoRA
-weights and score head, as in InstructGPT) when the shapes allow: a value head sharing the policy's adapter would
-let value-loss gradients reshape the policy's features, and its loss scale would then need tuning against the
-policy's.
+weights, as in InstructGPT) when the shapes allow: a value head sharing the policy's adapter would let value-loss
+gradients reshape the policy's features, and its loss scale would then need tuning against the policy's. Its head
+starts from the reward model's only when rewards are not normalised: with `ppo.normalize_reward` the returns it
+learns are scores centred and scaled by their running statistics, so the raw-score head would start every value
+off by the reward model's mean (a bias in the first advantages that grows with answer length); it starts at zero,
+the normalised returns' mean.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ from align.modeling.formatting import Messages, encode_prompt
 from align.modeling.generate import Sampling, sample_batch
 from align.modeling.models import (
     REFERENCE,
+    adapter_of,
+    adapter_params,
     add_adapter_from,
     lora_like,
     peft_lora_config,
@@ -152,6 +157,8 @@ def build_roles(prep: Prepared) -> Roles:
         score_head = head_from(rm_dir, hidden, torch.float32, dev).requires_grad_(False)
         add_adapter_from(model, VALUE, rm_dir, cfg.lora, trainable=True)  # the value model starts as the RM
         value_head = head_from(rm_dir, hidden, torch.float32, dev)
+        if cfg.ppo.normalize_reward:  # its targets are normalised returns, not the RM's raw scores: see above
+            torch.nn.init.zeros_(value_head.weight)
     else:
         log.warning("the reward model %s was trained on another base (%s); it is loaded separately, as a second "
                     "model in memory", rm_dir, read_manifest(rm_dir).get("base_model"))
@@ -322,7 +329,7 @@ def prompt_rows(n_prompts: int, batch_size: int, step: int, seed: int) -> list[i
 
 
 def _trainable(roles: Roles) -> dict[str, torch.nn.Parameter]:
-    named = {n: p for n, p in roles.model.named_parameters() if f".{POLICY}." in n or f".{VALUE}." in n}
+    named = adapter_params(roles.model, (POLICY, VALUE))
     named["value_head.weight"] = roles.value_head.weight
     return named
 
@@ -381,8 +388,8 @@ def _optimizer(cfg: PPOConfig, named: dict[str, torch.nn.Parameter]
     from transformers import get_scheduler
 
     t, p = cfg.training, cfg.ppo
-    params = {"policy": [w for n, w in named.items() if f".{POLICY}." in n],
-              "value": [w for n, w in named.items() if f".{POLICY}." not in n]}
+    params = {"policy": [w for n, w in named.items() if adapter_of(n) == POLICY],
+              "value": [w for n, w in named.items() if adapter_of(n) != POLICY]}  # the value adapter and head
     # one optimizer, two groups: the value model may learn at its own pace (its loss weight barely matters to AdamW)
     optimizer = torch.optim.AdamW([{"params": params["policy"], "lr": t.learning_rate},
                                    {"params": params["value"], "lr": p.value_learning_rate or t.learning_rate}],
