@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import run_align
 
-from align.modeling.models import adapter_of, add_adapter_from, adapter_role
+from align.modeling.models import adapter_of, adapter_role, add_adapter_from
 from align.modeling.roles import POLICY, REFERENCE, VALUE, head_from, make_batch
 from align.runtime.config import PPOConfig, load_config
 from align.stages import ppo

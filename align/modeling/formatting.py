@@ -68,6 +68,26 @@ def _tokens(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False).input_ids
 
 
+_PROBE = "Probe answer 7"
+
+
+def end_of_turn(tokenizer) -> str | None:
+    """The special token the chat template writes first after an assistant answer (<|im_end|>, <|eot_id|>,
+    <end_of_turn>, <|end|>, </s>), or None when the template ends answers with plain text or cannot render one."""
+    messages = [{"role": "user", "content": "Probe question"}, {"role": "assistant", "content": _PROBE}]
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+    except Exception:  # noqa: BLE001 - templates raise anything; the formatting path reports it where it matters
+        return None
+    if _PROBE not in text:
+        return None
+    after = text[text.rindex(_PROBE) + len(_PROBE):]
+    specials = set(tokenizer.all_special_tokens)
+    specials |= {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
+    found = [(after.find(t), t) for t in specials if t and t in after]
+    return min(found)[1] if found else None
+
+
 def check_special_tokens(tokenizer, texts: list[str]) -> None:
     """Reject text that spells a special token: it would be parsed as a control token, not as text."""
     for text in texts:

@@ -62,16 +62,17 @@ class Sampling:
         """A complete transformers GenerationConfig: nothing left for generate() to fill from elsewhere."""
         from transformers import GenerationConfig
 
-        neutral = dict(top_k=0, top_p=1.0, min_p=None, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0,
-                       repetition_penalty=1.0, encoder_repetition_penalty=1.0, no_repeat_ngram_size=0,
+        # greedy ignores the truncation settings (and transformers warns when they are set): sampling only
+        truncation = dict(top_k=0, top_p=1.0, min_p=None, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0)
+        neutral = dict(repetition_penalty=1.0, encoder_repetition_penalty=1.0, no_repeat_ngram_size=0,
                        length_penalty=1.0, min_length=0, min_new_tokens=None, bad_words_ids=None,
                        suppress_tokens=None, begin_suppress_tokens=None, forced_bos_token_id=None,
                        forced_eos_token_id=None, sequence_bias=None, exponential_decay_length_penalty=None,
                        renormalize_logits=False, num_beams=1, use_cache=True)
         if self.temperature <= 0:
-            chosen = dict(do_sample=False, temperature=1.0)
+            chosen = dict(do_sample=False)
         else:
-            chosen = dict(do_sample=True, temperature=self.temperature, top_p=self.top_p)
+            chosen = dict(truncation, do_sample=True, temperature=self.temperature, top_p=self.top_p)
         return GenerationConfig(**{**neutral, **chosen}, max_new_tokens=max_new_tokens, eos_token_id=stop_id,
                                 pad_token_id=pad_id, num_return_sequences=self.n)
 

