@@ -48,3 +48,17 @@ def test_label_smoothing_is_refused_where_the_loss_has_none(loss):
     with pytest.raises(ValueError, match="sigmoid loss only"):
         dpo_loss(x, x, x, x, 0.1, loss, 0.1, torch.ones(2), torch.ones(2))
     assert load_config(DPOConfig, None, ["loss=sigmoid", "label_smoothing=0.1"]).label_smoothing == 0.1
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_the_demos_held_out_files_follow_the_demos_data_only(stage, tmp_path):
+    cls = STAGES[stage]
+    demo = load_config(cls)
+    mine = load_config(cls, None, [f"data.train={tmp_path / 'mine.jsonl'}"])
+    assert mine.data.eval is None  # not the shipped arithmetic rows
+    if hasattr(cls, "eval_prompts"):
+        assert demo.eval_prompts == "reward_data/prefs/prompts.jsonl" and mine.eval_prompts is None
+        own = load_config(cls, None, [f"data.train={tmp_path / 'mine.jsonl'}", f"data.eval={tmp_path / 'held.jsonl'}"])
+        assert own.eval_prompts == str(tmp_path / "held.jsonl")  # the prompts of the user's own held-out rows
+    named = load_config(cls, None, [f"data.train={tmp_path / 'mine.jsonl'}", "data.eval=reward_data/x.jsonl"])
+    assert named.data.eval == "reward_data/x.jsonl"  # a named file is kept

@@ -67,7 +67,9 @@ class DataConfig:
     train: str = opt("reward_data/sft/train.jsonl",
                      "training data: .jsonl/.json/.parquet/.csv file, a saved HF dataset dir, or a hub dataset id; "
                      "several, comma-separated (a.jsonl,b.jsonl), are read one after the other")
-    eval: str | None = opt("reward_data/sft/eval.jsonl", "held-out data in the same formats; empty = none")
+    eval: str | None = opt("reward_data/sft/eval.jsonl", "held-out data in the same formats; empty = none. The "
+                           "default (the demo's held-out rows) holds for the demo's data only: with your own train "
+                           "it is empty unless named")
     split: str = opt("train", "split to read when `train` is a hub dataset id or a DatasetDict directory")
     max_length: int = opt(512, "tokens per example (prompt + answer); SFT cuts longer answers at the end, "
                           "the reward stage rejects pairs whose answers do not fit whole",
@@ -131,6 +133,16 @@ class StageConfig:
     lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "LoRA adapter"})
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "data"})
     training: TrainingConfig = field(default_factory=TrainingConfig, metadata={"help": "optimisation"})
+
+    def __post_init__(self) -> None:
+        """The demo's held-out files follow the demo's training data, never a user's own: a stage trained on
+        data.train=mine.jsonl is not evaluated on the shipped arithmetic rows unless they are named."""
+        shipped = next(f for f in dataclasses.fields(self) if f.name == "data").default_factory()
+        if self.data.train != shipped.train and self.data.eval == shipped.eval and shipped.eval is not None:
+            self.data = dataclasses.replace(self.data, eval=None)
+        prompts = next((f for f in dataclasses.fields(self) if f.name == "eval_prompts"), None)
+        if prompts is not None and self.data.train != shipped.train and self.eval_prompts == prompts.default:
+            self.eval_prompts = self.data.eval  # the user's own held-out rows (their prompts), or none
 
 
 def _sft_training() -> TrainingConfig:
@@ -196,12 +208,15 @@ class DPOConfig(StageConfig):
                                 "and the reference adapter's content hashes, and reuse them")
     eval_prompts: str | None = opt(
         "reward_data/prefs/prompts.jsonl", "held-out prompts answered by the DPO and the reference policy after "
-        "training; rows with an integer 'answer' are also judged by the gold judge; empty = no win-rate")
+        "training; rows with an integer 'answer' are also judged by the gold judge; empty = no win-rate. The "
+        "default (the demo's prompts) holds for the demo's data only: with your own data.train it becomes your "
+        "data.eval (its rows' prompts), or none")
     eval_limit: int = opt(64, "how many eval_prompts to answer", _positive, "must be >= 1")
     reward_model: str | None = opt(None, "a reward run (e.g. runs/demo/reward) that also judges the win-rate")
     max_new_tokens: int = opt(64, "longest generated answer in the win-rate evaluation", _positive, "must be >= 1")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.beta is None:
             self.beta = 2.0 if self.loss == "simpo" else 0.1
         if self.label_smoothing and self.loss != "sigmoid":
@@ -283,7 +298,8 @@ class PPOConfig(StageConfig):
     reward_model: str | None = opt(None, "reward run (e.g. runs/demo/reward) that scores the rollouts (required)")
     eval_prompts: str | None = opt(
         "reward_data/prefs/prompts.jsonl", "held-out prompts answered by the PPO and the reference policy after "
-        "training (gold judge and reward model win-rates); empty = none")
+        "training (gold judge and reward model win-rates); empty = none. The default (the demo's prompts) holds for "
+        "the demo's data only: with your own data.train it becomes your data.eval, or none")
     eval_limit: int = opt(64, "how many eval_prompts to answer", _positive, "must be >= 1")
     max_new_tokens: int = opt(64, "longest generated answer in the win-rate evaluation", _positive, "must be >= 1")
 
