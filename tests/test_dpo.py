@@ -1,12 +1,10 @@
 """The DPO stage on a tiny Llama: what it learns, what it leaves alone, one base, reference computed once."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import ROOT, write_jsonl
+from conftest import run_recipe, write_jsonl
 from safetensors.torch import load_file
 
 from align.evaluation.evaluate import evaluate_stage_output
@@ -114,10 +112,10 @@ def test_without_sft_the_base_is_the_reference(tmp_path, tiny_model_dir, reward_
 
 def test_recipe_script_runs_as_a_user_runs_it(tmp_path, tiny_model_dir, reward_data_files):
     train, evals = reward_data_files
-    proc = subprocess.run([sys.executable, str(ROOT / "recipes" / "dpo.py"), f"model.name_or_path={tiny_model_dir}",
-                           f"data.train={train}", f"data.eval={evals}", "training.batch_size=4", "init_from_sft=",
-                           "training.max_steps=2", "loss=hinge", "eval_prompts="],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    # the script file runs as __main__ in this process (tests/test_cli.py runs one recipe script as a real process)
+    proc = run_recipe("dpo", f"model.name_or_path={tiny_model_dir}", f"data.train={train}", f"data.eval={evals}",
+                      "training.batch_size=4", "init_from_sft=", "training.max_steps=2", "loss=hinge",
+                      "eval_prompts=", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "dpo finished: runs/demo/dpo" in proc.stdout and "eval_accuracy" in proc.stdout
     assert "loss: hinge" in (tmp_path / "runs/demo/dpo/config.yaml").read_text()

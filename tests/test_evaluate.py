@@ -76,18 +76,15 @@ def test_text_overlap():
 
 def test_align_eval_reports_a_policy_against_its_baseline(tmp_path, sft_run):
     import json
-    import subprocess
-    import sys
 
-    from conftest import write_jsonl
+    from conftest import run_align, write_jsonl
 
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"What is {a} + 2?", "answer": a + 2} for a in range(3)])
     sft = write_jsonl(tmp_path / "s.jsonl", [{"prompt": f"What is {a} + 1?", "completion": f"It is {a + 1}."}
                                              for a in range(3)])
     out = tmp_path / "report.json"
-    proc = subprocess.run([sys.executable, "-m", "align.cli", "eval", "--policy", str(sft_run), "--prompts",
-                           str(prompts), "--sft-data", str(sft), "--max-new-tokens", "4", "--out", str(out)],
-                          capture_output=True, text=True, timeout=600)
+    proc = run_align("eval", "--policy", sft_run, "--prompts", prompts, "--sft-data", sft, "--max-new-tokens", "4",
+                     "--out", out)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(out.read_text())
     assert report["baseline"] == "base model (adapters off)" and report["n_prompts"] == 3
@@ -96,9 +93,8 @@ def test_align_eval_reports_a_policy_against_its_baseline(tmp_path, sft_run):
     assert report["perplexity_policy"] != report["perplexity_baseline"]  # the adapter changes the model
     assert {"bleu", "rouge_l"} <= set(report["overlap_policy"]) and "kl_estimate" in report
     # against itself as the baseline: every answer ties and the KL is zero
-    same = subprocess.run([sys.executable, "-m", "align.cli", "eval", "--policy", str(sft_run), "--baseline",
-                           str(sft_run), "--prompts", str(prompts), "--sft-data", "", "--max-new-tokens", "4"],
-                          capture_output=True, text=True, timeout=600)
+    same = run_align("eval", "--policy", sft_run, "--baseline", sft_run, "--prompts", prompts, "--sft-data", "",
+                     "--max-new-tokens", "4")
     assert same.returncode == 0, same.stderr[-2000:]
     mirror = json.loads(same.stdout)
     assert mirror["gold_win_rate"] == 0.5 and mirror["kl_estimate"] == 0.0

@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+from conftest import run_align
 from safetensors.torch import load_file
 
 from align.runtime.errors import OutputError
@@ -135,12 +136,11 @@ def test_an_adapter_trained_on_nf4_reports_its_drift_from_the_4bit_model(tmp_pat
 
 def test_cli_merges_says_so_and_refuses_a_bad_adapter(tmp_path, sft_run):
     out = tmp_path / "m"
-    run = [sys.executable, "-m", "align.cli", "merge", "--adapter", str(sft_run), "--out", str(out)]
-    proc = subprocess.run(run, capture_output=True, text=True, timeout=300)
+    run = ["merge", "--adapter", str(sft_run), "--out", str(out)]
+    proc = run_align(*run)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "verified on" in proc.stderr and "top1_agreement 1" in proc.stderr
-    again = subprocess.run(run, capture_output=True, text=True, timeout=300)
+    again = run_align(*run)
     assert again.returncode == 0 and "nothing to do" in again.stderr
-    bad = subprocess.run([sys.executable, "-m", "align.cli", "merge", "--adapter", str(tmp_path), "--out",
-                          str(tmp_path / "x")], capture_output=True, text=True, timeout=300)
+    bad = run_align("merge", "--adapter", tmp_path, "--out", tmp_path / "x")
     assert bad.returncode == 2 and "not a finished stage output" in bad.stderr and "Traceback" not in bad.stderr

@@ -1,12 +1,10 @@
 """On-policy pairs: sampling n answers per prompt, and turning judged answers into best-vs-worst pairs."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import write_jsonl
+from conftest import run_align, write_jsonl
 
 from align.data.pairs import load_pair_data
 from align.loop import onpolicy
@@ -100,7 +98,7 @@ def test_cli_argument_errors(tmp_path, sft_run, args, message):
     if args[0] == "--policy":
         base[1] = args[1]
         args = []
-    r = subprocess.run([sys.executable, "-m", "align.cli", "pairs", *base, *args], capture_output=True, text=True)
+    r = run_align("pairs", *base, *args)
     assert r.returncode == 2, r.stderr
     assert message in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "o.jsonl").exists()

@@ -3,13 +3,11 @@ and a resumed run continues the same trajectory."""
 
 import json
 import logging
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, count_tiled_backwards, pair_rows, write_jsonl
+from conftest import count_tiled_backwards, pair_rows, run_recipe, write_jsonl
 from safetensors.torch import load_file
 
 from align.modeling.roles import POLICY, REFERENCE, REWARD, VALUE, Roles
@@ -221,12 +219,11 @@ def test_setup_errors_name_the_fix(tmp_path, peaky):
 
 
 def test_recipe_script_runs_as_a_user_runs_it(tmp_path, peaky):
-    proc = subprocess.run([sys.executable, str(ROOT / "recipes" / "ppo.py"), f"model.name_or_path={peaky['model']}",
-                           f"data.train={peaky['prompts']}", f"init_from_sft={peaky['sft']}",
-                           f"reward_model={peaky['reward']}", "training.max_steps=2", "rollout.batch_size=4",
-                           "rollout.max_new_tokens=4", "training.batch_size=4", "eval_limit=2", "max_new_tokens=4",
-                           f"eval_prompts={peaky['prompts']}"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    # the script file runs as __main__ in this process (tests/test_cli.py runs one recipe script as a real process)
+    proc = run_recipe("ppo", f"model.name_or_path={peaky['model']}", f"data.train={peaky['prompts']}",
+                      f"init_from_sft={peaky['sft']}", f"reward_model={peaky['reward']}", "training.max_steps=2",
+                      "rollout.batch_size=4", "rollout.max_new_tokens=4", "training.batch_size=4", "eval_limit=2",
+                      "max_new_tokens=4", f"eval_prompts={peaky['prompts']}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "ppo finished: runs/demo/ppo" in proc.stdout and "reward_last" in proc.stdout
     out = tmp_path / "runs/demo/ppo"

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from conftest import EVAL_NUMBERS, ROOT, pair_rows, reward_overrides, write_jsonl
+from conftest import EVAL_NUMBERS, pair_rows, reward_overrides, run_recipe, write_jsonl
 from safetensors.torch import load_file
 
 from align.data.pairs import load_pair_data
@@ -146,8 +146,8 @@ def test_template_that_cannot_render_the_roles_rejects_the_pair(tmp_path, tokeni
 def test_recipe_script_runs_as_a_user_runs_it(tmp_path, tiny_model_dir, reward_data_files):
     overrides = [o for o in reward_overrides(tmp_path, tiny_model_dir, *reward_data_files)
                  if not o.startswith("training.max_steps")] + ["training.max_steps=2", "init_from_sft="]
-    out = subprocess.run([sys.executable, str(ROOT / "recipes" / "reward.py"), *overrides], cwd=tmp_path,
-                         capture_output=True, text=True, timeout=600)
+    # the script file runs as __main__ in this process (tests/test_cli.py runs one recipe script as a real process)
+    out = run_recipe("reward", *overrides, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "reward finished" in out.stdout and "eval_accuracy" in out.stdout
     assert (tmp_path / "runs" / "t" / "reward" / "manifest.json").is_file()

@@ -1,20 +1,18 @@
 """`align score`: real files with bad rows, stdin, every output format, and training's own scores."""
 
 import json
-import subprocess
-import sys
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import write_jsonl
+from conftest import run_align, write_jsonl
 
 from align.runtime.errors import RowError
 from align.serving.score import load_reward_model, parse_score_row, read_input, score_rows, summarize
 
 
 def run_cli(*args, stdin=None, cwd=None):
-    return subprocess.run([sys.executable, "-m", "align.cli", "score", *args], input=stdin, capture_output=True,
-                          text=True, timeout=300, cwd=cwd)
+    """`align score ARGS...`, in this process (stdin read through sys.stdin.buffer as the command reads it)."""
+    return run_align("score", *args, stdin=stdin, cwd=cwd)
 
 
 @pytest.fixture(scope="module")

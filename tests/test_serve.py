@@ -11,6 +11,7 @@ import urllib.error
 import urllib.request
 
 import pytest
+from conftest import run_align
 
 from align.runtime.errors import ConfigError
 from align.serving.score import load_reward_model, score_rows
@@ -111,12 +112,13 @@ def free_port():
         return s.getsockname()[1]
 
 
-def test_the_command_serves_and_refuses_an_open_host(tiny_reward_run):
-    env = {k: v for k, v in os.environ.items() if k != "ALIGN_API_KEY"}
-    refused = subprocess.run([sys.executable, "-m", "align.cli", "serve-rm", "--model", str(tiny_reward_run),
-                              "--host", "0.0.0.0"], capture_output=True, text=True, timeout=120, env=env)
+def test_the_command_serves_and_refuses_an_open_host(tiny_reward_run, monkeypatch):
+    monkeypatch.delenv("ALIGN_API_KEY", raising=False)
+    refused = run_align("serve-rm", "--model", tiny_reward_run, "--host", "0.0.0.0")  # refused before it loads
     assert refused.returncode == 2 and "ALIGN_API_KEY" in refused.stderr
 
+    # a real process listening on a real port: also the one test of `python -m align.cli` as an entry point
+    env = {k: v for k, v in os.environ.items() if k != "ALIGN_API_KEY"}
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "align.cli", "serve-rm", "--model", str(tiny_reward_run),
                              "--port", str(port), "--device", "cpu"], stderr=subprocess.PIPE, text=True, env=env)
