@@ -11,7 +11,9 @@ import io  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import runpy  # noqa: E402
+import shutil  # noqa: E402
 import sys  # noqa: E402
+import tempfile  # noqa: E402
 import traceback  # noqa: E402
 import warnings  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
@@ -21,6 +23,17 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# align's cache (where the embedded GGUF is converted to) is a directory made empty for this session: the embedded
+# model is converted from scratch exactly once per session, whatever ~/.cache/align holds (tests/test_models.py
+# checks that conversion), and commands run as subprocesses inherit it. Removed when the session ends.
+SESSION_CACHE = Path(tempfile.mkdtemp(prefix="align-cache-"))
+os.environ["ALIGN_CACHE"] = str(SESSION_CACHE)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(SESSION_CACHE, ignore_errors=True)
+
 
 @dataclass
 class Ran:
@@ -100,7 +113,8 @@ def run_recipe(stage: str, *argv: str, cwd=None) -> Ran:
 
 @pytest.fixture(scope="session")
 def embedded_dir() -> Path:
-    """The embedded SmolLM2 model as a converted HF directory (converted once, then cached)."""
+    """The embedded SmolLM2 model as a converted HF directory: converted here, from scratch, into this session's
+    empty cache, then reused by every test (and every command) that asks for the default model."""
     from align.modeling.models import resolve_model
     from align.runtime.config import ModelConfig
 

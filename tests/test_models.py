@@ -78,8 +78,13 @@ def test_nf4_base_on_cpu(tiny_model_dir):
 
 
 @pytest.mark.embedded
-def test_embedded_model_converts_loads_and_answers(tmp_path):
-    out = models.convert_gguf(models.embedded_gguf_path(), out=tmp_path / "smollm2")
+def test_embedded_model_converts_loads_and_answers(embedded_dir):
+    # conftest made $ALIGN_CACHE an empty directory for this session: the embedded_dir fixture's resolve_model
+    # converted the GGUF from scratch into it (once; every other embedded test reuses that conversion)
+    from conftest import SESSION_CACHE
+
+    out = embedded_dir
+    assert out.is_relative_to(SESSION_CACHE) and (out / models.SOURCE_FILE).is_file()
     files = {p.name for p in out.iterdir()}
     assert "model.safetensors" in files and not any(f.endswith((".bin", ".pt", ".pth")) for f in files)
     assert "quantization_config" not in json.loads((out / "config.json").read_text())
@@ -90,7 +95,8 @@ def test_embedded_model_converts_loads_and_answers(tmp_path):
     assert "Paris" in reply
     # a second call reuses the conversion instead of redoing it
     mtime = (out / "model.safetensors").stat().st_mtime_ns
-    assert models.convert_gguf(models.embedded_gguf_path(), out=out) == out
+    assert models.convert_gguf(models.embedded_gguf_path()) == out
+    assert Path(models.resolve_model(ModelConfig()).path) == out
     assert (out / "model.safetensors").stat().st_mtime_ns == mtime
 
 
