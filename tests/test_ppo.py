@@ -58,6 +58,11 @@ def contains_token(target: int):
     return rewards
 
 
+def first_token_reward(self, batch, prompts, texts):
+    """A reward that differs between answers: their first token's id modulo 7, over 7."""
+    return (batch.responses[:, 0] % 7).float() / 7
+
+
 def most_common_token(roles: Roles, prep) -> int:
     """The token the untrained policy samples most often: a target it sometimes hits, so a reward is seen."""
     torch.manual_seed(0)
@@ -235,9 +240,13 @@ def test_recipe_script_runs_as_a_user_runs_it(tmp_path, peaky):
 
 
 def one_step(tmp_path, peaky, monkeypatch, *overrides):
-    """One PPO step with gradient checkpointing on: the LoRA B weights before it, all weights after, the output."""
-    monkeypatch.setattr(Roles, "rewards", contains_token(500))
-    cfg = make_cfg(tmp_path, peaky, "training.gradient_checkpointing=true", "training.max_steps=1", *overrides)
+    """One PPO step with gradient checkpointing on: the LoRA B weights before it, all weights after, the output.
+    Raw rewards (not normalised) so that the value model starts as the reward model and its adapter gets
+    gradients in this first step (a zero head, the normalised start, passes none back to it), and rewards that
+    differ between answers, so the policy's advantages are not all zero."""
+    monkeypatch.setattr(Roles, "rewards", first_token_reward)
+    cfg = make_cfg(tmp_path, peaky, "training.gradient_checkpointing=true", "training.max_steps=1",
+                   "ppo.normalize_reward=false", *overrides)
     roles = ppo.build_roles(ppo.setup(cfg))
     before = {n: p.detach().clone() for n, p in roles.model.named_parameters() if "lora_B" in n}
     monkeypatch.setattr(ppo, "build_roles", lambda prep: roles)
@@ -272,8 +281,10 @@ def test_a_reward_model_on_another_base_is_loaded_separately_and_said_so(tmp_pat
 
 def test_the_value_model_learns_at_its_own_rate_and_leaves_the_policy_alone(tmp_path, peaky, monkeypatch):
     monkeypatch.setattr(Roles, "rewards", contains_token(500))
-    slow = ppo.run(make_cfg(tmp_path / "a", peaky, "training.max_steps=1"))  # value lr = training lr = 1e-3
-    fast = ppo.run(make_cfg(tmp_path / "b", peaky, "training.max_steps=1", "ppo.value_learning_rate=1e-2"))
+    # raw rewards: the value model then starts as the reward model, adapter and head (see one_step)
+    slow = ppo.run(make_cfg(tmp_path / "a", peaky, "training.max_steps=1", "ppo.normalize_reward=false"))
+    fast = ppo.run(make_cfg(tmp_path / "b", peaky, "training.max_steps=1", "ppo.normalize_reward=false",
+                            "ppo.value_learning_rate=1e-2"))
     # one step: the advantages come from values estimated before any update, so the policy's update is the same
     pa, pb = load_file(slow / "adapter_model.safetensors"), load_file(fast / "adapter_model.safetensors")
     assert pa.keys() == pb.keys() and all(torch.equal(pa[k], pb[k]) for k in pa)
