@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from align.modeling.formatting import Messages, encode_prompt
-from align.modeling.heads import pad_batch
+from align.modeling.heads import pad_batch, unwrap
 
 
 @torch.no_grad()
@@ -82,8 +82,6 @@ def _bare_generation_config(model):
     """The model's own generation_config (from its generation_config.json) set aside while align samples, so that
     generate() has nothing of it to fill a setting from."""
     from transformers import GenerationConfig
-
-    from align.modeling.heads import unwrap
 
     inner = unwrap(model)
     saved = inner.generation_config
