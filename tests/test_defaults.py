@@ -62,3 +62,28 @@ def test_the_demos_held_out_files_follow_the_demos_data_only(stage, tmp_path):
         assert own.eval_prompts == str(tmp_path / "held.jsonl")  # the prompts of the user's own held-out rows
     named = load_config(cls, None, [f"data.train={tmp_path / 'mine.jsonl'}", "data.eval=reward_data/x.jsonl"])
     assert named.data.eval == "reward_data/x.jsonl"  # a named file is kept
+
+
+def test_the_pipelines_held_out_files_follow_its_data(tmp_path):
+    from align.loop.pipeline import PipelineData
+    from align.runtime.config import build
+
+    demo = build(PipelineData, {})
+    assert demo.eval_prompts == "reward_data/prefs/prompts.jsonl" and demo.sft_eval == "reward_data/sft/eval.jsonl"
+    # the README's next round reads new pairs with the shipped ones: still the demo's held-out files
+    again = build(PipelineData, {"preferences": "runs/demo/new.jsonl,reward_data/prefs/train.jsonl"})
+    assert again.preferences_eval == "reward_data/prefs/eval.jsonl" and again.eval_prompts == demo.eval_prompts
+    mine = build(PipelineData, {"sft": "mine.jsonl", "preferences": "p.jsonl", "preferences_eval": "p-held.jsonl"})
+    assert mine.sft_eval is None and mine.eval_prompts == "p-held.jsonl"
+    with pytest.raises(ConfigError, match="data.preferences is your own data and has no held-out part"):
+        build(PipelineData, {"preferences": "p.jsonl"})
+    named = build(PipelineData, {"preferences": "p.jsonl", "eval_prompts": "q.jsonl"})
+    assert named.eval_prompts == "q.jsonl" and named.preferences_eval is None
+
+
+def test_every_report_says_which_judges_decided():
+    from align.evaluation.evaluate import judges_used
+
+    assert judges_used({"gold_n": 3}, None) == "the gold judge (arithmetic answers, on the 3 prompts that carry one)"
+    assert judges_used({}, "runs/x/reward") == "the reward model runs/x/reward"
+    assert judges_used({"gold_n": 0}, None).startswith("no judge")

@@ -43,6 +43,7 @@ def win_rate_report(model, tokenizer, prompts_spec: str, limit: int, max_new_tok
     ref = shared["reference_answers"]
     eos = tokenizer.eos_token_id
     report: dict[str, Any] = {
+        "prompts": prompts_spec,
         "n_prompts": len(prompts),
         "kl_estimate": sampled_kl(model, tokenizer, messages, max_new_tokens, reference_ctx),
         "policy_words_mean": sum(len(t.split()) for t, _ in policy) / len(policy),
@@ -53,12 +54,23 @@ def win_rate_report(model, tokenizer, prompts_spec: str, limit: int, max_new_tok
     }
     if reward_model:
         report.update(reward_model_part(reward_model, messages, policy, ref, shared))
+    report["judges"] = judges_used(report, reward_model)
     report["samples"] = [{"prompt": m[-1]["content"], "policy": pt, "reference": rt}
                          for m, (pt, _), (rt, _) in list(zip(messages, policy, ref))[:3]]
     # per-answer word counts, so a report can show the length distributions, not just their means
     report["policy_words"] = [len(t.split()) for t, _ in policy]
     report["reference_words"] = [len(t.split()) for t, _ in ref]
     return report
+
+
+def judges_used(report: dict[str, Any], reward_model: str | None) -> str:
+    """Which judges decided the win-rates, in words, for every report to say."""
+    used = []
+    if report.get("gold_n"):
+        used.append(f"the gold judge (arithmetic answers, on the {report['gold_n']} prompts that carry one)")
+    if reward_model:
+        used.append(f"the reward model {reward_model}")
+    return " and ".join(used) or "no judge (the prompts carry no gold answers and no reward model was given)"
 
 
 def evaluate_stage_output(out: str | Path, prompts: str, limit: int, max_new_tokens: int,

@@ -235,10 +235,12 @@ def _markdown(home: Path, record: dict[str, Any], reports: dict[str, dict[str, A
                 f"{_fmt('{:.3f}', rm.get('eval_ece'))}.", ""]
     if reports:
         policies = (record.get("evaluation") or {}).get("policies") or {}
-        n = next(iter(reports.values())).get("n_prompts")
+        first = next(iter(reports.values()))
+        where = f" from `{first['prompts']}`" if first.get("prompts") else ""
+        judges = f" Judged by {first['judges']}." if first.get("judges") else ""
         out += ["## Evaluation against the baseline", "",
-                f"New policies against {baseline_name} on {n} held-out prompts (greedy answers; KL sampled at "
-                "temperature 1).", "", metrics_table(policies, baseline_name), ""]
+                f"New policies against {baseline_name} on {first.get('n_prompts')} held-out prompts{where} (greedy "
+                f"answers; KL sampled at temperature 1).{judges}", "", metrics_table(policies, baseline_name), ""]
     for title, file in figures:
         out += [f"## {title}", "", f"![{title}]({file})", ""]
     out += _samples(reports, baseline_name)

@@ -37,6 +37,7 @@ from align.runtime.config import (
     all_keys,
     build,
     opt,
+    reads_file,
     to_dict,
 )
 from align.runtime.errors import ConfigError
@@ -63,7 +64,26 @@ class PipelineData:
                                        "calibration, DPO's eval loss; empty = none")
     prompts: str | None = opt(None, "PPO's training prompts; empty = the prompts of `preferences`")
     eval_prompts: str = opt("reward_data/prefs/prompts.jsonl", "held-out prompts the evaluation answers; rows with "
-                            "an integer 'answer' are also judged by the gold judge")
+                            "an integer 'answer' are also judged by the gold judge. The shipped held-out defaults "
+                            "(sft_eval, preferences_eval, eval_prompts) are the demo's: with your own sft or "
+                            "preferences (not reading the shipped files) they are empty unless named, and "
+                            "eval_prompts becomes the prompts of your preferences_eval")
+
+    def __post_init__(self) -> None:
+        default = {f.name: f.default for f in dataclasses.fields(self)}
+        if not reads_file(self.sft, default["sft"]) and self.sft_eval == default["sft_eval"]:
+            self.sft_eval = None
+        if reads_file(self.preferences, default["preferences"]):
+            return
+        if self.preferences_eval == default["preferences_eval"]:
+            self.preferences_eval = None
+        if self.eval_prompts == default["eval_prompts"]:
+            if not self.preferences_eval:
+                raise ConfigError("data.preferences is your own data and has no held-out part, so there is nothing "
+                                  "to evaluate the new policies on: name data.preferences_eval (held-out pairs; "
+                                  "their prompts are answered) or data.eval_prompts (prompts, optionally with an "
+                                  "integer 'answer' for the gold judge)")
+            self.eval_prompts = self.preferences_eval
 
 
 @dataclass

@@ -138,11 +138,18 @@ class StageConfig:
         """The demo's held-out files follow the demo's training data, never a user's own: a stage trained on
         data.train=mine.jsonl is not evaluated on the shipped arithmetic rows unless they are named."""
         shipped = next(f for f in dataclasses.fields(self) if f.name == "data").default_factory()
-        if self.data.train != shipped.train and self.data.eval == shipped.eval and shipped.eval is not None:
+        own = not reads_file(self.data.train, shipped.train)
+        if own and self.data.eval == shipped.eval and shipped.eval is not None:
             self.data = dataclasses.replace(self.data, eval=None)
         prompts = next((f for f in dataclasses.fields(self) if f.name == "eval_prompts"), None)
-        if prompts is not None and self.data.train != shipped.train and self.eval_prompts == prompts.default:
+        if prompts is not None and own and self.eval_prompts == prompts.default:
             self.eval_prompts = self.data.eval  # the user's own held-out rows (their prompts), or none
+
+
+def reads_file(spec: str | None, name: str) -> bool:
+    """Whether a data spec (one file, or several comma-separated) reads the file `name`: the demo's next round
+    reads new pairs and the shipped ones together, and is still the demo."""
+    return bool(spec) and name in [part.strip() for part in spec.split(",")]
 
 
 def _sft_training() -> TrainingConfig:
