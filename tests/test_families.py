@@ -112,3 +112,6 @@ def test_every_stage_runs_and_the_reward_is_read_at_the_turns_end(fam, tmp_path)
         assert load_tokenizer(str(out)).eos_token_id == tok.convert_tokens_to_ids(family.turn_end)
     summary = merging.merge(str(dpo_dir), str(tmp_path / "merged"))  # raises when verification fails
     assert summary["passed"] and summary["verification"]["top1_agreement"] == 1.0
+    from transformers import GenerationConfig  # plain transformers' generate stops the merged policy at the turn end
+    assert GenerationConfig.from_pretrained(tmp_path / "merged").eos_token_id[0] == tok.convert_tokens_to_ids(
+        family.turn_end)

@@ -192,6 +192,8 @@ def merge(adapter: str, out: str, dtype: str = "fp32", force: bool = False, acce
     merged = _merged_model(peft_model).to(DTYPES[dtype])
     if reward:
         merged.config.align_max_length = cfg.data.max_length  # `align score` reads the length it was trained with
+    else:
+        stop_at_turn_end(merged, tokenizer)
     if getattr(merged.config, "quantization_config", None) is not None:
         del merged.config.quantization_config
     with atomic_dir(out_path, overwrite=force) as tmp:
@@ -215,6 +217,16 @@ def merge(adapter: str, out: str, dtype: str = "fp32", force: bool = False, acce
         atomic_write_json(tmp / STAMP, summary)
         atomic_write_text(tmp / "README.md", model_card(summary, manifest, adapter_dir))
     return summary
+
+
+def stop_at_turn_end(model, tokenizer) -> None:
+    """The merged policy's generation config stops at the token its answers end with (the tokenizer's EOS, the
+    turn's end for Gemma or Phi-3), then at the base's own stop ids, so plain `generate` ends answers where align
+    does."""
+    config = model.generation_config
+    base = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
+    config.eos_token_id = [tokenizer.eos_token_id] + [e for e in base if e is not None and e != tokenizer.eos_token_id]
+    config.pad_token_id = tokenizer.pad_token_id
 
 
 def model_card(summary: dict[str, Any], manifest: dict[str, Any], adapter_dir: Path) -> str:
