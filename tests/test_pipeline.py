@@ -163,7 +163,7 @@ def test_pipeline_config_errors_name_the_key(tmp_path):
 
 def test_stage_config_takes_data_and_parents_from_the_pipeline(tmp_path):
     p = load_pipeline(Path(__file__).resolve().parent.parent / "recipes" / "configs" / "pipeline.yaml",
-                      [f"runs_dir={tmp_path}", "data.preferences=a.jsonl,b.jsonl"])
+                      [f"runs_dir={tmp_path}", "data.preferences=a.jsonl,b.jsonl", "data.preferences_eval=c.jsonl"])
     cfg = stage_config(p, "ppo", "v3", {"sft": Path("x/sft"), "reward": Path("y/reward")})
     assert (cfg.run, cfg.runs_dir) == ("v3", str(tmp_path / "demo"))
     assert (cfg.init_from_sft, cfg.reward_model, cfg.eval_prompts) == ("x/sft", "y/reward", None)
