@@ -132,3 +132,16 @@ def test_a_comment_above_a_block_of_imports_explains_each():
     lines = ["def f():", "    # heavy: torch", "    from align.rl import losses", "    from align.rl import advantages",
              "", "    from align.data import rows"]
     assert explained(lines, 3) and explained(lines, 4) and not explained(lines, 6)
+
+
+def test_help_loads_no_model_library():
+    """`align --help` and every verb's --help describe their keys without importing torch, transformers or the
+    stages (the pipeline's settings live in align/loop/settings.py for this): help is instant."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom align.cli.main import build_parser\nbuild_parser()\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'trl', 'align.stages.sft') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

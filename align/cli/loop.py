@@ -6,6 +6,7 @@ import argparse
 import sys
 from typing import Any
 
+from align.loop.settings import STEPS, PipelineSettings
 from align.loop.versions import find_home
 from align.runtime.config import describe
 from align.runtime.errors import ConfigError
@@ -26,9 +27,6 @@ configuration:
 
 
 def add_parsers(sub) -> None:
-    # loaded for this verb only: it brings torch and the models, which `align --help` does not need
-    from align.loop.pipeline import STEPS, PipelineSettings
-
     p = sub.add_parser("run", help="the whole loop: SFT → reward → DPO/PPO → evaluate → promote → merge → report",
                        description="Run the alignment loop as versioned, resumable pipeline.",
                        formatter_class=argparse.RawDescriptionHelpFormatter,

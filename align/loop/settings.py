@@ -1,0 +1,77 @@
+"""What `align run` is configured by: the pipeline's own keys (data, evaluation, promotion, merge) and the order
+of its steps. Kept apart from the pipeline's machinery, which loads torch and the stages, so that `align --help`
+and `align run --help` can describe every key without loading a model library."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal
+
+from align.evaluation.promotion import PromotionRule
+from align.runtime.config import ModelConfig, opt, reads_file
+from align.runtime.errors import ConfigError
+
+STAGE_ORDER = ("sft", "reward", "dpo", "ppo")
+STEPS = (*STAGE_ORDER, "evaluate", "merge")
+POLICIES = ("dpo", "ppo")
+# what each stage starts from (its key includes theirs, so a changed SFT retrains everything after it)
+PARENTS = {"sft": (), "reward": ("sft",), "dpo": ("sft",), "ppo": ("sft", "reward")}
+
+
+@dataclass
+class PipelineData:
+    sft: str = opt("reward_data/sft/train.jsonl", "SFT examples (chat, prompt/completion or text rows)")
+    sft_eval: str | None = opt("reward_data/sft/eval.jsonl", "held-out SFT examples: SFT's eval loss, and perplexity "
+                               "and BLEU/ROUGE-L in the evaluation; empty = none")
+    preferences: str = opt("reward_data/prefs/train.jsonl", "preference pairs for the reward model and DPO (and "
+                           "PPO's prompts); several files comma-separated, e.g. old.jsonl,new.jsonl")
+    preferences_eval: str | None = opt("reward_data/prefs/eval.jsonl", "held-out pairs: reward-model accuracy and "
+                                       "calibration, DPO's eval loss; empty = none")
+    prompts: str | None = opt(None, "PPO's training prompts; empty = the prompts of `preferences`")
+    eval_prompts: str = opt("reward_data/prefs/prompts.jsonl", "held-out prompts the evaluation answers; rows with "
+                            "an integer 'answer' are also judged by the gold judge. The shipped held-out defaults "
+                            "(sft_eval, preferences_eval, eval_prompts) are the demo's: with your own sft or "
+                            "preferences (not reading the shipped files) they are empty unless named, and "
+                            "eval_prompts becomes the prompts of your preferences_eval")
+
+    def __post_init__(self) -> None:
+        default = {f.name: f.default for f in dataclasses.fields(self)}
+        if not reads_file(self.sft, default["sft"]) and self.sft_eval == default["sft_eval"]:
+            self.sft_eval = None
+        if reads_file(self.preferences, default["preferences"]):
+            return
+        if self.preferences_eval == default["preferences_eval"]:
+            self.preferences_eval = None
+        if self.eval_prompts == default["eval_prompts"]:
+            if not self.preferences_eval:
+                raise ConfigError("data.preferences is your own data and has no held-out part, so there is nothing "
+                                  "to evaluate the new policies on: name data.preferences_eval (held-out pairs; "
+                                  "their prompts are answered) or data.eval_prompts (prompts, optionally with an "
+                                  "integer 'answer' for the gold judge)")
+            self.eval_prompts = self.preferences_eval
+
+
+@dataclass
+class EvalSection:
+    limit: int = opt(64, "held-out prompts (and SFT rows) used by the evaluation", lambda v: v >= 1, "must be >= 1")
+    max_new_tokens: int = opt(64, "longest answer generated in the evaluation", lambda v: v >= 1, "must be >= 1")
+    device: str = opt("auto", "auto (CUDA if present), cpu, cuda or cuda:N")
+
+
+@dataclass
+class MergeSection:
+    enabled: bool = opt(True, "merge a newly promoted champion into a plain model directory (vN/merged)")
+    dtype: Literal["fp32", "bf16", "fp16"] = opt("fp32", "dtype of the merged weights")
+
+
+@dataclass
+class PipelineSettings:
+    name: str = opt("demo", "pipeline name: versions go to <runs_dir>/<name>/v1, v2, ...",
+                    lambda v: bool(v) and "/" not in v and v not in {".", ".."}, "must be a name without '/'")
+    runs_dir: str = opt("runs", "directory holding all runs")
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "the base model of every stage"})
+    data: PipelineData = field(default_factory=PipelineData, metadata={"help": "data of every stage"})
+    evaluate: EvalSection = field(default_factory=EvalSection, metadata={"help": "evaluation of new policies"})
+    promotion: PromotionRule = field(default_factory=PromotionRule, metadata={"help": "when a policy is promoted"})
+    merge: MergeSection = field(default_factory=MergeSection, metadata={"help": "merging the new champion"})
