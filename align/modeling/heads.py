@@ -178,19 +178,19 @@ def output_logits(model, states: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-def _head_logps(model, states: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
+def _tempered_logits(model, states: torch.Tensor, temperature: float) -> torch.Tensor:
     logits = output_logits(model, states)
-    if temperature != 1.0:
-        logits = logits / temperature
-    return token_logps(logits[None], tokens[None])[0]
+    return logits if temperature == 1.0 else logits / temperature
+
+
+def _head_logps(model, states: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
+    return token_logps(_tempered_logits(model, states, temperature)[None], tokens[None])[0]
 
 
 def _head_logps_entropy(model, states: torch.Tensor, tokens: torch.Tensor, temperature: float
                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    logits = output_logits(model, states)
-    if temperature != 1.0:
-        logits = logits / temperature
-    return token_logps(logits[None], tokens[None])[0], entropy(logits[None])[0]
+    logits = _tempered_logits(model, states, temperature)[None]
+    return token_logps(logits, tokens[None])[0], entropy(logits)[0]
 
 
 def states_logps(model, states: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0,

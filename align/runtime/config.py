@@ -44,8 +44,8 @@ class ModelConfig:
     trust_remote_code: bool = opt(False, "run code shipped with a hub model (off unless you trust its author)")
     chat_template: str | None = opt(
         None, "how conversations become text: empty = the tokenizer's own chat template (a base model without one "
-        "gets 'plain'); plain = 'User: … / Assistant: …' turns, each answer closed by the tokenizer's EOS, which a "
-        "base model learns in a few steps; or a Jinja template file (.jinja)")
+        "gets 'plain'); plain = 'User: … / Assistant: …' turns, each answer closed by the tokenizer's EOS (the "
+        "token a base model already ends documents with); or a Jinja template file (.jinja)")
     upcast: bool | None = opt(
         None, "4-bit bases: hold the weights that stay unquantized (embeddings, output layer, norms) in float32, as "
         "peft's prepare_model_for_kbit_training does; empty = only for float16 compute. With bfloat16 the float32 "

@@ -120,7 +120,7 @@ def setup(cfg: PPOConfig) -> Prepared:
         raise ConfigError("training.compile=true is for SFT, reward and DPO; PPO's rollouts generate token by token "
                           "through the same layers, which compiled layers would recompile as the cache grows. "
                           "Set training.compile=false for PPO")
-    if cfg.rollout.top_p < 1:
+    if not Sampling(cfg.rollout.temperature, cfg.rollout.top_p).exact:
         raise ConfigError(f"rollout.top_p={cfg.rollout.top_p}: PPO's ratios and KL penalty are log-probs under "
                           "softmax(logits / rollout.temperature); answers drawn from a top-p nucleus come from another "
                           "distribution, so every ratio would be off-policy. Set rollout.top_p=1.0 and shape "
