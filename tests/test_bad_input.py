@@ -20,7 +20,7 @@ from align.runtime.config import PPOConfig
 from align.runtime.errors import DataError
 from align.serving.score import RewardModel, encode_rows, read_input
 from align.stages import common
-from align.stages.ppo import prompt_loader
+from align.stages.online import prompt_loader
 
 MAX_LENGTH = 128
 Q = "What is 2 + 3?"

@@ -24,7 +24,7 @@ from align.data.rows import check_reject_share, jsonl_rows, load_sft_data, parse
 from align.runtime.config import PPOConfig
 from align.runtime.errors import DataError, RowError
 from align.serving.score import RewardModel, encode_rows, parse_score_row, read_input
-from align.stages.ppo import prompt_loader
+from align.stages.online import prompt_loader
 
 LONG_RUN = os.environ.get("ALIGN_FUZZ_EXAMPLES")
 COUNTS: dict[str, int] = {}

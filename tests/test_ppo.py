@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from align.modeling.roles import POLICY, REFERENCE, REWARD, VALUE, Roles
 from align.runtime.config import PPOConfig, RewardConfig, SFTConfig, load_config
-from align.stages import ppo, reward, sft
+from align.stages import online, ppo, reward, sft
 
 
 @pytest.fixture(scope="module")
@@ -161,18 +161,18 @@ def test_resume_continues_the_same_trajectory(tmp_path, peaky, monkeypatch):
     monkeypatch.setattr(Roles, "rewards", contains_token(500))
     whole = ppo.run(make_cfg(tmp_path / "a", peaky, "training.max_steps=4", "training.save_steps=2",
                              "ppo.target_kl=0.1", "ppo.kl_horizon=10"))  # adaptive KL: its state must resume too
-    real_save = ppo.save_checkpoint
+    real_save = online.save_checkpoint
 
     def save_then_crash(*args, **kwargs):
         real_save(*args, **kwargs)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(ppo, "save_checkpoint", save_then_crash)
+    monkeypatch.setattr(online, "save_checkpoint", save_then_crash)
     cfg = make_cfg(tmp_path / "b", peaky, "training.max_steps=4", "training.save_steps=2", "ppo.target_kl=0.1",
                    "ppo.kl_horizon=10")
     with pytest.raises(KeyboardInterrupt):
         ppo.run(cfg)
-    monkeypatch.setattr(ppo, "save_checkpoint", real_save)
+    monkeypatch.setattr(online, "save_checkpoint", real_save)
     resumed = ppo.run(cfg)
     a = json.loads((whole / "metrics.json").read_text())
     b = json.loads((resumed / "metrics.json").read_text())
@@ -217,7 +217,7 @@ def test_the_loop_state_round_trips_through_a_checkpoint_in_the_format_earlier_r
 def test_setup_errors_name_the_fix(tmp_path, peaky):
     from align.runtime.errors import ConfigError, ModelError
 
-    with pytest.raises(ConfigError, match="reward_model= is required"):
+    with pytest.raises(ConfigError, match="rewards names reward_model, but reward_model= is empty"):
         ppo.setup(make_cfg(tmp_path, peaky, "reward_model="))
     with pytest.raises(ModelError, match="is a 'sft' stage output"):
         ppo.setup(make_cfg(tmp_path, peaky, f"reward_model={peaky['sft']}"))

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from align.runtime.config import DPOConfig, PPOConfig, RewardConfig, SFTConfig, load_config
-from align.stages import dpo, ppo, reward, sft
+from align.stages import dpo, online, ppo, reward, sft
 
 
 class Crash(Exception):
@@ -176,7 +176,7 @@ def test_ppo_resumes_with_the_same_prompts_answers_kl_controller_and_reward_stat
     whole_seen, first_seen, second_seen = [], [], []
     record(whole_seen)
     whole = ppo.run(make_cfg(tmp_path / "a"))
-    real_save = ppo.save_checkpoint
+    real_save = online.save_checkpoint
 
     def save_then_crash(work, step, *args, **kwargs):
         real_save(work, step, *args, **kwargs)
@@ -185,10 +185,10 @@ def test_ppo_resumes_with_the_same_prompts_answers_kl_controller_and_reward_stat
 
     cfg = make_cfg(tmp_path / "b")
     record(first_seen)
-    monkeypatch.setattr(ppo, "save_checkpoint", save_then_crash)
+    monkeypatch.setattr(online, "save_checkpoint", save_then_crash)
     with pytest.raises(Crash):
         ppo.run(cfg)
-    monkeypatch.setattr(ppo, "save_checkpoint", real_save)
+    monkeypatch.setattr(online, "save_checkpoint", real_save)
     record(second_seen)
     resumed = ppo.run(cfg)
     assert json.loads((resumed / "metrics.json").read_text())["resumed_from"] == "checkpoint-2"

@@ -1,4 +1,4 @@
-"""PPO's reward and advantage arithmetic, pure: tensors in, tensors out, no model imports.
+"""PPO's, GRPO's and RLOO's reward and advantage arithmetic, pure: tensors in, tensors out, no model imports.
 
 Shapes: B sequences, T response tokens (right-padded); `mask` is 1.0 on response tokens and 0.0 on padding.
 """
@@ -109,3 +109,32 @@ class KLController:
             error = min(max(kl / self.target - 1.0, -0.2), 0.2)
             self.coef *= 1.0 + error * n_steps / self.horizon
         return self.coef
+
+
+GROUP_ADVANTAGES = ("grpo", "rloo")
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, estimator: str = "grpo", scale: bool = True,
+                     eps: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-answer advantages from the rewards of G answers to the same prompt: (advantages (N,), uniform (N/G,)).
+
+    rewards: (N,) laid out prompt by prompt, each prompt's G = `group_size` answers next to each other.
+      grpo   A_i = (r_i − mean_g) / (std_g + eps), std with Bessel's correction; scale=False keeps r_i − mean_g
+             (Dr. GRPO: dividing by a group's std over-weights prompts that are nearly solved or nearly hopeless)
+      rloo   A_i = r_i − mean_{j≠i} r_j = G/(G−1)·(r_i − mean_g): each answer's baseline leaves it out
+    `uniform` marks groups whose answers all scored alike: their advantages are 0, they teach nothing.
+    """
+    if group_size < 2:
+        raise ValueError(f"group advantages need at least 2 answers per prompt, got {group_size}")
+    if rewards.dim() != 1 or rewards.numel() % group_size:
+        raise ValueError(f"rewards must be (N,) with N a multiple of {group_size}, got shape {tuple(rewards.shape)}")
+    g = rewards.double().view(-1, group_size)
+    centred = g - g.mean(1, keepdim=True)
+    uniform = (g.max(1).values - g.min(1).values) == 0
+    if estimator == "grpo":
+        adv = centred / (g.std(1, keepdim=True) + eps) if scale else centred
+    elif estimator == "rloo":
+        adv = centred * group_size / (group_size - 1)
+    else:
+        raise ValueError(f"unknown group advantage {estimator!r}: use one of {', '.join(GROUP_ADVANTAGES)}")
+    return adv.masked_fill(uniform.unsqueeze(1), 0.0).flatten().to(rewards.dtype), uniform

@@ -148,3 +148,55 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
     """(B, T) entropy of the next-token distribution: logsumexp(z) − Σ softmax(z)·z."""
     logits = logits.float()
     return torch.logsumexp(logits, -1) - (F.softmax(logits, -1) * logits).sum(-1)
+
+
+GRPO_NORMS = ("sequence", "token", "constant")
+
+
+def grpo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                     clip_low: float = 0.2, clip_high: float = 0.2, ref_logp: torch.Tensor | None = None,
+                     beta: float = 0.0, norm: str = "token", max_tokens: int | None = None
+                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """GRPO/RLOO's token-level clipped objective with one advantage per answer. logp, old_logp, ref_logp, mask:
+    (B, T); advantages: (B,).
+
+    Per token: ℓ_t = max(−A·r_t, −A·clip(r_t, 1−ε_low, 1+ε_high)) + β·k3_t, with r_t = exp(logp − old_logp) and
+    k3_t = exp(ref − logp) − (ref − logp) − 1 (KL(π‖ρ) estimated at π's own tokens; 0 and not needed when β = 0).
+    ε_high > ε_low is DAPO's clip-higher: an unlikely token with a positive advantage may grow further before its
+    gradient stops, which keeps exploration (entropy) from collapsing.
+    How the tokens' losses become one number:
+      sequence  mean over each answer's tokens, then over answers (GRPO: a long answer's tokens count less)
+      token     sum over every token / the batch's token count (DAPO: every token counts the same)
+      constant  sum over every token / (B · max_tokens) (Dr. GRPO: no length bias from the denominator)
+    Metrics: clip_low_fraction / clip_high_fraction (tokens where the clipped term won, below / above), kl (the
+    mean k3) and approx_kl = mean ½(logp − old_logp)² (how far the updates moved from the sampling policy).
+    """
+    if norm not in GRPO_NORMS:
+        raise ValueError(f"unknown loss normalisation {norm!r}: use one of {', '.join(GRPO_NORMS)}")
+    if norm == "constant" and not max_tokens:
+        raise ValueError("norm='constant' needs max_tokens (the longest answer the sampler allows)")
+    if beta and ref_logp is None:
+        raise ValueError("beta > 0 needs the reference's log-probs (ref_logp)")
+    log_ratio = logp - old_logp
+    ratio = torch.exp(log_ratio)
+    adv = advantages.unsqueeze(1)
+    unclipped = -adv * ratio
+    clipped = -adv * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    per_token = torch.maximum(unclipped, clipped)
+    kl = torch.zeros_like(per_token)
+    if ref_logp is not None:
+        d = ref_logp - logp
+        kl = torch.exp(d) - d - 1.0
+    if beta:
+        per_token = per_token + beta * kl
+    if norm == "sequence":
+        loss = masked_mean(per_token, mask, dim=1).mean()
+    elif norm == "token":
+        loss = masked_mean(per_token, mask)
+    else:
+        loss = (per_token * mask).sum() / (mask.shape[0] * max_tokens)
+    won = (clipped > unclipped).float()
+    metrics = {"clip_low_fraction": masked_mean(won * (adv < 0).float(), mask).detach(),
+               "clip_high_fraction": masked_mean(won * (adv > 0).float(), mask).detach(),
+               "kl": masked_mean(kl.detach(), mask), "approx_kl": masked_mean(0.5 * log_ratio.detach() ** 2, mask)}
+    return loss, metrics

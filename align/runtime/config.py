@@ -233,7 +233,8 @@ class DPOConfig(StageConfig):
 
 @dataclass
 class RolloutConfig:
-    batch_size: int = opt(16, "prompts answered per PPO step", _positive, "must be >= 1")
+    batch_size: int = opt(16, "prompts answered per step (GRPO: each grpo.num_generations times)", _positive,
+                          "must be >= 1")
     temperature: float = opt(1.0, "sampling temperature of rollouts: answers are drawn from softmax(logits / T) "
                              "with nothing else applied (no top-k, no repetition penalty, nothing from the base's "
                              "generation_config.json), and the PPO ratios and KL read log-probs at the same T",
@@ -275,6 +276,21 @@ class PPOSection:
     normalize_reward: bool = opt(True, "scale scores by the running std of all scores seen (and centre them)")
 
 
+@dataclass
+class RewardTerm:
+    source: str = opt("gold", "gold = the shipped judge of the demo's arithmetic task (0 to 2.75; every prompt row "
+                      "needs an integer 'answer'); format = 1 when the answer ends with the shipped task's 'The answer "
+                      "is N.' sentence, else 0; reward_model = the reward run named by reward_model=; a directory = "
+                      "a reward run or merged reward model; path/to/file.py:fn or module:fn = your function, called "
+                      "as fn(prompt, answer, row) with the last user message, the sampled answer and the data row "
+                      "(a dict), returning a finite number")
+    weight: float = opt(1.0, "this reward's weight in the sum the RL stage maximises",
+                        lambda v: v == v and abs(v) != float("inf"), "must be a finite number")
+
+
+_SOURCES = RewardTerm.__dataclass_fields__["source"].metadata["help"]
+
+
 def _ppo_data() -> DataConfig:
     return DataConfig(train="reward_data/prefs/train.jsonl", eval=None)
 
@@ -302,7 +318,12 @@ class PPOConfig(StageConfig):
     init_from_sft: str | None = opt(
         None, "SFT stage output: the policy (and value adapter) start from its weights, the frozen SFT adapter is "
         "the reference; empty = fresh adapters, and the base (adapters off) is the reference")
-    reward_model: str | None = opt(None, "reward run (e.g. runs/demo/reward) that scores the rollouts (required)")
+    reward_model: str | None = opt(None, "reward run (e.g. runs/demo/reward) on the same base: its adapter and "
+                                   "score head score the rollouts (the 'reward_model' term of rewards)")
+    rewards: list[RewardTerm | str] = opt(
+        ["reward_model"], "what PPO maximises: a list of rewards, each a source (see below) or {source: S, weight: W}; "
+        "summed with their weights, each one's mean logged on its own. E.g. [reward_model, {source: gold, weight: "
+        "0.5}] or [gold] (no reward model: the value model then starts fresh). Sources: " + _SOURCES)
     eval_prompts: str | None = opt(
         "reward_data/prefs/prompts.jsonl", "held-out prompts answered by the PPO and the reference policy after "
         "training (gold judge and reward model win-rates); empty = none. The default (the demo's prompts) holds for "
@@ -311,8 +332,76 @@ class PPOConfig(StageConfig):
     max_new_tokens: int = opt(64, "longest generated answer in the win-rate evaluation", _positive, "must be >= 1")
 
 
+@dataclass
+class GRPOSection:
+    num_generations: int = opt(8, "answers sampled per prompt: the group each answer is compared with",
+                               lambda v: v >= 2, "must be >= 2 (an answer needs others to be compared with)")
+    advantage: Literal["grpo", "rloo"] = opt(
+        "grpo", "grpo = (reward − the group's mean) / the group's std; rloo = reward − the mean of the OTHER answers "
+        "to the same prompt (leave-one-out)")
+    scale_rewards: bool = opt(True, "grpo: divide by the group's std; false = Dr. GRPO (no std: prompts that are "
+                              "nearly always or nearly never solved are not over-weighted)")
+    loss_norm: Literal["sequence", "token", "constant"] = opt(
+        "token", "how token losses become one number: sequence = mean per answer, then over answers (GRPO); token = "
+        "over all tokens of the batch (DAPO); constant = sum / (answers × rollout.max_new_tokens) (Dr. GRPO)")
+    clip_low: float = opt(0.2, "the ratio's lower clip ε_low: 1 − ε_low", lambda v: 0 < v < 1, "must be in (0, 1)")
+    clip_high: float = opt(0.28, "the ratio's upper clip ε_high: 1 + ε_high; above clip_low = DAPO's clip-higher "
+                           "(unlikely good tokens may grow further, which keeps entropy up)", _positive, "must be > 0")
+    beta: float = opt(0.04, "weight of the k3 KL to the reference (the frozen SFT adapter) in the loss; 0 = no "
+                      "reference at all (its log-probs are not even computed)", lambda v: v >= 0, "must be >= 0")
+    epochs: int = opt(1, "passes over each generation batch; each pass takes one optimizer step per "
+                      "training.batch_size × training.grad_accum answers, ratios against the sampling-time log-probs",
+                      _positive, "must be >= 1")
+    skip_uniform_groups: bool = opt(True, "leave out of the update the groups whose answers all scored alike (their "
+                                    "advantages are 0: only their KL term would train); they are counted either way")
+    kl_ceiling: float = opt(10.0, "stop the run when the mean KL per answer stays above this ...", _positive,
+                            "must be > 0")
+    kl_ceiling_steps: int = opt(3, "... for this many steps in a row", _positive, "must be >= 1")
+
+
+def _grpo_training() -> TrainingConfig:
+    return TrainingConfig(learning_rate=5e-5, max_steps=30, batch_size=8, lr_scheduler="constant", warmup_ratio=0.0,
+                          logging_steps=1, save_steps=10)
+
+
+def _grpo_rollout() -> RolloutConfig:
+    return RolloutConfig(batch_size=4, missing_eos_penalty=0.0)
+
+
+@dataclass
+class GRPOConfig(StageConfig):
+    stage: typing.ClassVar[str] = "grpo"
+    data: DataConfig = field(default_factory=_ppo_data, metadata={
+        "help": "prompts: rows with a 'prompt' (string or messages) and what the rewards read (gold: 'answer')"})
+    lora: LoraConfig = field(default_factory=_ppo_lora, metadata={"help": "LoRA adapter of the policy"})
+    training: TrainingConfig = field(default_factory=_grpo_training, metadata={
+        "help": "optimisation: max_steps = GRPO steps (generation batches); batch_size = answers per forward pass of "
+                "an update; grad_accum = forward passes per optimizer step"})
+    rollout: RolloutConfig = field(default_factory=_grpo_rollout, metadata={"help": "sampling"})
+    grpo: GRPOSection = field(default_factory=GRPOSection, metadata={"help": "GRPO / RLOO"})
+    init_from_sft: str | None = opt(
+        None, "SFT stage output: the policy starts from its weights, the frozen SFT adapter is the reference; empty = "
+        "a fresh adapter, and the base (adapters off) is the reference")
+    reward_model: str | None = opt(None, "reward run (e.g. runs/demo/reward) for a 'reward_model' term in rewards")
+    rewards: list[RewardTerm | str] = opt(
+        ["gold"], "what GRPO maximises: a list of rewards, each a source or {source: S, weight: W}, summed with their "
+        "weights, each one's mean logged on its own. Sources: " + _SOURCES)
+    eval_prompts: str | None = opt(
+        "reward_data/prefs/prompts.jsonl", "held-out prompts answered by the GRPO and the reference policy after "
+        "training (gold judge and reward model win-rates); empty = none. The default (the demo's prompts) holds for "
+        "the demo's data only: with your own data.train it becomes your data.eval, or none")
+    eval_limit: int = opt(64, "how many eval_prompts to answer", _positive, "must be >= 1")
+    max_new_tokens: int = opt(64, "longest generated answer in the win-rate evaluation", _positive, "must be >= 1")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.grpo.clip_high < self.grpo.clip_low:
+            raise ConfigError(f"grpo.clip_high={self.grpo.clip_high} is below grpo.clip_low={self.grpo.clip_low}; "
+                              "clip-higher means clip_high >= clip_low (equal = PPO's symmetric clip)")
+
+
 STAGES: dict[str, type[StageConfig]] = {"sft": SFTConfig, "reward": RewardConfig, "dpo": DPOConfig,
-                                        "ppo": PPOConfig}
+                                        "ppo": PPOConfig, "grpo": GRPOConfig}
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -430,6 +519,8 @@ def _convert(key: str, value: Any, tp: Any) -> Any:
         for option in options:
             if option is type(None):
                 continue
+            if dataclasses.is_dataclass(option) and isinstance(value, dict):  # a mapping is meant as that section
+                return build(option, value, key + ".")
             try:
                 return _convert(key, value, option)
             except ConfigError as e:
@@ -486,6 +577,8 @@ def _type_name(tp: Any) -> str:
         return "a list of " + {str: "strings", int: "integers", float: "numbers"}.get(item, _type_name(item))
     if origin is Literal:
         return "one of " + ", ".join(map(str, typing.get_args(tp)))
+    if dataclasses.is_dataclass(tp):
+        return "a mapping of " + ", ".join(f.name for f in dataclasses.fields(tp))
     return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
 
 

@@ -35,6 +35,10 @@ class NumericError(AlignError):
     """Weights about to be saved are not finite."""
 
 
+class RewardError(AlignError):
+    """A reward function failed on a row: the message names the function, the row and what it returned."""
+
+
 class RowError(ValueError):
     """Why one row cannot be used."""
 

@@ -67,6 +67,7 @@ class Prepared:
     eval: Loaded | None
     inputs: dict[str, str]
     sft: Path | None = None
+    terms: list | None = None  # the RL stages' reward terms (align/stages/rewards.py)
 
 
 def prepare(stage: str, cfg: StageConfig, make_loader: Callable[[Any], Callable[[str, str, int | None], Loaded]],
@@ -299,3 +300,20 @@ def save_stage(cfg: StageConfig, paths: StagePaths, model, tokenizer, metrics: d
         atomic_write_json(tmp / "manifest.json", manifest)
     remove_dir(paths.work)
     return paths.out
+
+
+def on_same_base(reward_dir: Path, prep: Prepared) -> bool:
+    """Whether a reward run was trained on this stage's base, so that it can be an adapter role on it."""
+    from align.runtime.runs import read_manifest
+
+    return ((reward_dir / "adapter_config.json").is_file()
+            and read_manifest(reward_dir).get("base_model") == prep.model_ref.description)
+
+
+def load_separately(reward_dir: Path):
+    """A reward model on another base (or merged): a second model in memory, which the log says."""
+    from align.serving.score import load_reward_model
+
+    log.warning("the reward model %s is not a reward run on this stage's base; it is loaded separately, as a second "
+                "model in memory", reward_dir)
+    return load_reward_model(reward_dir)

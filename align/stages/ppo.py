@@ -29,8 +29,7 @@ from typing import Any
 
 import torch
 
-from align.data.rows import Example, _as_messages, char_bound, chars, load_rows
-from align.modeling.formatting import Messages, encode_prompt
+from align.modeling.formatting import Messages
 from align.modeling.generate import Sampling, sample_batch
 from align.modeling.models import (
     REFERENCE,
@@ -53,8 +52,8 @@ from align.rl.advantages import (
 )
 from align.rl.losses import ppo_policy_loss, ppo_value_loss
 from align.rl.masked import masked_mean, masked_var
-from align.runtime.checkpoint import load_checkpoint, save_checkpoint
-from align.runtime.config import PPOConfig, PPOSection
+from align.runtime.checkpoint import load_checkpoint
+from align.runtime.config import PPOConfig
 from align.runtime.distributed import (
     any_rank,
     gather,
@@ -64,51 +63,28 @@ from align.runtime.distributed import (
     weights_spread,
     world_size,
 )
-from align.runtime.errors import ConfigError, FormatError, RowError, TrainingStopped
+from align.runtime.errors import ConfigError, TrainingStopped
 from align.runtime.guards import oom_as_message
 from align.runtime.rundir import nothing_to_train, prepare_output
-from align.runtime.runs import make_manifest, read_manifest, sha256_path
-from align.serving.score import load_reward_model
+from align.runtime.runs import make_manifest
 from align.serving.trained import open_run
 from align.stages.common import (
     Prepared,
     build_lora_model,
+    load_separately,
+    on_same_base,
     prepare,
     save_stage,
     use_cuda_defaults,
 )
+from align.stages.online import checkpoint, kl_guard, optimizer_step, prompt_loader, prompt_rows
+from align.stages.rewards import combine, model_term, reward_inputs, reward_names, terms_of
 
 log = logging.getLogger(__name__)
 STAGE = "ppo"
 
 
 # ---------------------------------------------------------------------------------------------- setup
-
-
-def prompt_loader(cfg: PPOConfig):
-    room = cfg.data.max_length - cfg.rollout.max_new_tokens
-
-    def make(tokenizer):
-        def convert(raw: Any) -> tuple[list[int], Example]:
-            if not isinstance(raw, dict) or "prompt" not in raw:
-                raise RowError("a PPO prompt row needs a 'prompt' (a string or a list of messages)")
-            prompt = _as_messages(raw["prompt"], "prompt", "user")
-            if prompt[-1]["role"] != "user":  # the policy answers the last user message
-                raise RowError("'prompt' must end with a user message")
-            if chars(prompt) > char_bound(tokenizer, room):  # refused without tokenizing megabytes
-                raise FormatError(f"the prompt is over {room} tokens ({chars(prompt):,} characters); with "
-                                  f"rollout.max_new_tokens={cfg.rollout.max_new_tokens} only {room} fit in "
-                                  f"data.max_length={cfg.data.max_length}")
-            ids = encode_prompt(tokenizer, prompt)
-            if len(ids) > room:
-                raise FormatError(f"the prompt is {len(ids)} tokens; with rollout.max_new_tokens="
-                                  f"{cfg.rollout.max_new_tokens} only {room} fit in data.max_length="
-                                  f"{cfg.data.max_length}")
-            return ids, Example(prompt, None, None, "", 0)
-
-        return lambda spec, split, limit: load_rows(spec, convert, split, limit)
-
-    return make
 
 
 def setup(cfg: PPOConfig) -> Prepared:
@@ -125,20 +101,20 @@ def setup(cfg: PPOConfig) -> Prepared:
                           "softmax(logits / rollout.temperature); answers drawn from a top-p nucleus come from another "
                           "distribution, so every ratio would be off-policy. Set rollout.top_p=1.0 and shape "
                           "exploration with rollout.temperature instead")
-    if not cfg.reward_model:
-        raise ConfigError("reward_model= is required: PPO raises a reward model's score. Train one with "
-                          "`align reward`, then pass reward_model=runs/<run>/reward")
-    rm_dir = Path(cfg.reward_model)
-    open_run(rm_dir, ("reward",), "reward_model=")
-    prep = prepare(STAGE, cfg, prompt_loader(cfg), cfg.init_from_sft)
-    prep.inputs["reward_model"] = sha256_path(rm_dir / "adapter_model.safetensors")
+    terms = terms_of(cfg.rewards, cfg.reward_model)
+    rm = model_term(terms)
+    if rm is not None and (rm.model / "adapter_config.json").is_file():
+        open_run(rm.model, ("reward",), "reward_model=")
+    prep = prepare(STAGE, cfg, prompt_loader(cfg, terms), cfg.init_from_sft)
+    prep.inputs.update(reward_inputs(terms))
+    prep.terms = terms
     return prep
 
 
 def build_roles(prep: Prepared) -> Roles:
     """One base; policy (+ value) trainable, reference and reward frozen, all as adapters on it."""
 
-    cfg, rm_dir = prep.cfg, Path(prep.cfg.reward_model)
+    cfg, rm = prep.cfg, model_term(prep.terms)
     quantized = resolve_quantization(cfg.model) == "nf4"
     lora = lora_like(cfg.lora, prep.sft) if prep.sft is not None else cfg.lora
     model = build_lora_model(prep)  # the policy, from SFT when there is one
@@ -149,21 +125,20 @@ def build_roles(prep: Prepared) -> Roles:
     dev = next(p for p in model.parameters()).device
     if prep.sft is not None:
         add_adapter_from(model, REFERENCE, prep.sft, cfg.lora, trainable=False)
-    same_base = read_manifest(rm_dir).get("base_model") == prep.model_ref.description
+    same_base = rm is not None and on_same_base(rm.model, prep)
     separate = None
     score_head = None
     if same_base:
-        add_adapter_from(model, REWARD, rm_dir, cfg.lora, trainable=False)
-        score_head = head_from(rm_dir, hidden, torch.float32, dev).requires_grad_(False)
-        add_adapter_from(model, VALUE, rm_dir, cfg.lora, trainable=True)  # the value model starts as the RM
-        value_head = head_from(rm_dir, hidden, torch.float32, dev)
+        add_adapter_from(model, REWARD, rm.model, cfg.lora, trainable=False)
+        score_head = head_from(rm.model, hidden, torch.float32, dev).requires_grad_(False)
+        add_adapter_from(model, VALUE, rm.model, cfg.lora, trainable=True)  # the value model starts as the RM
+        value_head = head_from(rm.model, hidden, torch.float32, dev)
         if cfg.ppo.normalize_reward:  # its targets are normalised returns, not the RM's raw scores: see above
             torch.nn.init.zeros_(value_head.weight)
     else:
-        log.warning("the reward model %s was trained on another base (%s); it is loaded separately, as a second "
-                    "model in memory", rm_dir, read_manifest(rm_dir).get("base_model"))
-        separate = load_reward_model(rm_dir)
-        model.add_adapter(VALUE, peft_lora_config(lora))
+        if rm is not None:
+            separate = load_separately(rm.model)
+        model.add_adapter(VALUE, peft_lora_config(lora))  # no reward model to start from: a fresh value model
         value_head = torch.nn.Linear(hidden, 1, bias=False, device=dev)
         torch.nn.init.zeros_(value_head.weight)
     model.base_model.set_adapter(POLICY)
@@ -172,8 +147,9 @@ def build_roles(prep: Prepared) -> Roles:
     roles = Roles(model, value_head, score_head, separate)
     with roles.role(POLICY):
         pass  # leaves exactly the policy and value adapters trainable
-    log.info("one base, roles as adapters: policy%s, reference=%s, reward=%s, value", " (from SFT)" if prep.sft else "",
-             "SFT adapter" if prep.sft else "base (adapters off)", "adapter + head" if same_base else "separate model")
+    log.info("one base, roles as adapters: policy%s, reference=%s, reward model=%s, value", " (from SFT)" if prep.sft
+             else "", "SFT adapter" if prep.sft else "base (adapters off)",
+             "adapter + head" if same_base else "separate model" if separate is not None else "none")
     return roles
 
 
@@ -189,7 +165,8 @@ class Rollout:
     old_logp: torch.Tensor    # (B, T) under the policy that sampled them: the ratio's denominator
     ref_logp: torch.Tensor    # (B, T) under the reference, for the KL penalty
     old_values: torch.Tensor  # (B, T) before the update: GAE's baseline and the value clip's centre
-    scores: torch.Tensor      # (B,) the reward model's, before the missing-EOS penalty and normalisation
+    scores: torch.Tensor      # (B,) the rewards' weighted sum, before the missing-EOS penalty and normalisation
+    terms: dict[str, float]   # each reward's mean over the batch
     gen_seconds: float
     score_seconds: float      # the four scoring passes above, after generation
 
@@ -231,9 +208,22 @@ def rollout(roles: Roles, prep: Prepared, rows: list[int]) -> tuple[Batch, Rollo
             ref_logp = each(lambda b, _: roles.policy_logps(b, temperature))
         with roles.role(VALUE):
             old_values = each(lambda b, _: roles.values(b))
-        scores = each(lambda b, idx: roles.rewards(b, [prompts[i] for i in idx], [texts[i] for i in idx]))
-    return batch, Rollout(prompts, texts, old_logp, ref_logp, old_values, scores, gen_seconds,
+        model_scores = None
+        if model_term(prep.terms) is not None:
+            model_scores = each(lambda b, idx: roles.rewards(b, [prompts[i] for i in idx], [texts[i] for i in idx]))
+    scores, terms = rewards_of(prep, rows, texts, model_scores)
+    return batch, Rollout(prompts, texts, old_logp, ref_logp, old_values, scores.to(dev), terms, gen_seconds,
                           time.monotonic() - start - gen_seconds)
+
+
+def rewards_of(prep: Prepared, rows: list[int], texts: list[str], model_scores: torch.Tensor | None
+               ) -> tuple[torch.Tensor, dict[str, float]]:
+    """(B,) the weighted sum of the rewards of the answers `texts` to the prompts `rows`, and each reward's mean."""
+    examples = [prep.train.examples[i] for i in rows]
+    totals, means = combine(prep.terms, [e.prompt[-1]["content"] for e in examples], texts,
+                            [e.fields for e in examples], [f"{e.source}:{e.row}" for e in examples],
+                            None if model_scores is None else model_scores.tolist())
+    return torch.tensor(totals, dtype=torch.float32), means
 
 
 def advantages_of(cfg: PPOConfig, batch: Batch, r: Rollout, kl_coef: float, moments: RunningMoments) -> Advantages:
@@ -281,51 +271,16 @@ def update(roles: Roles, cfg: PPOConfig, batch: Batch, r: Rollout, a: Advantages
                 bad.append(f"non-finite PPO loss (policy {pg_loss.item()}, value {vf_loss.item()})")
             accum += 1
             if accum % t.grad_accum == 0:
-                _optimizer_step(optimizer, params, t.max_grad_norm, accelerator, sums, bad)
+                optimizer_step(optimizer, params, t.max_grad_norm, accelerator, sums, bad, "PPO")
             for key, value in {"policy_loss": pg_loss, "value_loss": vf_loss, **pg, **vf,
                                "entropy": masked_mean(ent, mb.resp_mask)}.items():
                 sums.setdefault(key, []).append(float(value.detach()))
     if accum % t.grad_accum:
-        _optimizer_step(optimizer, params, t.max_grad_norm, accelerator, sums, bad)
+        optimizer_step(optimizer, params, t.max_grad_norm, accelerator, sums, bad, "PPO")
     return {k: sum(v) / len(v) for k, v in sums.items()}
 
 
-def _optimizer_step(optimizer, params: dict[str, list[torch.nn.Parameter]], max_norm: float, accelerator,
-                    sums, bad: list[str]) -> None:
-    """Clip the policy's and the value model's gradients separately: a large value-loss gradient early in
-    training must not shrink the policy's step through one shared norm.
-
-    A non-finite loss on any process skips the step on all of them (one skipping alone would leave the others
-    waiting for its gradients)."""
-    if any_rank(bool(bad)):
-        optimizer.zero_grad(set_to_none=True)
-        raise FloatingPointError(bad[0] if bad else "non-finite PPO loss in another process")
-    for role, group in params.items():
-        if accelerator.num_processes > 1:  # roles switch adapters inside one module, so sync gradients by hand
-            for p in group:
-                if p.grad is not None:
-                    p.grad = accelerator.reduce(p.grad, "mean")
-        norm = torch.nn.utils.clip_grad_norm_(group, max_norm)
-        sums.setdefault(f"grad_norm_{role}", []).append(float(norm))
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-
-
 # ---------------------------------------------------------------------------------------------- the loop
-
-
-def prompt_rows(n_prompts: int, batch_size: int, step: int, seed: int) -> list[int]:
-    """The prompts of step `step`: consecutive slices of a reshuffled pass over the data per epoch, a function of
-    (seed, step) alone, so a resumed run draws exactly the prompts the uninterrupted one would."""
-    rows = []
-    position = step * batch_size
-    while len(rows) < batch_size:
-        epoch, offset = divmod(position, n_prompts)
-        order = torch.randperm(n_prompts, generator=torch.Generator().manual_seed(seed + epoch))
-        take = min(batch_size - len(rows), n_prompts - offset)
-        rows += order[offset:offset + take].tolist()
-        position += take
-    return rows
 
 
 def _trainable(roles: Roles) -> dict[str, torch.nn.Parameter]:
@@ -349,6 +304,7 @@ def _step_metrics(batch: Batch, r: Rollout, a: Advantages, kl_coef: float) -> di
     residual = masked_var(a.returns - r.old_values, m)
     return {
         "reward_mean": r.scores.mean().item(), "reward_std": r.scores.std().item() if len(r.scores) > 1 else 0,
+        **{f"reward_{name}": value for name, value in r.terms.items()},
         "kl": a.kl.mean().item(), "kl_coef": kl_coef,
         "response_tokens": m.sum(1).mean().item(), "no_eos_share": (~batch.ended).float().mean().item(),
         "explained_variance": 1.0 - (residual / masked_var(a.returns, m).clamp(min=1e-8)).item(),
@@ -456,24 +412,6 @@ def _log_step(metrics: dict[str, float]) -> None:
              metrics["generation_seconds"], metrics["train_seconds"])
 
 
-def _kl_guard(state: LoopState, metrics: dict[str, float], p: PPOSection, work: Path) -> None:
-    """Stop a run whose KL to the reference stays above ppo.kl_ceiling for ppo.kl_ceiling_steps steps."""
-    state.kl_over = state.kl_over + 1 if metrics["kl"] > p.kl_ceiling else 0
-    if state.kl_over >= p.kl_ceiling_steps:
-        raise TrainingStopped(f"the mean KL to the reference stayed above ppo.kl_ceiling={p.kl_ceiling} for "
-                              f"{state.kl_over} steps (step {metrics['step']}: {metrics['kl']:.2f} nats per answer): "
-                              "the policy is running away from the reference. Lower training.learning_rate, raise "
-                              f"ppo.kl_coef or set ppo.target_kl; the last checkpoint is kept in {work}")
-
-
-def _checkpoint(prep: Prepared, state: LoopState, named: dict[str, torch.nn.Parameter], optimizer,
-                accelerator) -> None:
-    if accelerator.is_main_process:  # ranks hold the same weights after each synced step
-        save_checkpoint(prep.paths.work, state.step, dict(named), optimizer, state.to_checkpoint(),
-                        prep.cfg.training.save_total_limit)
-    accelerator.wait_for_everyone()
-
-
 def train_loop(prep: Prepared, roles: Roles, resume_from: Path | None) -> dict[str, Any]:
     from accelerate import Accelerator
     from tqdm.auto import tqdm
@@ -495,9 +433,9 @@ def train_loop(prep: Prepared, roles: Roles, resume_from: Path | None) -> dict[s
         bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics['kl']:.3f}")
         if state.step % t.logging_steps == 0:
             _log_step(metrics)
-        _kl_guard(state, metrics, prep.cfg.ppo, prep.paths.work)
+        kl_guard(state, metrics, prep.cfg.ppo, prep.paths.work)
         if state.step % t.save_steps == 0 and state.step < t.max_steps:
-            _checkpoint(prep, state, named, optimizer, accelerator)
+            checkpoint(prep.paths.work, state, named, optimizer, t.save_total_limit, accelerator)
     bar.close()
     return {"steps": t.max_steps, "log_history": state.log_history}
 
@@ -532,7 +470,8 @@ def train(prep: Prepared) -> Path:
     parent = str(prep.sft.resolve()) if prep.sft is not None else None
     manifest = make_manifest(STAGE, cfg.run, prep.inputs, prep.model_ref.description, parent=parent,
                              extra={"quantization": quantization, "seed": cfg.training.seed,
-                                    "reward_model": str(Path(cfg.reward_model).resolve())})
+                                    "rewards": reward_names(prep.terms),
+                                    "reward_model": cfg.reward_model and str(Path(cfg.reward_model).resolve())})
 
     def value_head(out: Path) -> None:
         from safetensors.torch import save_file
