@@ -19,15 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from align.data.shipped import locate
 from align.modeling.formatting import Encoded, Messages, encode
 from align.runtime.errors import DataError, FormatError, RowError
 from align.runtime.runs import atomic_write_text, json_hash, sha256_path
 
 ROLES = ("system", "user", "assistant")
 SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
-# Where relative data paths are also looked up, so the shipped reward_data/ is found from any directory.
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-
 
 
 @dataclass
@@ -54,13 +52,10 @@ class Reject:
 
 
 def resolve_path(spec: str) -> Path | None:
-    """A local file/directory for `spec` (as given, else relative to the project root), or None (a hub id)."""
+    """A local file/directory for `spec`: as given (the working directory), else in the checkout or the installed
+    package's copy of the shipped data (align.data.shipped.locate); None when there is none (a hub id)."""
     p = Path(spec).expanduser()
-    if p.exists():
-        return p
-    if not p.is_absolute() and (PROJECT_ROOT / p).exists():
-        return PROJECT_ROOT / p
-    return None
+    return p if p.exists() else locate(p)
 
 
 def split_spec(spec: str) -> list[str]:

@@ -3,37 +3,28 @@ and a trained reward model. Each turns answers into verdicts and its part of the
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 from typing import Any
 
-from align.data.rows import PROJECT_ROOT
+from align.data.shipped import gold_judge, require_gold_judge
 from align.evaluation.winrate import judged
 from align.modeling.formatting import Messages
 from align.serving.score import load_reward_model
 
 log = logging.getLogger(__name__)
 Answers = list[tuple[str, list[int]]]  # (text, token ids) per prompt
-
-
-def gold_judge():
-    """reward_data/judge.py (shipped with the data, not the package), or None when it is not there."""
-    path = PROJECT_ROOT / "reward_data" / "judge.py"
-    if not path.is_file():
-        return None
-    spec = importlib.util.spec_from_file_location("align_gold_judge", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+__all__ = ["gold_judge", "gold_part", "reward_model_part"]  # gold_judge lives in align.data.shipped
 
 
 def gold_part(prompts: list[tuple[Messages, int | None]], policy: Answers, baseline: Answers) -> dict[str, Any]:
-    """gold_… keys for the prompts with a gold answer; nothing when there are none or no gold judge."""
-    judge = gold_judge()
+    """gold_… keys for the prompts with a gold answer; nothing when there are none. Prompts that carry gold
+    answers need the gold judge: without one this is an error, not a report silently without the gold part."""
     rows = [(p[-1]["content"], a, pt, bt) for (p, a), (pt, _), (bt, _) in zip(prompts, policy, baseline)
             if a is not None]
-    if judge is None or not rows:
+    if not rows:
         return {}
+    judge = require_gold_judge(f"judging the {len(rows)} prompts that carry a gold 'answer'",
+                               "drop the 'answer' field of the prompts to judge with a reward model only")
     verdicts = [judge.judge_pair(q, pt, bt, a) for q, a, pt, bt in rows]
     return {**judged("gold", verdicts, [pt for *_, pt, _ in rows], [bt for *_, bt in rows]),
             "gold_score_policy": sum(judge.gold_score(q, pt, a) for q, a, pt, _ in rows) / len(rows),

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from align.data.prompts import load_prompts
-from align.evaluation.judges import gold_judge
+from align.data.shipped import require_gold_judge
 from align.modeling.formatting import Messages
 from align.modeling.generate import Sampling, sample_batch
 from align.runtime.errors import ConfigError, OutputError
@@ -41,12 +41,7 @@ def _unique(prompts: list[tuple[Messages, int | None]]) -> list[tuple[Messages, 
     return out
 
 
-def _gold_scorer(prompts: list[tuple[Messages, int | None]]):
-    judge = gold_judge()
-    if judge is None:
-        raise ConfigError("--judge gold needs reward_data/judge.py next to the package; pass --judge "
-                          "runs/<run>/reward to judge with a reward model")
-
+def _gold_scorer(prompts: list[tuple[Messages, int | None]], judge):
     def score(i: int, texts: list[str]) -> list[float | None]:
         messages, answer = prompts[i]
         return [judge.gold_score(messages[-1]["content"], t, answer) for t in texts]
@@ -90,6 +85,7 @@ def sample_pairs(policy: str, prompts_spec: str, out: str, judge: str = "gold",
         raise OutputError(f"--out {out} already exists; pass --force to replace it")
     prompts = _unique(load_prompts(prompts_spec, limit if limit is not None else 10**12))
     if judge == "gold":
+        gold = require_gold_judge("--judge gold", "pass --judge runs/<run>/reward to judge with a reward model")
         without = sum(a is None for _, a in prompts)
         prompts = [(p, a) for p, a in prompts if a is not None]
         if without:
@@ -105,7 +101,7 @@ def sample_pairs(policy: str, prompts_spec: str, out: str, judge: str = "gold",
     gen_seconds = time.monotonic() - start
     eos = tokenizer.eos_token_id
     texts = [[t for t, _ in answers] for answers in drawn]
-    scorer = _gold_scorer(prompts) if judge == "gold" else _rm_scorer(judge, prompts, texts, device)
+    scorer = _gold_scorer(prompts, gold) if judge == "gold" else _rm_scorer(judge, prompts, texts, device)
     rows, all_scores = [], []
     for i, (messages, answer) in enumerate(prompts):
         scores = scorer(i, texts[i])
