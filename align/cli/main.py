@@ -36,13 +36,16 @@ def _stage_parser(sub, stage: str, summary: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="align", description="Preference alignment on one GPU: SFT, reward model, DPO, PPO as LoRA adapters.")
+        prog="align",
+        description="Preference alignment on one GPU: SFT, reward model, DPO, PPO, GRPO as LoRA adapters.")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     _stage_parser(sub, "sft", "supervised fine-tuning of a LoRA adapter on chat / prompt-completion / text data")
     _stage_parser(sub, "reward", "train a reward model (LoRA adapter + score head) on preference pairs")
     _stage_parser(sub, "dpo", "direct preference optimisation of a policy adapter against the frozen SFT adapter")
     _stage_parser(sub, "ppo", "PPO: raise a reward model's score with a KL penalty to the SFT policy (one base)")
+    _stage_parser(sub, "grpo", "GRPO / RLOO: raise rewards you compute (a checker, a reward model) by comparing "
+                  "several answers per prompt; no value model")
     cli_pipeline.add_parsers(sub)
     _pairs_parser(sub)
     _merge_parser(sub)
@@ -292,9 +295,9 @@ def _run_stage(stage: str, args: argparse.Namespace) -> int:
         return 0
     # loaded for this verb only: it brings torch and the models, which `align --help` does not need
     from align.runtime.distributed import launch_rank
-    from align.stages import dpo, ppo, reward, sft
+    from align.stages import dpo, grpo, ppo, reward, sft
 
-    out = {"sft": sft.run, "reward": reward.run, "dpo": dpo.run, "ppo": ppo.run}[stage](cfg)
+    out = {"sft": sft.run, "reward": reward.run, "dpo": dpo.run, "ppo": ppo.run, "grpo": grpo.run}[stage](cfg)
     if launch_rank() == 0:  # the main process evaluates the saved policy and prints one summary
         if getattr(cfg, "eval_prompts", None):
             # evaluation loads torch and the models: only for the stages that ask for it

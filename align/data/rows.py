@@ -35,6 +35,7 @@ class Example:
     text: str | None
     source: str
     row: int
+    fields: dict[str, Any] | None = None  # an RL prompt's whole row: what its reward functions read
 
 
 @dataclass

@@ -80,9 +80,28 @@ PANELS = [  # (stage, title, [(metric key, label)])
     ("reward", "reward model", [("loss", "pairwise loss"), ("accuracy", "train accuracy")]),
     ("dpo", "DPO loss", [("loss", "loss")]),
     ("dpo", "DPO implicit reward", [("margin", "margin"), ("accuracy", "accuracy")]),
-    ("ppo", "PPO reward (training rollouts)", [("reward_mean", "mean reward-model score")]),
+    ("ppo", "PPO reward (training rollouts)", [("reward_mean", "mean reward (weighted sum)"), ("reward_*", "")]),
     ("ppo", "PPO KL and entropy", [("kl", "KL to reference"), ("entropy", "entropy per token")]),
+    ("grpo", "GRPO reward (training answers)", [("reward_mean", "mean reward (weighted sum)"), ("reward_*", "")]),
+    ("grpo", "GRPO groups", [("group_std", "reward std within a prompt's answers"),
+                             ("uniform_share", "share of groups scored alike")]),
+    ("grpo", "GRPO answers", [("response_tokens", "answer tokens"), ("no_eos_share", "share without EOS")]),
+    ("grpo", "GRPO KL, entropy, clipping", [("kl", "KL to reference"), ("entropy", "entropy per token"),
+                                            ("clip_low_fraction", "clipped low"),
+                                            ("clip_high_fraction", "clipped high")]),
 ]
+
+
+def _expand(history: list[dict[str, Any]], series: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """'reward_*' stands for each reward term's own mean (reward_gold, reward_format, ...)."""
+    out = []
+    for key, label in series:
+        if key.endswith("*"):
+            names = sorted({k for h in history for k in h if k.startswith(key[:-1])} - {k for k, _ in series})
+            out += [(k, k[len(key) - 1:]) for k in names if k not in ("reward_std",)]
+        else:
+            out.append((key, label))
+    return out
 
 
 def plot_training(histories: dict[str, list[dict[str, Any]]], out: Path) -> bool:
@@ -95,7 +114,7 @@ def plot_training(histories: dict[str, list[dict[str, Any]]], out: Path) -> bool
     rows = (len(panels) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
     for ax, (stage, title, series) in zip(axes.flat, panels):
-        for key, label in series:
+        for key, label in _expand(histories[stage], series):
             x, y = _series(histories[stage], key)
             if x:
                 ax.plot(x, y, marker="o" if len(x) < 12 else None, markersize=3, label=label)

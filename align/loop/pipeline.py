@@ -48,7 +48,7 @@ from align.runtime.config import (
 )
 from align.runtime.errors import ConfigError
 from align.runtime.runs import json_hash
-from align.stages import dpo, ppo, reward, sft
+from align.stages import dpo, grpo, ppo, reward, sft
 
 log = logging.getLogger(__name__)
 
@@ -128,9 +128,10 @@ def _check(p: Pipeline) -> None:
     enabled = p.enabled()
     if not enabled:
         raise ConfigError("every stage is disabled; enable at least sft, dpo or ppo")
-    if "ppo" in enabled and "reward" not in enabled:
-        raise ConfigError("ppo needs the reward stage (its reward model scores the rollouts): set reward.enabled=true "
-                          "or ppo.enabled=false")
+    for stage in ("ppo", "grpo"):
+        if stage in enabled and "reward" not in enabled and uses_reward_model(p, stage):
+            raise ConfigError(f"{stage}'s rewards name reward_model, the reward stage's model: set reward.enabled=true,"
+                              f" or give {stage} other rewards ({stage}.rewards=[gold]), or {stage}.enabled=false")
     placeholders = {q: Path("<parent>") for q in STAGE_ORDER}
     for stage in enabled:  # a typo or bad value in any stage fails now, not after an hour of SFT
         stage_config(p, stage, "v0", placeholders)
@@ -153,15 +154,16 @@ def stage_config(p: Pipeline, stage: str, version: str, parents: dict[str, Path]
     plan, s = p.stages[stage], p.settings
     raw = _read_yaml(Path(plan.config)) if plan.config else {}
     d = s.data
-    data = {"sft": {"train": d.sft, "eval": d.sft_eval}, "ppo": {"train": d.prompts or d.preferences, "eval": None}
+    prompts = {"train": d.prompts or d.preferences, "eval": None}
+    data = {"sft": {"train": d.sft, "eval": d.sft_eval}, "ppo": prompts, "grpo": prompts
             }.get(stage, {"train": d.preferences, "eval": d.preferences_eval})
     _merge_into(raw, {"data": data})
     _merge_into(raw, plan.raw)
     forced: dict[str, Any] = {"run": version, "runs_dir": str(p.home.root), "model": to_dict(s.model)}
     if stage != "sft":
         forced["init_from_sft"] = str(parents["sft"]) if "sft" in parents else None
-    if stage == "ppo":
-        forced["reward_model"] = str(parents["reward"])
+    if stage in ("ppo", "grpo"):
+        forced["reward_model"] = str(parents["reward"]) if "reward" in parents else None
     if stage in POLICIES:
         forced["eval_prompts"] = None
     return build(STAGES[stage], _merge_into(raw, forced), prefix=f"{stage}.")
@@ -184,7 +186,7 @@ def stage_key(stage: str, cfg: StageConfig, parent_keys: dict[str, str], base_mo
 
 def _stage_runner(stage: str):
 
-    return {"sft": sft.run, "reward": reward.run, "dpo": dpo.run, "ppo": ppo.run}[stage]
+    return {"sft": sft.run, "reward": reward.run, "dpo": dpo.run, "ppo": ppo.run, "grpo": grpo.run}[stage]
 
 
 def plan_keys(p: Pipeline) -> dict[str, str]:
@@ -194,8 +196,22 @@ def plan_keys(p: Pipeline) -> dict[str, str]:
     placeholders = {q: Path("<parent>") for q in STAGE_ORDER}
     for stage in p.enabled():
         cfg = stage_config(p, stage, "v0", placeholders)
-        keys[stage] = stage_key(stage, cfg, {q: keys[q] for q in PARENTS[stage] if q in keys}, base)
+        keys[stage] = stage_key(stage, cfg, {q: keys[q] for q in parents_of(p, stage) if q in keys}, base)
     return keys
+
+
+def uses_reward_model(p: Pipeline, stage: str) -> bool:
+    """Whether an RL stage's rewards name the reward stage's model (PPO by default; GRPO when asked)."""
+    cfg = stage_config(p, stage, "v0", {q: Path("<parent>") for q in STAGE_ORDER})
+    return any((r if isinstance(r, str) else r.source).strip() == "reward_model" for r in cfg.rewards)
+
+
+def parents_of(p: Pipeline, stage: str) -> tuple[str, ...]:
+    """The stages this one starts from: a GRPO run on the gold judge alone does not wait for (or retrain with) the
+    reward model."""
+    if stage in ("ppo", "grpo") and not uses_reward_model(p, stage):
+        return tuple(q for q in PARENTS[stage] if q != "reward")
+    return PARENTS[stage]
 
 
 def run(p: Pipeline, start: str | None = None) -> dict[str, Any]:
@@ -246,7 +262,7 @@ def _run_stage(p: Pipeline, home: Home, record: dict[str, Any], stage: str, key:
             log.info("%s: inputs unchanged since %s; reusing %s", stage, origin, made)
         home.write(record)
         return
-    parents = {q: Path(record["stages"][q]["path"]) for q in PARENTS[stage] if q in record["stages"]}
+    parents = {q: Path(record["stages"][q]["path"]) for q in parents_of(p, stage) if q in record["stages"]}
     cfg = stage_config(p, stage, version, parents)
     out = home.root / version / stage
     if out.exists():  # an earlier attempt of this unfinished version made it from other inputs

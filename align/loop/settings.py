@@ -12,11 +12,12 @@ from align.evaluation.promotion import PromotionRule
 from align.runtime.config import ModelConfig, opt, reads_file
 from align.runtime.errors import ConfigError
 
-STAGE_ORDER = ("sft", "reward", "dpo", "ppo")
+STAGE_ORDER = ("sft", "reward", "dpo", "ppo", "grpo")
 STEPS = (*STAGE_ORDER, "evaluate", "merge")
-POLICIES = ("dpo", "ppo")
+POLICIES = ("dpo", "ppo", "grpo")
 # what each stage starts from (its key includes theirs, so a changed SFT retrains everything after it)
-PARENTS = {"sft": (), "reward": ("sft",), "dpo": ("sft",), "ppo": ("sft", "reward")}
+# (PPO and GRPO start from the reward model only when their rewards name it: see uses_reward_model)
+PARENTS = {"sft": (), "reward": ("sft",), "dpo": ("sft",), "ppo": ("sft", "reward"), "grpo": ("sft", "reward")}
 
 
 @dataclass
@@ -28,7 +29,7 @@ class PipelineData:
                            "PPO's prompts); several files comma-separated, e.g. old.jsonl,new.jsonl")
     preferences_eval: str | None = opt("reward_data/prefs/eval.jsonl", "held-out pairs: reward-model accuracy and "
                                        "calibration, DPO's eval loss; empty = none")
-    prompts: str | None = opt(None, "PPO's training prompts; empty = the prompts of `preferences`")
+    prompts: str | None = opt(None, "PPO's and GRPO's training prompts; empty = the prompts of `preferences`")
     eval_prompts: str = opt("reward_data/prefs/prompts.jsonl", "held-out prompts the evaluation answers; rows with "
                             "an integer 'answer' are also judged by the gold judge. The shipped held-out defaults "
                             "(sft_eval, preferences_eval, eval_prompts) are the demo's: with your own sft or "

@@ -11,6 +11,7 @@ from align.data.rows import data_hash
 from align.evaluation.evaluate import evaluate_policies
 from align.evaluation.promotion import decide
 from align.evaluation.report import write_report
+from align.loop.settings import POLICIES
 from align.loop.versions import Home, now
 from align.runtime.runs import atomic_write_json, json_hash
 from align.serving.merge import merge
@@ -51,10 +52,11 @@ def _baseline(stages: dict[str, Any], champion: dict[str, Any] | None) -> tuple[
 
 
 def candidates(record: dict[str, Any], baseline: str | None) -> list[str]:
-    """Policies trained in this version (DPO, PPO; SFT when it is the only policy stage), the baseline excepted."""
+    """Policies trained in this version (DPO, PPO, GRPO; SFT when it is the only policy stage), the baseline
+    excepted."""
     stages, version = record["stages"], record["version"]
-    new = [s for s in ("dpo", "ppo") if s in stages and stages[s]["made_in"] == version]
-    if not new and not any(s in stages for s in ("dpo", "ppo")) and stages.get("sft", {}).get("made_in") == version:
+    new = [s for s in POLICIES if s in stages and stages[s]["made_in"] == version]
+    if not new and not any(s in stages for s in POLICIES) and stages.get("sft", {}).get("made_in") == version:
         new = ["sft"]
     same = lambda s: baseline is not None and Path(stages[s]["path"]).resolve() == Path(baseline).resolve()  # noqa: E731
     return [s for s in new if not same(s)]

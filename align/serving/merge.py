@@ -35,7 +35,7 @@ from align.serving.trained import open_run
 log = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 STAMP = "align_merge.json"
-STAGES = ("sft", "dpo", "ppo", "reward")
+STAGES = ("sft", "dpo", "ppo", "grpo", "reward")
 
 
 @dataclass

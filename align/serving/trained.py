@@ -18,7 +18,7 @@ from align.runtime.runs import CHAMPION_FILE, MANIFEST, read_manifest
 
 log = logging.getLogger(__name__)
 
-POLICY_STAGES = ("sft", "dpo", "ppo")
+POLICY_STAGES = ("sft", "dpo", "ppo", "grpo")
 
 
 def pick_device(name: str = "auto") -> torch.device:

@@ -47,6 +47,7 @@ from align.runtime.runs import (
     remove_dir,
     sha256_path,
 )
+from align.serving.score import load_reward_model
 
 log = logging.getLogger(__name__)
 
@@ -304,16 +305,12 @@ def save_stage(cfg: StageConfig, paths: StagePaths, model, tokenizer, metrics: d
 
 def on_same_base(reward_dir: Path, prep: Prepared) -> bool:
     """Whether a reward run was trained on this stage's base, so that it can be an adapter role on it."""
-    from align.runtime.runs import read_manifest
-
     return ((reward_dir / "adapter_config.json").is_file()
             and read_manifest(reward_dir).get("base_model") == prep.model_ref.description)
 
 
 def load_separately(reward_dir: Path):
     """A reward model on another base (or merged): a second model in memory, which the log says."""
-    from align.serving.score import load_reward_model
-
     log.warning("the reward model %s is not a reward run on this stage's base; it is loaded separately, as a second "
                 "model in memory", reward_dir)
     return load_reward_model(reward_dir)

@@ -13,7 +13,7 @@ from align.modeling.formatting import encode_prompt
 from align.runtime.checkpoint import save_checkpoint
 from align.runtime.distributed import any_rank
 from align.runtime.errors import FormatError, RowError, TrainingStopped
-from align.stages.rewards import Term, check_row
+from align.stages.rewards import Term, check_row, combine
 
 
 def prompt_loader(cfg: Any, terms: list[Term] = ()):
@@ -43,6 +43,16 @@ def prompt_loader(cfg: Any, terms: list[Term] = ()):
         return lambda spec, split, limit: load_rows(spec, convert, split, limit)
 
     return make
+
+
+def rewards_of(prep, rows: list[int], texts: list[str], model_scores: torch.Tensor | None
+               ) -> tuple[torch.Tensor, dict[str, float]]:
+    """(B,) the weighted sum of the rewards of the answers `texts` to the prompts `rows`, and each reward's mean."""
+    examples = [prep.train.examples[i] for i in rows]
+    totals, means = combine(prep.terms, [e.prompt[-1]["content"] for e in examples], texts,
+                            [e.fields for e in examples], [f"{e.source}:{e.row}" for e in examples],
+                            None if model_scores is None else model_scores.tolist())
+    return torch.tensor(totals, dtype=torch.float32), means
 
 
 def prompt_rows(n_prompts: int, batch_size: int, step: int, seed: int) -> list[int]:

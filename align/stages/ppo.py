@@ -77,8 +77,8 @@ from align.stages.common import (
     save_stage,
     use_cuda_defaults,
 )
-from align.stages.online import checkpoint, kl_guard, optimizer_step, prompt_loader, prompt_rows
-from align.stages.rewards import combine, model_term, reward_inputs, reward_names, terms_of
+from align.stages.online import checkpoint, kl_guard, optimizer_step, prompt_loader, prompt_rows, rewards_of
+from align.stages.rewards import model_term, reward_inputs, reward_names, terms_of
 
 log = logging.getLogger(__name__)
 STAGE = "ppo"
@@ -214,16 +214,6 @@ def rollout(roles: Roles, prep: Prepared, rows: list[int]) -> tuple[Batch, Rollo
     scores, terms = rewards_of(prep, rows, texts, model_scores)
     return batch, Rollout(prompts, texts, old_logp, ref_logp, old_values, scores.to(dev), terms, gen_seconds,
                           time.monotonic() - start - gen_seconds)
-
-
-def rewards_of(prep: Prepared, rows: list[int], texts: list[str], model_scores: torch.Tensor | None
-               ) -> tuple[torch.Tensor, dict[str, float]]:
-    """(B,) the weighted sum of the rewards of the answers `texts` to the prompts `rows`, and each reward's mean."""
-    examples = [prep.train.examples[i] for i in rows]
-    totals, means = combine(prep.terms, [e.prompt[-1]["content"] for e in examples], texts,
-                            [e.fields for e in examples], [f"{e.source}:{e.row}" for e in examples],
-                            None if model_scores is None else model_scores.tolist())
-    return torch.tensor(totals, dtype=torch.float32), means
 
 
 def advantages_of(cfg: PPOConfig, batch: Batch, r: Rollout, kl_coef: float, moments: RunningMoments) -> Advantages:

@@ -27,8 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from align.data.shipped import require_gold_judge
 from align.runtime.config import RewardTerm
 from align.runtime.errors import ConfigError, RewardError, RowError
+from align.runtime.runs import sha256_path
 
 REWARD_MODEL = "reward_model"
 Fn = Callable[[str, str, dict[str, Any]], Any]
@@ -51,13 +53,7 @@ def _int_answer(row: dict[str, Any]) -> None:
 
 
 def _judge():
-    from align.data.shipped import gold_judge
-
-    judge = gold_judge()
-    if judge is None:
-        raise ConfigError("the gold and format rewards need the shipped judge (reward_data/judge.py), which this "
-                          "installation does not have; reinstall align-rlhf, or choose other rewards")
-    return judge
+    return require_gold_judge("the gold and format rewards", "choose other rewards (rewards=[...])")
 
 
 def _gold() -> Fn:
@@ -143,8 +139,6 @@ def model_term(terms: list[Term]) -> Term | None:
 def reward_inputs(terms: list[Term]) -> dict[str, str]:
     """Content hashes of what the rewards are made of (a reward model's weights, a function's file), so a stage
     whose reward changed is trained again."""
-    from align.runtime.runs import sha256_path
-
     out = {}
     for t in terms:
         if t.model is not None:
