@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -270,7 +271,9 @@ def _step(prep: Prepared, roles: Roles, state: LoopState, step: int, optimizer,
                                   f"checkpoint is kept in {prep.paths.work}") from None
         return None
     state.bad_steps = 0
-    state.scheduler.step()
+    with warnings.catch_warnings():  # a step whose groups all scored alike took no optimizer step: still a step
+        warnings.filterwarnings("ignore", message=".*lr_scheduler.step.*before.*optimizer.step", category=UserWarning)
+        state.scheduler.step()
     metrics["train_seconds"] = time.monotonic() - start
     metrics["step"] = step + 1
     state.log_history.append(metrics)
