@@ -153,8 +153,13 @@ def test_from_forces_a_step_and_everything_after_it(loop, monkeypatch):
 def test_pipeline_config_errors_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match="dpo.betta"):
         load_pipeline(None, ["dpo.betta=0.1"])
-    with pytest.raises(ConfigError, match="ppo needs the reward stage"):
+    with pytest.raises(ConfigError, match="ppo's rewards name reward_model, the reward stage's model"):
         load_pipeline(None, ["reward.enabled=false"])
+    with pytest.raises(ConfigError, match="grpo's rewards name reward_model"):
+        load_pipeline(None, ["ppo.enabled=false", "reward.enabled=false", "grpo.rewards=[reward_model]"])
+    # PPO and GRPO on the gold judge need no reward stage; GRPO runs only when the pipeline names it
+    p = load_pipeline(None, ["reward.enabled=false", "ppo.rewards=[gold]", "grpo.rewards=[gold, format]"])
+    assert p.enabled() == ["sft", "dpo", "ppo", "grpo"] and load_pipeline(None).enabled()[-1] == "ppo"
     with pytest.raises(ConfigError, match="sft.config"):
         load_pipeline(None, ["sft.config=nowhere.yaml"])
     with pytest.raises(ConfigError, match="promotion.margin"):

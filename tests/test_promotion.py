@@ -7,16 +7,18 @@ from align.loop.steps import promote
 from align.loop.versions import Home
 
 
-def report(gold=None, rm=None, kl=0.1, gold_lc=None, rm_lc=None):
+def report(gold=None, rm=None, kl=0.1, gold_lc=None, rm_lc=None, p=1e-4):
+    """A report whose wins are clear (sign test p = 1e-4) unless `p` says otherwise."""
     return {"gold_win_rate": gold, "rm_win_rate": rm, "kl_to_reference": kl, "gold_lc_win_rate": gold_lc,
-            "rm_lc_win_rate": rm_lc}
+            "rm_lc_win_rate": rm_lc, "gold_sign_test_p": p, "rm_sign_test_p": p}
 
 
 def test_a_win_rate_above_half_plus_margin_within_the_kl_budget_is_promoted():
     rule = PromotionRule(margin=0.02, max_kl=2.0)
     d = decide({"dpo": report(gold=0.55, kl=0.5)}, rule, "SFT (v1)")
     assert d["promote"] == "dpo"
-    assert "gold_win_rate 0.550 > 0.5 + margin 0.02" in d["reason"] and "0.500" in d["reason"]
+    assert "gold_win_rate 0.550 > 0.5 + margin 0.02, sign test p = 0.0001 <= 0.05" in d["reason"]
+    assert "0.500" in d["reason"]
 
 
 def test_a_win_rate_within_the_margin_is_not_promoted():
@@ -27,18 +29,31 @@ def test_a_win_rate_within_the_margin_is_not_promoted():
                            "0.5 + margin 0.02")
 
 
-def test_a_win_that_could_be_chance_is_not_promoted_when_a_sign_test_is_asked_for():
+def test_a_win_that_could_be_chance_is_not_promoted():
     # the demo's DPO: 56.2% on 32 prompts, 5 wins / 26 ties / 1 loss, p = 0.22
     noisy = {**report(gold=0.562), "gold_sign_test_p": 0.22}
-    assert decide({"dpo": noisy}, PromotionRule(), "SFT (v1)")["promote"] == "dpo"  # no test asked for
-    d = decide({"dpo": noisy}, PromotionRule(max_p=0.05), "SFT (v1)")
-    assert d["promote"] is None and "its sign test p = 0.22 is over max_p 0.05" in d["reason"]
+    assert decide({"dpo": noisy}, PromotionRule(max_p=None), "SFT (v1)")["promote"] == "dpo"  # no test asked for
+    d = decide({"dpo": noisy}, PromotionRule(), "SFT (v1)")  # the default: p <= 0.05
+    assert d["promote"] is None and "its sign test p = 0.22 is over max_p 0.05: the win could be chance" in d["reason"]
     clear = {**report(gold=0.565), "gold_sign_test_p": 1.3e-5}
     assert decide({"dpo": clear}, PromotionRule(max_p=0.05), "SFT (v1)")["promote"] == "dpo"
     # the reward model's test when it is the judge; no p at all fails the test
     rm = {**report(rm=0.6), "rm_sign_test_p": 0.01, "gold_sign_test_p": 0.9}
     assert decide({"ppo": rm}, PromotionRule(max_p=0.05), "SFT (v1)")["promote"] == "ppo"
-    assert decide({"ppo": report(gold=0.7)}, PromotionRule(max_p=0.05), "SFT (v1)")["promote"] is None
+    assert decide({"ppo": report(gold=0.7, p=None)}, PromotionRule(max_p=0.05), "SFT (v1)")["promote"] is None
+
+
+def test_several_candidates_share_the_significance_level():
+    # p = 0.03 passes alone, but with three candidates each must reach 0.05 / 3 = 0.0167 (Bonferroni)
+    alone = decide({"grpo": report(gold=0.7, p=0.03)}, PromotionRule(), "SFT")
+    assert alone["promote"] == "grpo"
+    three = decide({"dpo": report(gold=0.6, p=0.5), "ppo": report(gold=0.55, p=0.4),
+                    "grpo": report(gold=0.7, p=0.03)}, PromotionRule(), "SFT")
+    assert three["promote"] is None
+    assert "grpo: its sign test p = 0.03 is over max_p 0.05 / 3 candidates" in three["reason"]
+    three = decide({"dpo": report(gold=0.6, p=0.5), "ppo": report(gold=0.55, p=0.4),
+                    "grpo": report(gold=0.7, p=0.01)}, PromotionRule(), "SFT")
+    assert three["promote"] == "grpo" and "sign test p = 0.01 <= 0.0167" in three["reason"]
 
 
 def test_a_winner_over_the_kl_budget_is_not_promoted():

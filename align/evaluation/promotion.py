@@ -27,10 +27,12 @@ class PromotionRule:
     max_kl: float | None = opt(2.0, "KL budget: a candidate whose KL to its reference (nats per answer) is above "
                                "this is not promoted; empty = no budget", lambda v: v is None or v > 0,
                                "must be > 0 or empty")
-    max_p: float | None = opt(None, "promote only when the judge's sign test says the win is unlikely to be chance: "
-                              "p-value at most this (e.g. 0.05; needs enough prompts: with 32, even 5 wins to 1 loss "
-                              "gives p = 0.22); empty = no test", lambda v: v is None or 0 < v <= 1,
-                              "must be in (0, 1] or empty")
+    max_p: float | None = opt(0.05, "promote only when the judge's two-sided sign test says the win is unlikely to be "
+                              "chance: p-value at most this, divided by the number of candidates when several are "
+                              "judged at once (Bonferroni: three tries at 0.05 would find a chance winner one time in "
+                              "seven). Needs enough decided prompts: 5 wins to 1 loss gives p = 0.22, 12 to 2 gives "
+                              "0.013. Empty = no test (a win on noise can then be promoted)",
+                              lambda v: v is None or 0 < v <= 1, "must be in (0, 1] or empty")
 
 
 def judged_rate(report: dict[str, Any], rule: PromotionRule) -> tuple[str, float | None]:
@@ -43,9 +45,11 @@ def judged_rate(report: dict[str, Any], rule: PromotionRule) -> tuple[str, float
     return key, report.get(key)
 
 
-def check(report: dict[str, Any], rule: PromotionRule) -> dict[str, Any]:
-    """One candidate against the rule: the numbers read and, when it fails, each reason."""
+def check(report: dict[str, Any], rule: PromotionRule, candidates: int = 1) -> dict[str, Any]:
+    """One candidate of `candidates` judged together against the rule: the numbers read and, when it fails, each
+    reason."""
     key, rate = judged_rate(report, rule)
+    p = report.get(f"{key.split('_')[0]}_sign_test_p")
     kl = report.get("kl_to_reference")
     why_not = []
     if rate is None:
@@ -53,18 +57,20 @@ def check(report: dict[str, Any], rule: PromotionRule) -> dict[str, Any]:
         why_not.append(f"no {key} in its evaluation (no {missing})")
     elif rate <= 0.5 + rule.margin:
         why_not.append(f"{key} {rate:.3f} is not above 0.5 + margin {rule.margin:g}")
-    if rule.max_p is not None and rate is not None:
-        p = report.get(f"{key.split('_')[0]}_sign_test_p")
-        if p is None or p > rule.max_p:
-            why_not.append(f"its sign test p = {'unknown' if p is None else f'{p:.2g}'} is over max_p {rule.max_p:g}")
+    alpha = None if rule.max_p is None else rule.max_p / candidates
+    if alpha is not None and rate is not None and (p is None or p > alpha):
+        shared = f" / {candidates} candidates" if candidates > 1 else ""
+        why_not.append(f"its sign test p = {'unknown' if p is None else f'{p:.2g}'} is over max_p {rule.max_p:g}"
+                       f"{shared}: the win could be chance")
     if rule.max_kl is not None and kl is not None and kl > rule.max_kl:
         why_not.append(f"KL to its reference {kl:.3f} is over the budget {rule.max_kl:g}")
-    return {"metric": key, "value": rate, "kl_to_reference": kl, "passed": not why_not, "why_not": why_not}
+    return {"metric": key, "value": rate, "p": p, "alpha": alpha, "kl_to_reference": kl, "passed": not why_not,
+            "why_not": why_not}
 
 
 def decide(reports: dict[str, dict[str, Any]], rule: PromotionRule, baseline: str) -> dict[str, Any]:
     """{promote: candidate name or None, reason: a sentence, checks: per candidate} for reports against `baseline`."""
-    checks = {name: check(report, rule) for name, report in reports.items()}
+    checks = {name: check(report, rule, len(reports)) for name, report in reports.items()}
     passed = [name for name, c in checks.items() if c["passed"]]
     if not passed:
         if not checks:
@@ -75,6 +81,7 @@ def decide(reports: dict[str, dict[str, Any]], rule: PromotionRule, baseline: st
     c = checks[best]
     kl = "not measured" if c["kl_to_reference"] is None else f"{c['kl_to_reference']:.3f}"
     budget = "no budget" if rule.max_kl is None else f"budget {rule.max_kl:g}"
+    test = "" if c["alpha"] is None else f", sign test p = {c['p']:.2g} <= {c['alpha']:.3g}"
     return {"promote": best, "checks": checks,
-            "reason": f"{best} beats {baseline}: {c['metric']} {c['value']:.3f} > 0.5 + margin {rule.margin:g}; "
+            "reason": f"{best} beats {baseline}: {c['metric']} {c['value']:.3f} > 0.5 + margin {rule.margin:g}{test}; "
                       f"KL to its reference {kl} ({budget})"}

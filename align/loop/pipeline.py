@@ -51,6 +51,7 @@ from align.runtime.runs import json_hash
 from align.stages import dpo, grpo, ppo, reward, sft
 
 log = logging.getLogger(__name__)
+OPT_IN = ("grpo",)  # stages a pipeline runs only when its file (or an override) names them
 
 
 @dataclass
@@ -79,8 +80,10 @@ class Pipeline:
 def load_pipeline(path: str | Path | None, overrides: list[str] = ()) -> Pipeline:
     """The pipeline YAML + dotted overrides (`dpo.beta=0.25` reaches into a stage), checked before anything runs."""
     raw = _read_yaml(Path(path)) if path else {}
-    stage_raw = {}
+    stage_raw, named = {}, set()
     for stage in STAGE_ORDER:
+        if raw.get(stage) is not None:
+            named.add(stage)
         section = raw.pop(stage, None) or {}
         if not isinstance(section, dict):
             raise ConfigError(f"'{stage}' must be a mapping of keys (enabled, config, or {stage} stage keys)")
@@ -88,6 +91,7 @@ def load_pipeline(path: str | Path | None, overrides: list[str] = ()) -> Pipelin
     for item in overrides:
         head, _, rest = item.partition(".")
         if head in STAGE_ORDER and rest:
+            named.add(head)
             key, _, text = rest.partition("=")
             if key.strip() in ("enabled", "config"):
                 stage_raw[head][key.strip()] = yaml.safe_load(text) if text.strip() else None
@@ -102,7 +106,8 @@ def load_pipeline(path: str | Path | None, overrides: list[str] = ()) -> Pipelin
     settings = build(PipelineSettings, raw)
     plans = {}
     for stage, section in stage_raw.items():
-        enabled = section.pop("enabled", True)
+        # GRPO needs rewards a user chooses (the gold judge reads the demo's answers): on when the file names it
+        enabled = section.pop("enabled", stage not in OPT_IN or stage in named)
         config = section.pop("config", None)
         if not isinstance(enabled, bool):
             raise ConfigError(f"config key '{stage}.enabled' = {enabled!r}: expected true/false")
