@@ -125,3 +125,34 @@ def test_nf4_gradients_survive_an_evaluation_on_cpu(tiny_model_dir):
     assert first_layer and plain.keys() == after_eval.keys()
     for n in plain:
         torch.testing.assert_close(after_eval[n], plain[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_a_role_returns_to_the_adapter_that_was_running(tiny_model_dir):
+    """Nested roles (an evaluation runs the baseline inside a judged policy's role) come back to the adapter that
+    ran before, not to the one PeftModel last set itself: the second and third policies of one evaluation were
+    once measured with the first one's adapter."""
+    base = models.load_base(str(tiny_model_dir), ModelConfig())
+    model = models.attach_lora(base, LoraConfig(r=4, dropout=0.0), quantized=False, gradient_checkpointing=False)
+    model.add_adapter("other", models.peft_lora_config(LoraConfig(r=4, dropout=0.0)))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:  # a fresh LoRA is the identity: make each adapter change the output, differently
+                p.normal_(0, 0.5)
+    ids = torch.tensor([[1, 5, 9, 13]])
+    model.eval()
+
+    def out():
+        with torch.no_grad():
+            return model(input_ids=ids).logits
+
+    default = out()
+    with models.adapter_role(model, "other", trainable=()):
+        other = out()
+        with models.adapter_role(model, None, trainable=()):
+            plain = out()
+        with models.adapter_role(model, "default", trainable=()):
+            assert torch.equal(out(), default)
+        assert torch.equal(out(), other)  # back to "other", where the inner roles began
+        assert models.active_adapter(model) == "other"
+    assert torch.equal(out(), default) and not torch.allclose(other, default) and not torch.allclose(plain, other)

@@ -105,6 +105,10 @@ def launched(tmp_path_factory, tiny_model_dir, reward_data_files, sft_run, tiny_
         f"model.name_or_path={tiny_model_dir}", f"data.train={prompts}", f"init_from_sft={sft_run}",
         f"reward_model={tiny_reward_run}", "training.max_steps=2", "rollout.batch_size=2", "rollout.max_new_tokens=4",
         "training.batch_size=2", "training.save_steps=1", "eval_prompts=", "training.logging_steps=1"]})
+    jobs.append({"name": "grpo-recipe", "script": str(ROOT / "recipes" / "grpo.py"), "argv": [
+        f"model.name_or_path={tiny_model_dir}", f"data.train={prompts}", f"init_from_sft={sft_run}",
+        "rewards=[format]", "training.max_steps=2", "rollout.batch_size=2", "rollout.max_new_tokens=4",
+        "grpo.num_generations=2", "training.batch_size=2", "training.save_steps=1", "eval_prompts="]})
     jobs.append({"name": "sft-whole", "argv": killable_sft_args(tmp, "whole", tiny_model_dir, sft_train)})
     (tmp / "jobs.json").write_text(json.dumps(jobs))
     proc = subprocess.run(launcher(2, [str(ROOT / "tests" / "run_commands.py"), str(tmp / "jobs.json")]), cwd=tmp,
@@ -136,10 +140,11 @@ def check_pair(launched, stage: str, atol: float = 2e-5) -> tuple[dict, dict]:
 
 
 def test_one_launch_ran_every_job_and_only_the_main_process_summarised(launched):
-    assert list(launched["jobs"]) == ["sft", "dpo", "reward", "ppo-recipe", "sft-whole"]
+    assert list(launched["jobs"]) == ["sft", "dpo", "reward", "ppo-recipe", "grpo-recipe", "sft-whole"]
     # each finished stage printed its summary once in all: the other process printed none anywhere
     assert launched["stdout"].count("sft finished") == 2 and launched["stdout"].count("dpo finished") == 1
     assert launched["stdout"].count("reward finished") == 1 and launched["stdout"].count("ppo finished") == 1
+    assert launched["stdout"].count("grpo finished") == 1
 
 
 def test_sft_two_processes_match_one(launched):
@@ -181,6 +186,19 @@ def test_ppo_recipe_under_accelerate_launch(launched):
     assert all(torch.isfinite(torch.tensor(h["reward_mean"])) for h in metrics["log_history"])
     assert set(load_file(out / "adapter_model.safetensors")) and (out / "value" / "value_head.safetensors").is_file()
     assert not (tmp_path / "runs" / "demo" / "ppo.work").exists()
+
+
+def test_grpo_recipe_under_accelerate_launch(launched):
+    """GRPO's loop in two processes: each answers its share of the prompts (whole groups), gradients averaged by
+    hand, both end with the same weights."""
+    tmp_path = launched["tmp"]
+    assert launched["jobs"]["grpo-recipe"].count("grpo finished") == 1
+    out = tmp_path / "runs" / "demo" / "grpo"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["processes"] == 2 and metrics["rank_weight_spread"] <= 1e-7
+    assert [h["step"] for h in metrics["log_history"]] == [1, 2]
+    assert all(h["trained_answers"] == 4 for h in metrics["log_history"])  # uniform groups kept: same step counts
+    assert not (tmp_path / "runs" / "demo" / "grpo.work").exists()
 
 
 def test_two_process_run_killed_midway_resumes_to_the_same_adapter(launched, tiny_model_dir):

@@ -360,7 +360,7 @@ def adapter_role(model, name: str | None, trainable: tuple[str, ...] = ("default
         finally:
             _only_trainable(model, trainable)
         return
-    active = model.active_adapter
+    active = active_adapter(model)
     model.base_model.set_adapter(name)
     _only_trainable(model, trainable)  # inside the role too: the same flags each time spare compiled layers a graph
     try:
@@ -389,7 +389,7 @@ def load_adapter_weights(model, adapter_dir: Path, adapter: str | None = None) -
     path = adapter_dir / "adapter_model.safetensors"
     if not path.is_file():
         raise ModelError(f"{adapter_dir}: no adapter_model.safetensors (align only loads safetensors weights)")
-    adapter = adapter or model.active_adapter
+    adapter = adapter or active_adapter(model)
     # saved keys name no adapter ("…q_proj.lora_A.weight"); live parameters do ("…q_proj.lora_A.default.weight")
     state = {re.sub(r"\.(lora_[AB])\.weight$", rf".\1.{adapter}.weight", k): v
              for k, v in load_file(path).items() if re.search(r"\.lora_[AB]\.weight$", k)}
@@ -405,6 +405,14 @@ def load_adapter_weights(model, adapter_dir: Path, adapter: str | None = None) -
     return len(state)
 
 
+def active_adapter(model) -> str:
+    """The adapter the LoRA layers run now. PeftModel.active_adapter is only what the PeftModel itself last set:
+    after model.base_model.set_adapter (how roles switch, so that trainable flags stay ours) it still names the old
+    one, and a role restored from it would come back as the wrong adapter."""
+    active = model.base_model.active_adapter
+    return active if isinstance(active, str) else active[0]
+
+
 REFERENCE = "reference"  # the adapter name of the frozen reference policy (the SFT adapter) on the one base
 
 
@@ -418,7 +426,7 @@ def add_adapter_from(model, name: str, adapter_dir: Path, lora: LoraConfig | Non
     shape = lora_like(lora if lora is not None else LoraConfig(), adapter_dir)
     if not trainable:
         shape = dataclasses.replace(shape, dropout=0.0)
-    active = model.active_adapter
+    active = active_adapter(model)
     model.add_adapter(name, peft_lora_config(shape))
     load_adapter_weights(model, adapter_dir, adapter=name)
     model.base_model.set_adapter(active)
