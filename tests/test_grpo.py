@@ -211,3 +211,29 @@ def test_ppo_takes_reward_functions_without_a_reward_model(tmp_path, peaky, prom
     out = ppo.run(cfg)
     history = json.loads((out / "metrics.json").read_text())["log_history"]
     assert len(history) == 2 and {"reward_gold", "reward_format"} <= set(history[0])
+
+
+def test_one_step_per_generation_batch_needs_no_sampling_time_pass(tmp_path, peaky, prompts, monkeypatch):  # noqa: F811
+    """With one optimizer step per generation batch the policy computing the loss is the sampler: the separate
+    log-prob pass is skipped, and training is the same as with it."""
+    args = ("training.batch_size=16", "training.max_steps=2", "rewards=[gold, format]",
+            "grpo.skip_uniform_groups=false")
+    seen = []
+    real = grpo.sample_groups
+
+    def spy(*a, **k):
+        batch, groups = real(*a, **k)
+        seen.append(groups.old_logp is None)
+        return batch, groups
+
+    monkeypatch.setattr(grpo, "sample_groups", spy)
+    fast = grpo.run(make_cfg(tmp_path / "fast", peaky, prompts, *args))
+    monkeypatch.setattr(grpo, "on_policy", lambda cfg, answers: False)
+    slow = grpo.run(make_cfg(tmp_path / "slow", peaky, prompts, *args))
+    assert seen == [True, True, False, False]
+    a = json.loads((fast / "metrics.json").read_text())["log_history"]
+    b = json.loads((slow / "metrics.json").read_text())["log_history"]
+    for key in ("reward_mean", "loss", "kl"):
+        assert [h[key] for h in a] == pytest.approx([h[key] for h in b], abs=1e-5), key
+    wa, wb = load_file(fast / "adapter_model.safetensors"), load_file(slow / "adapter_model.safetensors")
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)

@@ -203,7 +203,8 @@ def _eval_parser(sub) -> None:
     p = sub.add_parser("eval", help="evaluate a policy run against a baseline policy (win-rates, KL, perplexity, "
                        "BLEU/ROUGE)", description="Evaluate a policy run against a baseline policy run.")
     p.add_argument("--policy", required=True, metavar="DIR",
-                   help="a policy stage output (runs/<run>/sft, dpo, ppo), or a pipeline directory (its champion)")
+                   help="a policy stage output (runs/<run>/sft, dpo, ppo, grpo), or a pipeline directory (its "
+                   "champion)")
     p.add_argument("--baseline", metavar="DIR", help="the policy to beat: a stage output or a pipeline directory "
                    "(its champion); default: the policy's SFT parent, else the base model")
     p.add_argument("--reward-model", metavar="DIR", help="also judge the win-rate with this reward run")

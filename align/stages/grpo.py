@@ -37,50 +37,30 @@ from align.rl.losses import grpo_policy_loss
 from align.rl.masked import masked_mean
 from align.runtime.checkpoint import load_checkpoint
 from align.runtime.config import GRPOConfig
-from align.runtime.distributed import any_rank, is_main, mean_over_ranks, sharded_by, weights_spread, world_size
-from align.runtime.errors import ConfigError, TrainingStopped
+from align.runtime.distributed import any_rank, is_main, mean_over_ranks, weights_spread, world_size
+from align.runtime.errors import TrainingStopped
 from align.runtime.guards import oom_as_message
 from align.runtime.rundir import nothing_to_train, prepare_output
 from align.runtime.runs import make_manifest
-from align.serving.trained import open_run
+from align.stages import online
 from align.stages.common import (
     Prepared,
     build_lora_model,
     load_separately,
     on_same_base,
-    prepare,
     save_stage,
     use_cuda_defaults,
 )
-from align.stages.online import checkpoint, kl_guard, optimizer_step, prompt_loader, prompt_rows, rewards_of
-from align.stages.rewards import model_term, reward_inputs, reward_names, terms_of
+from align.stages.online import checkpoint, kl_guard, optimizer_step, prompt_rows, rewards_of
+from align.stages.rewards import model_term, reward_names
 
 log = logging.getLogger(__name__)
 STAGE = "grpo"
 
 
 def setup(cfg: GRPOConfig) -> Prepared:
-    """Everything that can fail on user input, before a model is loaded."""
-    if sharded_by():
-        raise ConfigError(f"GRPO switches adapters inside one model, which {sharded_by()} would shard and wrap; "
-                          "launch it with recipes/accelerate/ddp.yaml (data parallel) instead")
-    if cfg.training.compile:
-        raise ConfigError("training.compile=true is for SFT, reward and DPO; GRPO's sampling generates token by token "
-                          "through the same layers, which compiled layers would recompile as the cache grows. Set "
-                          "training.compile=false for GRPO")
-    if not Sampling(cfg.rollout.temperature, cfg.rollout.top_p).exact:
-        raise ConfigError(f"rollout.top_p={cfg.rollout.top_p}: GRPO's ratios and KL are log-probs under "
-                          "softmax(logits / rollout.temperature); answers drawn from a top-p nucleus come from another "
-                          "distribution, so every ratio would be off-policy. Set rollout.top_p=1.0 and shape "
-                          "exploration with rollout.temperature instead")
-    terms = terms_of(cfg.rewards, cfg.reward_model)
-    rm = model_term(terms)
-    if rm is not None and (rm.model / "adapter_config.json").is_file():
-        open_run(rm.model, ("reward",), "reward_model=")
-    prep = prepare(STAGE, cfg, prompt_loader(cfg, terms), cfg.init_from_sft)
-    prep.inputs.update(reward_inputs(terms))
-    prep.terms = terms
-    return prep
+    """Everything that can fail on user input, before a model is loaded (align/stages/online.py)."""
+    return online.setup(cfg)
 
 
 def build_roles(prep: Prepared) -> Roles:
@@ -122,7 +102,8 @@ class Groups:
 
     rows: list[int]            # B·G prompt rows, each repeated G times
     texts: list[str]           # B·G decoded answers
-    old_logp: torch.Tensor     # (B·G, T) under the policy that sampled them: the ratio's denominator
+    old_logp: torch.Tensor | None  # (B·G, T) under the policy that sampled them: the ratio's denominator; None
+                                   # when one optimizer step takes them all (the policy is still the sampler then)
     ref_logp: torch.Tensor | None  # (B·G, T) under the reference; None when β = 0
     rewards: torch.Tensor      # (B·G,) the rewards' weighted sum, minus the missing-EOS penalty
     terms: dict[str, float]    # each reward's mean
@@ -153,7 +134,7 @@ def sample_groups(roles: Roles, prep: Prepared, rows: list[int]) -> tuple[Batch,
 
     prompts = [prep.train.examples[i].prompt for i in rows]
     with torch.no_grad():
-        old_logp = each(lambda b, _: roles.policy_logps(b, temperature))
+        old_logp = None if on_policy(cfg, len(rows)) else each(lambda b, _: roles.policy_logps(b, temperature))
         ref_logp = None
         if cfg.grpo.beta > 0:
             with roles.role(REFERENCE):  # read at the sampling temperature: the KL compares like with like
@@ -167,21 +148,30 @@ def sample_groups(roles: Roles, prep: Prepared, rows: list[int]) -> tuple[Batch,
                          time.monotonic() - start - gen_seconds)
 
 
+def on_policy(cfg: GRPOConfig, answers: int) -> bool:
+    """Whether one optimizer step takes every answer of a generation batch: then the policy that computes the loss
+    is the one that sampled, its ratios are exactly 1 in value, and the sampling-time log-probs need no pass of
+    their own (the loss's own log-probs, detached, are they)."""
+    return cfg.grpo.epochs == 1 and answers <= cfg.training.batch_size * cfg.training.grad_accum
+
+
 def update(roles: Roles, cfg: GRPOConfig, batch: Batch, grp: Groups, advantages: torch.Tensor, keep: torch.Tensor,
-           optimizer, params: dict[str, list[torch.nn.Parameter]], accelerator) -> dict[str, float]:
-    """`grpo.epochs` passes of the clipped objective over shuffled mini-batches of the answers in `keep`."""
+           optimizer, params: dict[str, list[torch.nn.Parameter]], accelerator, kl: list[float]) -> dict[str, float]:
+    """`grpo.epochs` passes of the clipped objective over shuffled mini-batches of the answers in `keep`; each
+    answer's KL to the reference (when there is one) goes into `kl`, from its first pass."""
     t, p = cfg.training, cfg.grpo
     roles.model.train()
     sums: dict[str, list[float]] = {}
     accum = 0
     bad: list[str] = []
-    for _ in range(p.epochs):
+    for epoch in range(p.epochs):
         order = keep[torch.randperm(len(keep))]
         for start in range(0, len(order), t.batch_size):
             rows = order[start:start + t.batch_size].to(batch.ids.device)
             mb = batch.select(rows)
             logp, ent = roles.policy_logps(mb, cfg.rollout.temperature, with_entropy=True)
-            loss, m = grpo_policy_loss(logp, grp.old_logp[rows], advantages[rows], mb.resp_mask, p.clip_low,
+            old = logp.detach() if grp.old_logp is None else grp.old_logp[rows]
+            loss, m = grpo_policy_loss(logp, old, advantages[rows], mb.resp_mask, p.clip_low,
                                        p.clip_high, None if grp.ref_logp is None else grp.ref_logp[rows], p.beta,
                                        p.loss_norm, cfg.rollout.max_new_tokens)
             if torch.isfinite(loss):
@@ -191,6 +181,9 @@ def update(roles: Roles, cfg: GRPOConfig, batch: Batch, grp: Groups, advantages:
             accum += 1
             if accum % t.grad_accum == 0:
                 optimizer_step(optimizer, params, t.max_grad_norm, accelerator, sums, bad, "GRPO")
+            if epoch == 0 and grp.ref_logp is not None and grp.old_logp is None:
+                d = grp.ref_logp[rows] - old
+                kl += ((torch.exp(d) - d - 1) * mb.resp_mask).sum(1).tolist()
             for key, value in {"loss": loss, **m, "entropy": masked_mean(ent, mb.resp_mask)}.items():
                 sums.setdefault(key, []).append(float(value.detach()))
     if accum % t.grad_accum:
@@ -216,9 +209,6 @@ def _step_metrics(batch: Batch, grp: Groups, uniform: torch.Tensor, g: int) -> d
            "group_std": groups.std(1).mean().item(), "uniform_share": uniform.float().mean().item(),
            "response_tokens": m.sum(1).mean().item(), "no_eos_share": (~batch.ended).float().mean().item(),
            "generation_seconds": grp.gen_seconds, "scoring_seconds": grp.score_seconds}
-    if grp.ref_logp is not None:  # k3 at the sampling-time policy, summed over each answer's tokens
-        d = grp.ref_logp - grp.old_logp
-        out["kl"] = ((torch.exp(d) - d - 1) * m).sum(1).mean().item()
     return out
 
 
@@ -255,11 +245,17 @@ def _step(prep: Prepared, roles: Roles, state: LoopState, step: int, optimizer,
         _check_rewards(grp, step + 1)
         advantages, uniform = group_advantages(grp.rewards, p.num_generations, p.advantage, p.scale_rewards)
         metrics = _step_metrics(batch, grp, uniform, p.num_generations)
+        kl: list[float] = []
         keep = torch.arange(len(grp.rows))
         if p.skip_uniform_groups and world == 1:  # (processes must take the same number of optimizer steps)
             keep = keep[~uniform.repeat_interleave(p.num_generations)]
         if len(keep):
-            metrics.update(update(roles, cfg, batch, grp, advantages, keep, optimizer, params, accelerator))
+            metrics.update(update(roles, cfg, batch, grp, advantages, keep, optimizer, params, accelerator, kl))
+        if grp.ref_logp is not None and grp.old_logp is not None:
+            d = grp.ref_logp - grp.old_logp
+            kl = ((torch.exp(d) - d - 1) * batch.resp_mask).sum(1).tolist()
+        if kl:  # k3 to the reference at the sampling-time policy, summed per answer (on-policy: the trained ones)
+            metrics["kl"] = sum(kl) / len(kl)
         metrics["trained_answers"] = len(keep)
         metrics = mean_over_ranks(metrics)
     except FloatingPointError as e:

@@ -10,10 +10,39 @@ import torch
 
 from align.data.rows import Example, _as_messages, char_bound, chars, load_rows
 from align.modeling.formatting import encode_prompt
+from align.modeling.generate import Sampling
 from align.runtime.checkpoint import save_checkpoint
-from align.runtime.distributed import any_rank
-from align.runtime.errors import FormatError, RowError, TrainingStopped
-from align.stages.rewards import Term, check_row, combine
+from align.runtime.distributed import any_rank, sharded_by
+from align.runtime.errors import ConfigError, FormatError, RowError, TrainingStopped
+from align.serving.trained import open_run
+from align.stages.common import Prepared, prepare
+from align.stages.rewards import Term, check_row, combine, model_term, reward_inputs, terms_of
+
+
+def setup(cfg: Any) -> Prepared:
+    """An RL stage's checks of everything that can fail on user input, before a model is loaded: how it is
+    launched, its sampling, its rewards (functions imported, reward model found) and its prompts."""
+    name = cfg.stage.upper()
+    if sharded_by():
+        raise ConfigError(f"{name} switches adapters (its roles) inside one model, which {sharded_by()} would shard "
+                          "and wrap; launch it with recipes/accelerate/ddp.yaml (data parallel) instead")
+    if cfg.training.compile:
+        raise ConfigError(f"training.compile=true is for SFT, reward and DPO; {name}'s rollouts generate token by "
+                          "token through the same layers, which compiled layers would recompile as the cache grows. "
+                          f"Set training.compile=false for {name}")
+    if not Sampling(cfg.rollout.temperature, cfg.rollout.top_p).exact:
+        raise ConfigError(f"rollout.top_p={cfg.rollout.top_p}: {name}'s ratios and KL are log-probs under "
+                          "softmax(logits / rollout.temperature); answers drawn from a top-p nucleus come from another "
+                          "distribution, so every ratio would be off-policy. Set rollout.top_p=1.0 and shape "
+                          "exploration with rollout.temperature instead")
+    terms = terms_of(cfg.rewards, cfg.reward_model)
+    rm = model_term(terms)
+    if rm is not None and (rm.model / "adapter_config.json").is_file():
+        open_run(rm.model, ("reward",), "reward_model=")
+    prep = prepare(cfg.stage, cfg, prompt_loader(cfg, terms), cfg.init_from_sft)
+    prep.inputs.update(reward_inputs(terms))
+    prep.terms = terms
+    return prep
 
 
 def prompt_loader(cfg: Any, terms: list[Term] = ()):

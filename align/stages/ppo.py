@@ -59,26 +59,24 @@ from align.runtime.distributed import (
     gather,
     is_main,
     mean_over_ranks,
-    sharded_by,
     weights_spread,
     world_size,
 )
-from align.runtime.errors import ConfigError, TrainingStopped
+from align.runtime.errors import TrainingStopped
 from align.runtime.guards import oom_as_message
 from align.runtime.rundir import nothing_to_train, prepare_output
 from align.runtime.runs import make_manifest
-from align.serving.trained import open_run
+from align.stages import online
 from align.stages.common import (
     Prepared,
     build_lora_model,
     load_separately,
     on_same_base,
-    prepare,
     save_stage,
     use_cuda_defaults,
 )
-from align.stages.online import checkpoint, kl_guard, optimizer_step, prompt_loader, prompt_rows, rewards_of
-from align.stages.rewards import model_term, reward_inputs, reward_names, terms_of
+from align.stages.online import checkpoint, kl_guard, optimizer_step, prompt_rows, rewards_of
+from align.stages.rewards import model_term, reward_names
 
 log = logging.getLogger(__name__)
 STAGE = "ppo"
@@ -88,27 +86,8 @@ STAGE = "ppo"
 
 
 def setup(cfg: PPOConfig) -> Prepared:
-    """Everything that can fail on user input, before a model is loaded."""
-    if sharded_by():
-        raise ConfigError(f"PPO switches its four roles' adapters inside one model, which {sharded_by()} would shard "
-                          "and wrap; launch it with recipes/accelerate/ddp.yaml (data parallel) instead")
-    if cfg.training.compile:
-        raise ConfigError("training.compile=true is for SFT, reward and DPO; PPO's rollouts generate token by token "
-                          "through the same layers, which compiled layers would recompile as the cache grows. "
-                          "Set training.compile=false for PPO")
-    if not Sampling(cfg.rollout.temperature, cfg.rollout.top_p).exact:
-        raise ConfigError(f"rollout.top_p={cfg.rollout.top_p}: PPO's ratios and KL penalty are log-probs under "
-                          "softmax(logits / rollout.temperature); answers drawn from a top-p nucleus come from another "
-                          "distribution, so every ratio would be off-policy. Set rollout.top_p=1.0 and shape "
-                          "exploration with rollout.temperature instead")
-    terms = terms_of(cfg.rewards, cfg.reward_model)
-    rm = model_term(terms)
-    if rm is not None and (rm.model / "adapter_config.json").is_file():
-        open_run(rm.model, ("reward",), "reward_model=")
-    prep = prepare(STAGE, cfg, prompt_loader(cfg, terms), cfg.init_from_sft)
-    prep.inputs.update(reward_inputs(terms))
-    prep.terms = terms
-    return prep
+    """Everything that can fail on user input, before a model is loaded (align/stages/online.py)."""
+    return online.setup(cfg)
 
 
 def build_roles(prep: Prepared) -> Roles:
