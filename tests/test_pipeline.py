@@ -25,7 +25,9 @@ def tiny_overrides(tmp: Path, tiny: Path, prefs: Path, prefs_eval: Path, sft: Pa
             "sft.samples=0", "reward.training.max_steps=2", "reward.training.batch_size=2",
             "dpo.training.max_steps=2", "dpo.training.batch_size=2", "dpo.data.eval=",
             "ppo.training.max_steps=1", "ppo.rollout.batch_size=2", "ppo.rollout.max_new_tokens=4",
-            "ppo.training.batch_size=2", "merge.dtype=fp32"]
+            "ppo.training.batch_size=2", "grpo.enabled=true", "grpo.rewards=[format]", "grpo.training.max_steps=1",
+            "grpo.rollout.batch_size=2", "grpo.grpo.num_generations=2", "grpo.rollout.max_new_tokens=4",
+            "grpo.training.batch_size=4", "merge.dtype=fp32"]
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +46,7 @@ def loop(tmp_path_factory, tiny_model_dir):
 def test_first_version_trains_every_stage_evaluates_promotes_merges_and_reports(loop):
     record, home = loop["record"], loop["home"]
     assert record["version"] == "v1" and record["status"] == "done"
-    assert set(record["stages"]) == {"sft", "reward", "dpo", "ppo"}
+    assert set(record["stages"]) == {"sft", "reward", "dpo", "ppo", "grpo"}
     for stage, entry in record["stages"].items():
         assert entry["made_in"] == "v1" and Path(entry["path"]) == home.root / "v1" / stage
         assert (Path(entry["path"]) / "adapter_model.safetensors").is_file()
@@ -52,15 +54,19 @@ def test_first_version_trains_every_stage_evaluates_promotes_merges_and_reports(
     sft, rm = str(home.root / "v1" / "sft"), str(home.root / "v1" / "reward")
     assert record["stages"]["dpo"]["parents"] == {"sft": sft}
     assert record["stages"]["ppo"]["parents"] == {"sft": sft, "reward": rm}
+    assert record["stages"]["grpo"]["parents"] == {"sft": sft}  # its rewards name no reward model
     ev = record["evaluation"]
-    assert ev["baseline"] == sft and set(ev["policies"]) == {"dpo", "ppo"}
-    for name in ("dpo", "ppo"):
+    assert ev["baseline"] == sft and set(ev["policies"]) == {"dpo", "ppo", "grpo"}
+    for name in ("dpo", "ppo", "grpo"):
         full = json.loads(Path(ev["files"][name]).read_text())
         assert full["n_prompts"] == 3 and 0 <= full["gold_win_rate"] <= 1 and 0 <= full["rm_win_rate"] <= 1
         assert ev["policies"][name]["kl_to_reference"] == full["kl_estimate"]  # baseline is the reference here
     # a champion exists after the first round (a winner, or SFT), and a merged copy of it
     champion = record["decision"]["champion"]
-    assert champion["version"] == "v1" and champion["stage"] in {"sft", "dpo", "ppo"}
+    assert champion["version"] == "v1" and champion["stage"] in {"sft", "dpo", "ppo", "grpo"}
+    # three candidates share the test's 0.05: each is held to 0.05 / 3
+    checks = record["decision"]["checks"]
+    assert set(checks) == {"dpo", "ppo", "grpo"} and all(c["alpha"] == pytest.approx(0.05 / 3) for c in checks.values())
     assert record["merged"]["path"] == str(home.root / "v1" / "merged")
     assert (home.root / "v1" / "merged" / "model.safetensors").is_file()
 
@@ -119,10 +125,10 @@ def test_new_preference_data_retrains_all_but_sft_then_a_failed_stage_resumes(lo
     monkeypatch.setattr(pipeline, "_stage_runner", lambda stage: (calls.append(stage), real(stage))[1])
     record = run(load_pipeline(None, overrides))
     assert record["version"] == version and record["status"] == "done"  # the same version, continued
-    assert calls == ["dpo", "ppo"]  # the reward model finished before the failure: not trained again
+    assert calls == ["dpo", "ppo", "grpo"]  # the reward model finished before the failure: not trained again
     assert record["stages"]["sft"]["made_in"] == "v1"
     assert {s: e["made_in"] for s, e in record["stages"].items() if s != "sft"} == dict.fromkeys(
-        ["reward", "dpo", "ppo"], version)
+        ["reward", "dpo", "ppo", "grpo"], version)
     assert record["stages"]["reward"]["path"] == str(home.root / version / "reward")
     # judged against the champion, with a decision written down either way
     assert record["evaluation"]["baseline"] == home.read("v1")["decision"]["champion"]["path"]
