@@ -131,3 +131,19 @@ def test_perplexity_by_hand(tmp_path, tokenizer):
     # answer token is the favourite (token 0 never appears in an answer)
     assert perplexity(FixedLogits(vocab, favourite=0), tokenizer, str(rows), 128, limit=2) == pytest.approx(
         vocab + 1, rel=1e-4)
+
+
+def test_the_gold_part_counts_right_final_answers_apart_from_format():
+    from align.evaluation.judges import gold_part
+
+    prompts = [([{"role": "user", "content": f"What is {a} + 2?"}], a + 2) for a in (1, 2, 3, 4)]
+    # policy: right and well-formed, right but unformatted ("The answer is 4" with no period still parses), wrong,
+    # right; baseline: right on prompt 2 only
+    policy = [("1 + 2 = 3. The answer is 3.", []), ("The answer is 4", []), ("The answer is 9.", []),
+              ("4 + 2 = 6. The answer is 6.", [])]
+    baseline = [("The answer is 7.", []), ("The answer is 4.", []), ("The answer is 1.", []), ("Six.", [])]
+    part = gold_part(prompts, policy, baseline)
+    assert part["gold_right_policy"] == 0.75 and part["gold_right_reference"] == 0.25
+    # the scores decide the wins: prompt 2's right but unformatted answer loses to a right, formatted one (2 < 2.5);
+    # prompt 3 is wrong against wrong, both formatted: a tie
+    assert (part["gold_wins"], part["gold_ties"], part["gold_losses"]) == (2, 1, 1)

@@ -28,7 +28,14 @@ def gold_part(prompts: list[tuple[Messages, int | None]], policy: Answers, basel
     verdicts = [judge.judge_pair(q, pt, bt, a) for q, a, pt, bt in rows]
     return {**judged("gold", verdicts, [pt for *_, pt, _ in rows], [bt for *_, bt in rows]),
             "gold_score_policy": sum(judge.gold_score(q, pt, a) for q, a, pt, _ in rows) / len(rows),
-            "gold_score_reference": sum(judge.gold_score(q, bt, a) for q, a, _, bt in rows) / len(rows)}
+            "gold_score_reference": sum(judge.gold_score(q, bt, a) for q, a, _, bt in rows) / len(rows),
+            "gold_right_policy": _right_share(judge, [(q, pt, a) for q, a, pt, _ in rows]),
+            "gold_right_reference": _right_share(judge, [(q, bt, a) for q, a, _, bt in rows])}
+
+
+def _right_share(judge, rows: list[tuple[str, str, int]]) -> float:
+    """The share of answers whose final result is right (the judge's correctness part), format and length aside."""
+    return sum(judge.gold_breakdown(q, text, a)["correctness"] > 0 for q, text, a in rows) / len(rows)
 
 
 def reward_model_part(path: str, messages: list[Messages], policy: Answers, baseline: Answers, shared: dict

@@ -23,6 +23,7 @@ ROWS = [  # (label, key in the headline metrics, format)
 ]
 PAIRED = [  # (label, policy key, baseline key, format): one value for the policy, one for the baseline
     ("gold score", "gold_score_policy", "gold_score_reference", "{:.3f}"),
+    ("right final answers (gold judge)", "gold_right_policy", "gold_right_reference", "{:.1%}"),
     ("reward-model score", "rm_score_policy", "rm_score_reference", "{:.3f}"),
     ("answer length (words)", "policy_words_mean", "reference_words_mean", "{:.1f}"),
     ("perplexity on held-out SFT rows", "perplexity_policy", "perplexity_baseline", "{:.3f}"),
