@@ -81,6 +81,15 @@ def _num(v: Any) -> str:
     return "—" if v is None else f"{v:.3f}"
 
 
+def _counts(m: dict[str, Any], judge: str) -> str:
+    """' (12/17/3, p = 0.035)': wins / ties / losses and the sign test, so a win-rate is read with its certainty."""
+    if m.get(f"{judge}_wins") is None:
+        return ""
+    p = m.get(f"{judge}_sign_test_p")
+    return (f" ({m[f'{judge}_wins']}/{m[f'{judge}_ties']}/{m[f'{judge}_losses']}"
+            + ("" if p is None else f", p = {p:.2g}") + ")")
+
+
 def print_version(record: dict[str, Any], champion: dict[str, Any] | None) -> None:
     print(f"\n{record['version']} ({record['status']})")
     for name, e in record["stages"].items():
@@ -91,9 +100,9 @@ def print_version(record: dict[str, Any], champion: dict[str, Any] | None) -> No
     if rm:
         print(f"  reward model held-out accuracy {_pct(rm.get('eval_accuracy'))}, ECE {_num(rm.get('eval_ece'))}")
     for name, m in (evaluation.get("policies") or {}).items():
-        print(f"  {name} vs {evaluation.get('baseline_name')}: gold win-rate {_pct(m.get('gold_win_rate'))} "
-              f"(length-controlled {_pct(m.get('gold_lc_win_rate'))}), RM win-rate {_pct(m.get('rm_win_rate'))}, "
-              f"KL to reference {_num(m.get('kl_to_reference'))}")
+        print(f"  {name} vs {evaluation.get('baseline_name')}: gold win-rate {_pct(m.get('gold_win_rate'))}"
+              f"{_counts(m, 'gold')} (length-controlled {_pct(m.get('gold_lc_win_rate'))}), RM win-rate "
+              f"{_pct(m.get('rm_win_rate'))}{_counts(m, 'rm')}, KL to reference {_num(m.get('kl_to_reference'))}")
     decision = record.get("decision") or {}
     if decision:
         print(f"  decision: {decision.get('reason')}")
@@ -118,8 +127,8 @@ def runs_command(args: argparse.Namespace) -> int:
         print("error: a version is given only with `align runs show vN`", file=sys.stderr)
         return 2
     print(f"{home.root}  (champion: {champion['version']} {champion['stage']})" if champion else str(home.root))
-    print(f"  {'version':<8} {'status':<8} {'created':<21} {'trained':<22} {'RM acc':>7} {'DPO gold':>9} "
-          f"{'PPO gold':>9} {'KL':>7}  decision")
+    print(f"  {'version':<8} {'status':<8} {'created':<21} {'trained':<24} {'RM acc':>7} {'DPO gold':>9} "
+          f"{'PPO gold':>9} {'GRPO gold':>10} {'KL':>7}  decision")
     for name in home.versions():
         r = home.read(name)
         ev = r.get("evaluation") or {}
@@ -130,10 +139,10 @@ def runs_command(args: argparse.Namespace) -> int:
         decision = (r.get("decision") or {}).get("promote") or ("kept" if r.get("decision") else "—")
         if r.get("decision", {}) and r["decision"].get("changed") and r["decision"]["champion"]["stage"] == "sft":
             decision = "sft (first champion)"
-        print(f"{mark} {name:<8} {r['status']:<8} {r['created']:<21} {trained:<22} "
-              f"{_pct((ev.get('reward_model') or {}).get('eval_accuracy')):>7} "
-              f"{_pct(pol.get('dpo', {}).get('gold_win_rate')):>9} {_pct(pol.get('ppo', {}).get('gold_win_rate')):>9} "
-              f"{_num(max(kls) if kls else None):>7}  {decision}")
+        gold = {s: _pct(pol.get(s, {}).get("gold_win_rate")) for s in ("dpo", "ppo", "grpo")}
+        print(f"{mark} {name:<8} {r['status']:<8} {r['created']:<21} {trained:<24} "
+              f"{_pct((ev.get('reward_model') or {}).get('eval_accuracy')):>7} {gold['dpo']:>9} {gold['ppo']:>9} "
+              f"{gold['grpo']:>10} {_num(max(kls) if kls else None):>7}  {decision}")
     return 0
 
 
