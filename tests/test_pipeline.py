@@ -196,6 +196,7 @@ def test_runs_lists_versions_and_shows_one_with_its_lineage(loop, capsys):
     assert "lineage:" in out and f"sft ← {v1['stages']['sft']['path']}" in out
     g = v1["evaluation"]["policies"]["grpo"]  # each win-rate with its wins / ties / losses and sign test
     assert f"gold win-rate {g['gold_win_rate']:.1%} ({g['gold_wins']}/{g['gold_ties']}/{g['gold_losses']}, p = " in out
+    assert "; length-controlled " in out
     assert f"report: {v1['report']}" in out
     assert main(["runs", "show", "v9", "--runs-dir", runs_dir]) == 2
     assert "no version 'v9' (versions: v1" in capsys.readouterr().err

@@ -82,12 +82,11 @@ def _num(v: Any) -> str:
 
 
 def _counts(m: dict[str, Any], judge: str) -> str:
-    """' (12/17/3, p = 0.035)': wins / ties / losses and the sign test, so a win-rate is read with its certainty."""
+    """'12/17/3, p = 0.035': wins / ties / losses and the sign test, so a win-rate is read with its certainty."""
     if m.get(f"{judge}_wins") is None:
         return ""
     p = m.get(f"{judge}_sign_test_p")
-    return (f" ({m[f'{judge}_wins']}/{m[f'{judge}_ties']}/{m[f'{judge}_losses']}"
-            + ("" if p is None else f", p = {p:.2g}") + ")")
+    return f"{m[f'{judge}_wins']}/{m[f'{judge}_ties']}/{m[f'{judge}_losses']}" + ("" if p is None else f", p = {p:.2g}")
 
 
 def print_version(record: dict[str, Any], champion: dict[str, Any] | None) -> None:
@@ -100,9 +99,11 @@ def print_version(record: dict[str, Any], champion: dict[str, Any] | None) -> No
     if rm:
         print(f"  reward model held-out accuracy {_pct(rm.get('eval_accuracy'))}, ECE {_num(rm.get('eval_ece'))}")
     for name, m in (evaluation.get("policies") or {}).items():
-        print(f"  {name} vs {evaluation.get('baseline_name')}: gold win-rate {_pct(m.get('gold_win_rate'))}"
-              f"{_counts(m, 'gold')} (length-controlled {_pct(m.get('gold_lc_win_rate'))}), RM win-rate "
-              f"{_pct(m.get('rm_win_rate'))}{_counts(m, 'rm')}, KL to reference {_num(m.get('kl_to_reference'))}")
+        gold = "; ".join(x for x in (_counts(m, "gold"), f"length-controlled {_pct(m.get('gold_lc_win_rate'))}") if x)
+        rm = _counts(m, "rm")
+        print(f"  {name} vs {evaluation.get('baseline_name')}: gold win-rate {_pct(m.get('gold_win_rate'))} ({gold}), "
+              f"RM win-rate {_pct(m.get('rm_win_rate'))}{f' ({rm})' if rm else ''}, KL to reference "
+              f"{_num(m.get('kl_to_reference'))}")
     decision = record.get("decision") or {}
     if decision:
         print(f"  decision: {decision.get('reason')}")
