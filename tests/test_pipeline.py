@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import EVAL_NUMBERS, pair_rows, write_jsonl
 
 from align.cli.main import main
@@ -208,3 +209,58 @@ def test_a_pipeline_directory_stands_for_its_champion(loop):
     home = loop["home"]
     assert champion_or(home.root) == Path(home.champion()["path"])
     assert champion_or(home.root / "v1" / "sft") == home.root / "v1" / "sft"
+
+
+def test_a_new_round_starts_from_the_champion_held_to_the_chosen_reference(tmp_path, tiny_model_dir, monkeypatch):
+    from safetensors.torch import load_file
+
+    from align.stages import dpo
+
+    prefs = write_jsonl(tmp_path / "prefs.jsonl", pair_rows([(a, b) for a in range(2, 8) for b in (3, 7)]))
+    prefs_eval = write_jsonl(tmp_path / "prefs-eval.jsonl", pair_rows(EVAL_NUMBERS[:4], start=1))
+    sft_rows = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": r["prompt"], "completion": r["chosen"]}
+                                                    for r in pair_rows([(2, 3), (4, 5), (6, 7), (8, 9)])])
+    overrides = [*tiny_overrides(tmp_path, tiny_model_dir, prefs, prefs_eval, sft_rows), "ppo.enabled=false",
+                 "grpo.enabled=false"]
+    v1 = run(load_pipeline(None, overrides))
+    home = Home(tmp_path / "runs" / "t")
+    champion = {"version": "v1", "stage": "dpo", **{k: v1["stages"]["dpo"][k] for k in ("path", "key")}}
+    home.set_champion(champion)  # whatever v1 decided: the round below must build on a trained policy
+    p = load_pipeline(None, overrides)
+    start = pipeline.start_of(p, champion)
+    # the starting policy is part of a policy stage's key, not of SFT's or the reward model's
+    plain, from_champion = pipeline.plan_keys(p), pipeline.plan_keys(p, start)
+    assert plain["sft"] == from_champion["sft"] and plain["reward"] == from_champion["reward"]
+    assert plain["dpo"] != from_champion["dpo"]
+    parents = {"sft": Path(v1["stages"]["sft"]["path"])}
+    cfg = pipeline.stage_config(p, "dpo", "v9", parents, start)  # reference: sft (the default)
+    assert (cfg.init_from, cfg.init_from_sft) == (champion["path"], v1["stages"]["sft"]["path"])
+    cfg = pipeline.stage_config(load_pipeline(None, [*overrides, "reference=champion"]), "dpo", "v9", parents, start)
+    assert (cfg.init_from, cfg.init_from_sft) == (None, champion["path"])
+    assert pipeline.start_of(load_pipeline(None, [*overrides, "start_from=sft"]), champion) is None
+
+    started = {}
+    real_build = dpo.build_lora_model
+
+    def spy(prep, *a, **k):
+        model = real_build(prep, *a, **k)
+        started.update({n: p.detach().clone() for n, p in model.named_parameters() if ".lora_" in n})
+        return model
+
+    monkeypatch.setattr(dpo, "build_lora_model", spy)
+    more = write_jsonl(tmp_path / "new-pairs.jsonl", pair_rows([(9, 4), (10, 6), (11, 2), (12, 5)], start=3))
+    v2 = run(load_pipeline(None, [*overrides, f"data.preferences={prefs},{more}"]))
+    assert v2["version"] == "v2" and v2["start"]["path"] == champion["path"]
+    assert v2["stages"]["dpo"]["parents"]["start"] == champion["path"]  # the lineage says where it started
+    # v2's DPO policy started from v1's DPO weights, tensor for tensor, and its reference is the SFT adapter
+    saved = load_file(str(Path(champion["path"]) / "adapter_model.safetensors"))
+    assert saved and len(started) == len(saved)
+    for name, weight in saved.items():
+        live = re.sub(r"\.(lora_[AB])\.weight$", r".\1.default.weight", name)
+        assert torch.equal(started[live], weight), name
+    manifest = json.loads((Path(v2["stages"]["dpo"]["path"]) / "manifest.json").read_text())
+    assert manifest["parent"] == str(Path(v1["stages"]["sft"]["path"]).resolve())
+    assert manifest["started_from"] == str(Path(champion["path"]).resolve())
+    assert v2["stages"]["sft"]["made_in"] == "v1"  # SFT's inputs did not change
+    # the same command again: nothing to do, whatever v2 decided about the champion
+    assert run(load_pipeline(None, [*overrides, f"data.preferences={prefs},{more}"])).get("nothing_to_do")

@@ -151,11 +151,12 @@ def _merge_into(target: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]
     return target
 
 
-def stage_config(p: Pipeline, stage: str, version: str, parents: dict[str, Path]) -> StageConfig:
+def stage_config(p: Pipeline, stage: str, version: str, parents: dict[str, Path],
+                 start: dict[str, Any] | None = None) -> StageConfig:
     """The stage's config: its own YAML, then the pipeline's data for it, then the pipeline file's keys for the
     stage (so `dpo: {data: {eval: null}}` wins over the pipeline's data), then what only the pipeline decides: run
-    directory, base model, parent artifacts. DPO/PPO's own win-rate is off: the evaluation step judges every new
-    policy against the champion instead."""
+    directory, base model, parent artifacts, the policy a round starts from (`start`, see start_of). The policy
+    stages' own win-rate is off: the evaluation step judges every new policy against the champion instead."""
     plan, s = p.stages[stage], p.settings
     raw = _read_yaml(Path(plan.config)) if plan.config else {}
     d = s.data
@@ -171,7 +172,20 @@ def stage_config(p: Pipeline, stage: str, version: str, parents: dict[str, Path]
         forced["reward_model"] = str(parents["reward"]) if "reward" in parents else None
     if stage in POLICIES:
         forced["eval_prompts"] = None
+        forced["init_from"] = None
+        if start is not None and s.reference == "champion":  # the champion is both the start and the reference
+            forced["init_from_sft"] = start["path"]
+        elif start is not None:
+            forced["init_from"] = start["path"]
     return build(STAGES[stage], _merge_into(raw, forced), prefix=f"{stage}.")
+
+
+def start_of(p: Pipeline, champion: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The policy a new version's DPO, PPO and GRPO start from: the champion, when it is a trained policy (a dpo,
+    ppo or grpo one: an SFT champion is what they start from anyway) and start_from is champion."""
+    if p.settings.start_from != "champion" or not champion or champion.get("stage") not in POLICIES:
+        return None
+    return {k: champion[k] for k in ("version", "stage", "path", "key")}
 
 
 def stage_key(stage: str, cfg: StageConfig, parent_keys: dict[str, str], base_model: dict[str, Any]) -> str:
@@ -179,7 +193,7 @@ def stage_key(stage: str, cfg: StageConfig, parent_keys: dict[str, str], base_mo
     data enter by content, parents by their own keys."""
 
     d = to_dict(cfg)
-    for name in ("run", "runs_dir", "overwrite", "resume", "init_from_sft", "reward_model"):
+    for name in ("run", "runs_dir", "overwrite", "resume", "init_from_sft", "init_from", "reward_model"):
         d.pop(name, None)
     d["data"]["train"] = data_hash(cfg.data.train)
     d["data"]["eval"] = data_hash(cfg.data.eval) if cfg.data.eval else None
@@ -194,14 +208,17 @@ def _stage_runner(stage: str):
     return {"sft": sft.run, "reward": reward.run, "dpo": dpo.run, "ppo": ppo.run, "grpo": grpo.run}[stage]
 
 
-def plan_keys(p: Pipeline) -> dict[str, str]:
-
+def plan_keys(p: Pipeline, start: dict[str, Any] | None = None) -> dict[str, str]:
+    """Each enabled stage's key; a policy stage's includes the policy it starts from and how it is referenced."""
     base = resolve_model(p.settings.model).description
     keys: dict[str, str] = {}
     placeholders = {q: Path("<parent>") for q in STAGE_ORDER}
     for stage in p.enabled():
-        cfg = stage_config(p, stage, "v0", placeholders)
-        keys[stage] = stage_key(stage, cfg, {q: keys[q] for q in parents_of(p, stage) if q in keys}, base)
+        cfg = stage_config(p, stage, "v0", placeholders, start)
+        parent_keys = {q: keys[q] for q in parents_of(p, stage) if q in keys}
+        if stage in POLICIES and start is not None:
+            parent_keys["start"] = f"{p.settings.reference}:{start['key']}"
+        keys[stage] = stage_key(stage, cfg, parent_keys, base)
     return keys
 
 
@@ -224,15 +241,28 @@ def run(p: Pipeline, start: str | None = None) -> dict[str, Any]:
     if start is not None and start not in STEPS:
         raise ConfigError(f"--from {start}: not a step; choose one of {', '.join(STEPS)}")
     home, forced = p.home, set(STEPS[STEPS.index(start):]) if start else set()
-    keys = plan_keys(p)
+    last = home.latest()
+    policy_start = (last or {}).get("start")  # what the latest version's policies started from
+    keys = plan_keys(p, policy_start)
     made = {stage: None if stage in forced else home.known(key) for stage, key in keys.items()}
     to_train = [stage for stage, path in made.items() if path is None]
-    last = home.latest()
     if not to_train and last is not None and last["status"] == "done" and not forced:
         where = ", ".join(f"{stage} ({path})" for stage, path in made.items())
         log.info("nothing to do: every stage is up to date: %s", where)
         return {**last, "nothing_to_do": True}
+    if to_train and (last is None or last["status"] == "done"):  # a new version: it starts from today's champion
+        fresh = start_of(p, home.champion())
+        if fresh != policy_start:
+            policy_start = fresh
+            keys = plan_keys(p, policy_start)
+            made = {stage: None if stage in forced else home.known(key) for stage, key in keys.items()}
+            to_train = [stage for stage, path in made.items() if path is None]
     record = home.open_version(dataclasses.asdict(p.settings), reopen=not to_train)
+    record["start"] = policy_start
+    if policy_start:
+        log.info("DPO, PPO and GRPO start from the champion, %s %s (%s); their reference is %s",
+                 policy_start["version"], policy_start["stage"], policy_start["path"],
+                 "that policy" if p.settings.reference == "champion" else "the SFT adapter")
     version = record["version"]
     log.info("pipeline %s, version %s: %s", p.settings.name, version,
              f"training {', '.join(to_train)}" if to_train else "nothing to train")
@@ -268,7 +298,10 @@ def _run_stage(p: Pipeline, home: Home, record: dict[str, Any], stage: str, key:
         home.write(record)
         return
     parents = {q: Path(record["stages"][q]["path"]) for q in parents_of(p, stage) if q in record["stages"]}
-    cfg = stage_config(p, stage, version, parents)
+    start = record.get("start") if stage in POLICIES else None
+    cfg = stage_config(p, stage, version, parents, start)
+    if start:  # the lineage names the policy it started from
+        parents["start"] = Path(start["path"])
     out = home.root / version / stage
     if out.exists():  # an earlier attempt of this unfinished version made it from other inputs
         cfg = dataclasses.replace(cfg, overwrite=True)

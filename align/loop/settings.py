@@ -72,6 +72,14 @@ class PipelineSettings:
                     lambda v: bool(v) and "/" not in v and v not in {".", ".."}, "must be a name without '/'")
     runs_dir: str = opt("runs", "directory holding all runs")
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "the base model of every stage"})
+    start_from: Literal["champion", "sft"] = opt(
+        "champion", "where a new version's DPO, PPO and GRPO start: champion = the champion policy's weights (when "
+        "it is a dpo, ppo or grpo policy), so rounds build on each other; sft = the SFT adapter every round")
+    reference: Literal["sft", "champion"] = opt(
+        "sft", "what those policies are held to (KL penalty, DPO's implicit reward) when they start from the "
+        "champion: sft = the SFT adapter, a fixed anchor that bounds how far a lineage drifts in all; champion = the "
+        "policy they start from, a moving anchor that lets every round move as far again (the lineage's distance "
+        "from SFT then adds up round by round)")
     data: PipelineData = field(default_factory=PipelineData, metadata={"help": "data of every stage"})
     evaluate: EvalSection = field(default_factory=EvalSection, metadata={"help": "evaluation of new policies"})
     promotion: PromotionRule = field(default_factory=PromotionRule, metadata={"help": "when a policy is promoted"})

@@ -199,6 +199,9 @@ class DPOConfig(StageConfig):
     init_from_sft: str | None = opt(
         None, "SFT stage output (e.g. runs/demo/sft): the policy starts from its weights and the frozen SFT adapter "
         "is the reference; empty = a fresh adapter, and the base (adapters off) is the reference")
+    init_from: str | None = opt(
+        None, "a finished policy on the same base (a dpo, ppo, grpo or sft stage output, e.g. the loop's champion) "
+        "whose adapter the policy starts from; init_from_sft stays the reference. Empty = start from init_from_sft")
     loss: Literal["sigmoid", "ipo", "hinge", "simpo"] = opt(
         "sigmoid", "sigmoid = DPO; ipo = IPO (bounded, less overfitting); hinge = SLiC-style margin; "
         "simpo = reference-free, length-normalised (SimPO)")
@@ -318,6 +321,9 @@ class PPOConfig(StageConfig):
     init_from_sft: str | None = opt(
         None, "SFT stage output: the policy (and value adapter) start from its weights, the frozen SFT adapter is "
         "the reference; empty = fresh adapters, and the base (adapters off) is the reference")
+    init_from: str | None = opt(
+        None, "a finished policy on the same base (a dpo, ppo, grpo or sft stage output, e.g. the loop's champion) "
+        "whose adapter the policy starts from; init_from_sft stays the reference. Empty = start from init_from_sft")
     reward_model: str | None = opt(None, "reward run (e.g. runs/demo/reward) on the same base: its adapter and "
                                    "score head score the rollouts (the 'reward_model' term of rewards)")
     rewards: list[RewardTerm | str] = opt(
@@ -382,6 +388,9 @@ class GRPOConfig(StageConfig):
     init_from_sft: str | None = opt(
         None, "SFT stage output: the policy starts from its weights, the frozen SFT adapter is the reference; empty = "
         "a fresh adapter, and the base (adapters off) is the reference")
+    init_from: str | None = opt(
+        None, "a finished policy on the same base (a dpo, ppo, grpo or sft stage output, e.g. the loop's champion) "
+        "whose adapter the policy starts from; init_from_sft stays the reference. Empty = start from init_from_sft")
     reward_model: str | None = opt(None, "reward run (e.g. runs/demo/reward) for a 'reward_model' term in rewards")
     rewards: list[RewardTerm | str] = opt(
         ["gold"], "what GRPO maximises: a list of rewards, each a source or {source: S, weight: W}, summed with their "

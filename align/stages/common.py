@@ -69,6 +69,16 @@ class Prepared:
     inputs: dict[str, str]
     sft: Path | None = None
     terms: list | None = None  # the RL stages' reward terms (align/stages/rewards.py)
+    start: Path | None = None  # a policy the trained adapter starts from instead of `sft` (e.g. the champion)
+
+    @property
+    def source(self) -> Path | None:
+        """The adapter whose shape and weights the trained adapter takes: the start policy, else the SFT one."""
+        return self.start or self.sft
+
+    def lineage(self) -> dict[str, Any]:
+        """What a manifest records of where the policy started, when that is not its reference."""
+        return {"started_from": str(self.start.resolve())} if self.start is not None else {}
 
 
 def prepare(stage: str, cfg: StageConfig, make_loader: Callable[[Any], Callable[[str, str, int | None], Loaded]],
@@ -105,7 +115,10 @@ def _prepare(stage: str, cfg: StageConfig, make_loader: Callable[[Any], Callable
     inputs = inputs_of(cfg, model_ref)
     if sft is not None:
         inputs["parent_adapter"] = sha256_path(sft / "adapter_model.safetensors")
-    return Prepared(cfg, paths, model_ref, tokenizer, train, evals, inputs, sft)
+    start = start_policy(getattr(cfg, "init_from", None), model_ref)
+    if start is not None:
+        inputs["start_adapter"] = sha256_path(start / "adapter_model.safetensors")
+    return Prepared(cfg, paths, model_ref, tokenizer, train, evals, inputs, sft, start=start)
 
 
 def inputs_of(cfg: StageConfig, model_ref) -> dict[str, str]:
@@ -149,18 +162,38 @@ def sft_parent(init_from_sft: str | None, model_ref) -> Path | None:
     return sft
 
 
+def start_policy(init_from: str | None, model_ref) -> Path | None:
+    """The finished policy a stage starts from (init_from=): a policy stage output on this same base."""
+    if not init_from:
+        return None
+    start = Path(init_from)
+    if not (start / "manifest.json").is_file() or not (start / "adapter_config.json").is_file():
+        raise ConfigError(f"init_from={init_from}: no finished policy there (a dpo, ppo, grpo or sft stage output "
+                          "with manifest.json and adapter_config.json)")
+    manifest = read_manifest(start)
+    if manifest.get("stage") not in ("sft", "dpo", "ppo", "grpo"):
+        raise ConfigError(f"init_from={init_from} is a {manifest.get('stage')!r} stage output; a policy starts from "
+                          "a sft, dpo, ppo or grpo output")
+    if manifest.get("base_model") != model_ref.description:
+        raise ConfigError(f"init_from={init_from} was trained on {manifest.get('base_model')}, but this stage's base "
+                          f"is {model_ref.description}")
+    require_safetensors(start, "init_from=")
+    return start
+
+
 def build_lora_model(prep: Prepared, task: str = "causal", pad_token_id: int | None = None):
     """The base, loaded once under the quantization policy, wrapped with the stage's trainable LoRA adapter; when
     the stage starts from SFT the adapter takes the SFT adapter's shape and weights."""
     cfg = prep.cfg
-    lora = lora_like(cfg.lora, prep.sft) if prep.sft is not None else cfg.lora
+    source = prep.source
+    lora = lora_like(cfg.lora, source) if source is not None else cfg.lora
     base = load_base(prep.model_ref.path, cfg.model, task=task, pad_token_id=pad_token_id)
     model = attach_lora(base, lora, resolve_quantization(cfg.model) == "nf4",
                         use_cuda_defaults(cfg)["gradient_checkpointing"], task=task, upcast=cfg.model.upcast,
                         compile=cfg.training.compile, mlp_tiles=cfg.training.mlp_tiles)
-    if prep.sft is not None:
-        n = load_adapter_weights(model, prep.sft)
-        log.info("the adapter starts from %s (r=%d, alpha=%d; %d LoRA tensors copied)", prep.sft, lora.r, lora.alpha,
+    if source is not None:
+        n = load_adapter_weights(model, source)
+        log.info("the adapter starts from %s (r=%d, alpha=%d; %d LoRA tensors copied)", source, lora.r, lora.alpha,
                  n)
     trainable, total = model.get_nb_trainable_parameters()
     log.info("LoRA adapter: %s trainable of %s parameters (%.2f%%)", f"{trainable:,}", f"{total:,}",
@@ -270,7 +303,8 @@ def finish(stage: str, prep: Prepared, make_trainer: Callable[[], Any], after: C
     trainer, metrics = done
     parent = str(prep.sft.resolve()) if prep.sft is not None else None
     manifest = make_manifest(stage, cfg.run, prep.inputs, prep.model_ref.description, parent=parent,
-                             extra={"quantization": quantization, "seed": cfg.training.seed, **(extra or {})})
+                             extra={"quantization": quantization, "seed": cfg.training.seed, **prep.lineage(),
+                                    **(extra or {})})
     return save_stage(cfg, prep.paths, trainer.model, prep.tokenizer, metrics, manifest, adapters)
 
 

@@ -62,7 +62,11 @@ def build_model(prep: Prepared):
     model = build_lora_model(prep)
     if prep.sft is not None:
         add_adapter_from(model, REFERENCE, prep.sft)
-        log.info("policy adapter starts from %s; the same SFT adapter, frozen, is the reference", prep.sft)
+        if prep.start is not None:
+            log.info("policy adapter starts from %s; the SFT adapter %s, frozen, is the reference", prep.start,
+                     prep.sft)
+        else:
+            log.info("policy adapter starts from %s; the same SFT adapter, frozen, is the reference", prep.sft)
     else:
         log.info("no SFT stage: the reference is the base model (adapters off)")
     return model

@@ -88,7 +88,7 @@ def build_roles(prep: Prepared) -> Roles:
     reference = ("none (grpo.beta=0)" if cfg.grpo.beta == 0 else "SFT adapter" if prep.sft is not None
                  else "base (adapters off)")
     log.info("one base, roles as adapters: policy%s, reference=%s, reward model=%s",
-             " (from SFT)" if prep.sft else "", reference,
+             f" (from {prep.source})" if prep.source else "", reference,
              "adapter + head" if same_base else "separate model" if separate is not None else "none")
     return roles
 
@@ -366,7 +366,7 @@ def train(prep: Prepared) -> Path:
                 metrics[f"{key}_last"] = sum(h[key] for h in history[-k:]) / k
     parent = str(prep.sft.resolve()) if prep.sft is not None else None
     manifest = make_manifest(STAGE, cfg.run, prep.inputs, prep.model_ref.description, parent=parent,
-                             extra={"quantization": quantization, "seed": cfg.training.seed,
+                             extra={"quantization": quantization, "seed": cfg.training.seed, **prep.lineage(),
                                     "rewards": reward_names(prep.terms)})
     return save_stage(cfg, prep.paths, roles.model, prep.tokenizer, metrics, manifest, adapters=[POLICY])
 

@@ -95,7 +95,7 @@ def build_roles(prep: Prepared) -> Roles:
 
     cfg, rm = prep.cfg, model_term(prep.terms)
     quantized = resolve_quantization(cfg.model) == "nf4"
-    lora = lora_like(cfg.lora, prep.sft) if prep.sft is not None else cfg.lora
+    lora = lora_like(cfg.lora, prep.source) if prep.source is not None else cfg.lora
     model = build_lora_model(prep)  # the policy, from SFT when there is one
     hidden = model.config.hidden_size
     checkpointing = use_cuda_defaults(cfg)["gradient_checkpointing"]
@@ -126,8 +126,8 @@ def build_roles(prep: Prepared) -> Roles:
     roles = Roles(model, value_head, score_head, separate)
     with roles.role(POLICY):
         pass  # leaves exactly the policy and value adapters trainable
-    log.info("one base, roles as adapters: policy%s, reference=%s, reward model=%s, value", " (from SFT)" if prep.sft
-             else "", "SFT adapter" if prep.sft else "base (adapters off)",
+    log.info("one base, roles as adapters: policy%s, reference=%s, reward model=%s, value",
+             f" (from {prep.source})" if prep.source else "", "SFT adapter" if prep.sft else "base (adapters off)",
              "adapter + head" if same_base else "separate model" if separate is not None else "none")
     return roles
 
@@ -438,7 +438,7 @@ def train(prep: Prepared) -> Path:
         metrics["kl_last"] = sum(h["kl"] for h in history[-k:]) / k
     parent = str(prep.sft.resolve()) if prep.sft is not None else None
     manifest = make_manifest(STAGE, cfg.run, prep.inputs, prep.model_ref.description, parent=parent,
-                             extra={"quantization": quantization, "seed": cfg.training.seed,
+                             extra={"quantization": quantization, "seed": cfg.training.seed, **prep.lineage(),
                                     "rewards": reward_names(prep.terms),
                                     "reward_model": cfg.reward_model and str(Path(cfg.reward_model).resolve())})
 
