@@ -1,5 +1,6 @@
 """Evaluation metrics against numbers worked out by hand."""
 
+import json
 import math
 from types import SimpleNamespace
 
@@ -147,3 +148,19 @@ def test_the_gold_part_counts_right_final_answers_apart_from_format():
     # the scores decide the wins: prompt 2's right but unformatted answer loses to a right, formatted one (2 < 2.5);
     # prompt 3 is wrong against wrong, both formatted: a tie
     assert (part["gold_wins"], part["gold_ties"], part["gold_losses"]) == (2, 1, 1)
+
+
+def test_the_lineage_root_is_found_through_policy_parents(tmp_path):
+    from align.evaluation.evaluate import lineage_sft
+
+    def stage(name, kind, parent):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "manifest.json").write_text(json.dumps({"stage": kind, "parent": parent and str(tmp_path / parent)}))
+        return str(d)
+
+    sft = stage("sft", "sft", None)
+    stage("dpo1", "dpo", "sft")  # round 1, held to SFT
+    dpo2 = stage("dpo2", "dpo", "dpo1")  # round 2, held to the round-1 champion (reference: champion)
+    assert lineage_sft(sft) == sft and lineage_sft(dpo2) == sft
+    assert lineage_sft(None) is None and lineage_sft(str(tmp_path / "nowhere")) is None

@@ -62,6 +62,7 @@ def test_first_version_trains_every_stage_evaluates_promotes_merges_and_reports(
         full = json.loads(Path(ev["files"][name]).read_text())
         assert full["n_prompts"] == 3 and 0 <= full["gold_win_rate"] <= 1 and 0 <= full["rm_win_rate"] <= 1
         assert ev["policies"][name]["kl_to_reference"] == full["kl_estimate"]  # baseline is the reference here
+        assert full["kl_to_sft"] == full["kl_to_reference"]  # held to SFT: the same distance
     # a champion exists after the first round (a winner, or SFT), and a merged copy of it
     champion = record["decision"]["champion"]
     assert champion["version"] == "v1" and champion["stage"] in {"sft", "dpo", "ppo", "grpo"}
@@ -76,7 +77,7 @@ def test_report_exists_and_every_image_it_shows_exists(loop):
     report = Path(loop["record"]["report"])
     text = report.read_text()
     images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
-    assert {"training.png", "reward_kl.png", "lengths.png"} <= set(images)
+    assert {"training.png", "reward_kl.png", "lengths.png", "progress.png"} <= set(images)
     for image in images:
         data = (report.parent / image).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000

@@ -105,3 +105,11 @@ def test_a_losing_round_keeps_the_champion(tmp_path):
     decision = promote(home, record, {"dpo": report(gold=0.5)}, PromotionRule(), champion, "the champion (v1 dpo)")
     assert not decision["changed"] and decision["champion"] == champion
     assert home.champion() == champion
+
+
+def test_a_lineage_over_its_kl_budget_from_sft_is_not_promoted():
+    # with reference: champion each round's KL is about one round; the lineage's distance from SFT adds up
+    far = {**report(gold=0.8, kl=0.5), "kl_to_sft": 3.2}
+    assert decide({"dpo": far}, PromotionRule(), "SFT")["promote"] == "dpo"  # no lineage budget by default
+    d = decide({"dpo": far}, PromotionRule(max_kl_from_sft=3.0), "SFT")
+    assert d["promote"] is None and "KL to SFT 3.200 is over the lineage's budget 3" in d["reason"]

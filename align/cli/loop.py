@@ -6,6 +6,7 @@ import argparse
 import sys
 from typing import Any
 
+from align.evaluation.progress import version_points
 from align.loop.settings import STEPS, PipelineSettings
 from align.loop.versions import find_home
 from align.runtime.config import describe
@@ -128,8 +129,9 @@ def runs_command(args: argparse.Namespace) -> int:
         print("error: a version is given only with `align runs show vN`", file=sys.stderr)
         return 2
     print(f"{home.root}  (champion: {champion['version']} {champion['stage']})" if champion else str(home.root))
+    progress = {p["version"]: p["champion"] for p in version_points(home.root)}
     print(f"  {'version':<8} {'status':<8} {'created':<21} {'trained':<24} {'RM acc':>7} {'DPO gold':>9} "
-          f"{'PPO gold':>9} {'GRPO gold':>10} {'KL':>7}  decision")
+          f"{'PPO gold':>9} {'GRPO gold':>10} {'KL':>7} {'champion score':>15} {'KL to SFT':>9}  decision")
     for name in home.versions():
         r = home.read(name)
         ev = r.get("evaluation") or {}
@@ -141,9 +143,11 @@ def runs_command(args: argparse.Namespace) -> int:
         if r.get("decision", {}) and r["decision"].get("changed") and r["decision"]["champion"]["stage"] == "sft":
             decision = "sft (first champion)"
         gold = {s: _pct(pol.get(s, {}).get("gold_win_rate")) for s in ("dpo", "ppo", "grpo")}
+        champ = progress.get(name, {})
         print(f"{mark} {name:<8} {r['status']:<8} {r['created']:<21} {trained:<24} "
               f"{_pct((ev.get('reward_model') or {}).get('eval_accuracy')):>7} {gold['dpo']:>9} {gold['ppo']:>9} "
-              f"{gold['grpo']:>10} {_num(max(kls) if kls else None):>7}  {decision}")
+              f"{gold['grpo']:>10} {_num(max(kls) if kls else None):>7} {_num(champ.get('score')):>15} "
+              f"{_num(champ.get('kl')):>9}  {decision}")
     return 0
 
 

@@ -129,6 +129,19 @@ def evaluate_policies(policies: list[str], baseline: str | None = None, reward_m
     return reports
 
 
+def lineage_sft(parent: str | None) -> str | None:
+    """The SFT adapter at the root of a policy's references: its parent when that is an SFT stage, else the
+    parent's own reference, and so on (a round held to the champion it started from has a policy as parent)."""
+    seen = set()
+    while parent and parent not in seen and (Path(parent) / "manifest.json").is_file():
+        seen.add(parent)
+        manifest = read_manifest(Path(parent))
+        if manifest.get("stage") == "sft":
+            return parent
+        parent = manifest.get("parent")
+    return None
+
+
 class _Job:
     """One evaluation session: the settings, and what is computed once for the baseline."""
 
@@ -147,6 +160,9 @@ class _Job:
                   **win_rate_report(model, tok, self.prompts, self.limit, self.max_new_tokens, self.reward_model,
                                     self.ctx, self.shared)}
         report["kl_to_reference"] = self._kl_to_reference(parent, report)
+        sft = lineage_sft(parent)
+        # with a moving reference (a round held to the champion it started from) the distance from SFT is its own
+        report["kl_to_sft"] = report["kl_to_reference"] if sft == parent else self._kl_to_reference(sft, report)
         if self.sft_data:
             report["perplexity_policy"] = perplexity(model, tok, self.sft_data, self.max_length, self.limit)
             report["perplexity_baseline"] = self._baseline("perplexity", lambda: perplexity(

@@ -27,6 +27,10 @@ class PromotionRule:
     max_kl: float | None = opt(2.0, "KL budget: a candidate whose KL to its reference (nats per answer) is above "
                                "this is not promoted; empty = no budget", lambda v: v is None or v > 0,
                                "must be > 0 or empty")
+    max_kl_from_sft: float | None = opt(
+        None, "a budget for the whole lineage: a candidate whose KL to the SFT policy (nats per answer) is above this "
+        "is not promoted, however many rounds it took to get there (with reference: champion each round's KL budget "
+        "is about one round only); empty = none", lambda v: v is None or v > 0, "must be > 0 or empty")
     max_p: float | None = opt(0.05, "promote only when the judge's two-sided sign test says the win is unlikely to be "
                               "chance: p-value at most this, divided by the number of candidates when several are "
                               "judged at once (Bonferroni: three tries at 0.05 would find a chance winner one time in "
@@ -64,6 +68,9 @@ def check(report: dict[str, Any], rule: PromotionRule, candidates: int = 1) -> d
                        f"{shared}: the win could be chance")
     if rule.max_kl is not None and kl is not None and kl > rule.max_kl:
         why_not.append(f"KL to its reference {kl:.3f} is over the budget {rule.max_kl:g}")
+    kl_sft = report.get("kl_to_sft")
+    if rule.max_kl_from_sft is not None and kl_sft is not None and kl_sft > rule.max_kl_from_sft:
+        why_not.append(f"KL to SFT {kl_sft:.3f} is over the lineage's budget {rule.max_kl_from_sft:g}")
     return {"metric": key, "value": rate, "p": p, "alpha": alpha, "kl_to_reference": kl, "passed": not why_not,
             "why_not": why_not}
 

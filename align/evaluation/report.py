@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from align.evaluation.progress import plot_progress, version_points
 from align.runtime.runs import atomic_write_text
 
 ROWS = [  # (label, key in the headline metrics, format)
@@ -19,6 +20,7 @@ ROWS = [  # (label, key in the headline metrics, format)
     ("reward-model win-rate", "rm_win_rate", "{:.1%}"), ("  95% interval", "rm_ci95", "interval"),
     ("  wins / ties / losses (sign test p)", "rm", "counts"), ("  length-controlled", "rm_lc_win_rate", "{:.1%}"),
     ("KL to its reference (nats/answer)", "kl_to_reference", "{:.3f}"),
+    ("KL to SFT, the lineage's root (nats/answer)", "kl_to_sft", "{:.3f}"),
     ("KL to the baseline (nats/answer)", "kl_estimate", "{:.3f}"),
 ]
 PAIRED = [  # (label, policy key, baseline key, format): one value for the policy, one for the baseline
@@ -203,6 +205,8 @@ def write_report(home: Path, record: dict[str, Any]) -> Path:
     lengths.update({n: r.get("policy_words", []) for n, r in reports.items()})
     if reports and plot_lengths(lengths, vdir / "lengths.png"):
         figures.append(("Answer lengths", "lengths.png"))
+    if plot_progress(version_points(home), vdir / "progress.png"):
+        figures.append(("Progress across versions", "progress.png"))
     text = _markdown(home, record, reports, baseline_name, figures)
     path = vdir / "report.md"
     atomic_write_text(path, text)
@@ -214,12 +218,14 @@ def _policy_points(reports: dict[str, dict[str, Any]], record: dict[str, Any], b
     decision = record.get("decision") or {}
     previous = decision.get("previous_champion")
     # the baseline is SFT itself (KL 0) on a first round; a champion's KL was measured when it was promoted
-    base_kl = 0.0 if previous is None else (previous.get("metrics") or {}).get("kl_to_reference", 0.0)
+    was = (previous or {}).get("metrics") or {}
+    base_kl = 0.0 if previous is None else was.get("kl_to_sft", was.get("kl_to_reference", 0.0))
     first = next(iter(reports.values()), {})
     points = {baseline_name: {"kl": base_kl, "rm": first.get("rm_score_reference"),
                               "gold": first.get("gold_score_reference")}}
     for name, r in reports.items():
-        points[name] = {"kl": r.get("kl_to_reference"), "rm": r.get("rm_score_policy"),
+        kl = r.get("kl_to_sft") if r.get("kl_to_sft") is not None else r.get("kl_to_reference")
+        points[name] = {"kl": kl, "rm": r.get("rm_score_policy"),
                         "gold": r.get("gold_score_policy")}
     return points
 

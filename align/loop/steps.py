@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 HEADLINE = ("gold_win_rate", "gold_lc_win_rate", "rm_win_rate", "rm_lc_win_rate", "kl_to_reference", "kl_estimate",
             "gold_score_policy", "gold_score_reference", "rm_score_policy", "rm_score_reference", "policy_words_mean",
-            "gold_right_policy", "gold_right_reference",
+            "gold_right_policy", "gold_right_reference", "kl_to_sft",
             "reference_words_mean", "policy_no_eos_share", "perplexity_policy", "perplexity_baseline",
             "gold_wins", "gold_ties", "gold_losses", "gold_ci95", "gold_sign_test_p", "rm_wins", "rm_ties", "rm_losses",
             "rm_ci95", "rm_sign_test_p")
