@@ -121,3 +121,44 @@ def test_a_reward_model_can_judge_the_answers(tmp_path, sft_run, tiny_reward_run
         chosen, rejected = rm.score(rm.encode(ScoreRow(messages, answers)))
         assert row["chosen_score"] == pytest.approx(chosen, abs=1e-5)
         assert row["rejected_score"] == pytest.approx(rejected, abs=1e-5) and chosen > rejected
+
+
+def test_each_round_draws_pairs_from_prompts_the_lineage_has_not_used(tmp_path, sft_run, tiny_tok, monkeypatch):
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"What is {a} + 1?", "answer": a + 1}
+                                                 for a in range(1, 8)])
+    home = tmp_path / "runs" / "demo"  # a pipeline directory: its champion is the SFT run
+    home.mkdir(parents=True)
+    (home / "champion.json").write_text(json.dumps({"version": "v1", "stage": "sft", "path": str(sft_run)}))
+
+    def asked(out):  # the prompts a pair file was drawn from
+        return [json.loads(line)["prompt"] for line in out.read_text().splitlines()]
+
+    seen = []
+
+    def fake(model, tokenizer, messages, sampling, *a, **k):  # one right and two wrong answers per prompt
+        seen.append([m[-1]["content"] for m in messages])
+        right = [f"The answer is {int(m[-1]['content'].split()[2]) + 1}." for m in messages]
+        return [[(r, [5, tiny_tok.eos_token_id]), ("The answer is 0.", [5, tiny_tok.eos_token_id])] * 2
+                for r in right]
+
+    monkeypatch.setattr(onpolicy, "sample_batch", fake)
+    first = onpolicy.sample_pairs(str(home), str(prompts), str(tmp_path / "r1.jsonl"), limit=3, fresh=True,
+                                  sampling=Sampling(1.0, 1.0, 3), device="cpu")
+    second = onpolicy.sample_pairs(str(home), str(prompts), str(tmp_path / "r2.jsonl"), limit=3, fresh=True,
+                                   sampling=Sampling(1.0, 1.0, 3), device="cpu")
+    assert seen[0] == [f"What is {a} + 1?" for a in (1, 2, 3)]
+    assert seen[1] == [f"What is {a} + 1?" for a in (4, 5, 6)]  # round 2: new questions
+    assert (first["skipped_as_used"], second["skipped_as_used"]) == (0, 3)
+    assert len((home / "used-prompts.jsonl").read_text().splitlines()) == 6  # what was used is recorded
+    assert asked(tmp_path / "r1.jsonl") == seen[0]  # every prompt gave a pair: right vs wrong
+    onpolicy.sample_pairs(str(home), str(prompts), str(tmp_path / "r3.jsonl"), fresh=True,
+                          sampling=Sampling(1.0, 1.0, 3), device="cpu")
+    assert seen[2] == ["What is 7 + 1?"]
+    with pytest.raises(ConfigError, match="all 7 prompts .* were used by earlier rounds"):
+        onpolicy.sample_pairs(str(home), str(prompts), str(tmp_path / "r4.jsonl"), fresh=True, device="cpu")
+    # --skip without a ledger; --fresh needs a pipeline directory
+    onpolicy.sample_pairs(str(sft_run), str(prompts), str(tmp_path / "s.jsonl"), skip=5,
+                          sampling=Sampling(1.0, 1.0, 3), device="cpu")
+    assert seen[3] == ["What is 6 + 1?", "What is 7 + 1?"]
+    with pytest.raises(ConfigError, match="--fresh needs --policy to be a pipeline directory"):
+        onpolicy.sample_pairs(str(sft_run), str(prompts), str(tmp_path / "f.jsonl"), fresh=True, device="cpu")

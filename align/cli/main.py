@@ -136,7 +136,11 @@ def _pairs_parser(sub) -> None:
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0: off)")
     p.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="answer budget (default 64)")
-    p.add_argument("--limit", type=int, metavar="N", help="use the first N prompts")
+    p.add_argument("--limit", type=int, metavar="N", help="use the first N prompts (after --skip and --fresh)")
+    p.add_argument("--skip", type=int, default=0, metavar="N", help="leave out the first N prompts (default 0)")
+    p.add_argument("--fresh", action="store_true", help="with --policy a pipeline directory: leave out the prompts "
+                   "its earlier rounds drew pairs from, and add this run's to its ledger (runs/<name>/used-prompts."
+                   "jsonl), so every round sees new questions")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--batch-size", type=int, default=64, metavar="N", help="answers generated at once (default 64)")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N")
@@ -149,11 +153,15 @@ def _pairs(args: argparse.Namespace) -> int:
     from align.modeling.generate import Sampling
 
     _positive_args(args, ["n", "max_new_tokens", "limit", "batch_size"])
+    if args.skip < 0:
+        raise ConfigError(f"--skip must be >= 0, got {args.skip}")
     if args.temperature <= 0 or not 0 < args.top_p <= 1:
         raise ConfigError("--temperature must be > 0 and --top-p in (0, 1]: pairs need sampled, varied answers")
     summary = sample_pairs(args.policy, args.prompts, args.out, args.judge,
                            Sampling(args.temperature, args.top_p, args.n), args.max_new_tokens, args.limit,
-                           args.seed, args.batch_size, args.device, args.force)
+                           args.seed, args.batch_size, args.device, args.force, args.skip, args.fresh)
+    if summary["skipped_as_used"]:
+        print(f"{summary['skipped_as_used']} prompts used by earlier rounds were left out", file=sys.stderr)
     print(f"{summary['pairs']} pairs from {summary['prompts']} prompts ({summary['samples']} answers, mean score "
           f"{summary['mean_score']:.3f}, {summary['no_eos_share']:.1%} cut off) -> {summary['out']}", file=sys.stderr)
     return 0 if summary["pairs"] else 1

@@ -74,16 +74,52 @@ def best_vs_worst(candidates: list[tuple[float | None, str, bool]]
     return (best, worst) if best[0] - worst[0] > 1e-9 else None
 
 
+USED_FILE = "used-prompts.jsonl"  # in a pipeline directory: the prompts its rounds have drawn pairs from
+
+
+def _key(messages: Messages) -> str:
+    return json.dumps(messages, sort_keys=True, ensure_ascii=False)
+
+
+def used_prompts(pipeline: Path) -> set[str]:
+    path = pipeline / USED_FILE
+    if not path.is_file():
+        return set()
+    return {json.loads(line)["prompt"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()}
+
+
+def _record_used(pipeline: Path, prompts: list[tuple[Messages, int | None]], out: Path) -> None:
+    """Append what this run drew from to the pipeline's ledger (rewritten whole, atomically)."""
+    path = pipeline / USED_FILE
+    old = path.read_text(encoding="utf-8") if path.is_file() else ""
+    new = "".join(json.dumps({"prompt": _key(m), "pairs": str(out)}, ensure_ascii=False) + "\n" for m, _ in prompts)
+    atomic_write_text(path, old + new)
+
+
 def sample_pairs(policy: str, prompts_spec: str, out: str, judge: str = "gold",
                  sampling: Sampling = Sampling(1.0, 1.0, 4), max_new_tokens: int = 64, limit: int | None = None,
                  seed: int = 0, batch_size: int = 64,
-                 device: str = "auto", force: bool = False) -> dict[str, Any]:
+                 device: str = "auto", force: bool = False, skip: int = 0, fresh: bool = False) -> dict[str, Any]:
+    """Pairs from `policy`'s own answers to the prompts of `prompts_spec`, after the first `skip` of them (and, with
+    `fresh`, only prompts the pipeline directory `policy` has not drawn pairs from before), at most `limit`."""
     if sampling.n < 2:
         raise ConfigError("--n must be at least 2: a pair needs two answers to the same prompt")
     out_path = Path(out)
     if out_path.exists() and not force:
         raise OutputError(f"--out {out} already exists; pass --force to replace it")
-    prompts = _unique(load_prompts(prompts_spec, limit if limit is not None else 10**12))
+    pipeline = Path(policy)
+    if fresh and not (pipeline / "champion.json").is_file():
+        raise ConfigError(f"--fresh needs --policy to be a pipeline directory (runs/<name>, with champion.json): its "
+                          f"ledger {USED_FILE} says which prompts earlier rounds used; {policy} is not one")
+    all_prompts = _unique(load_prompts(prompts_spec, 10**12))
+    used = used_prompts(pipeline) if fresh else set()
+    new = [(m, a) for m, a in all_prompts if _key(m) not in used]
+    if fresh and not new:
+        raise ConfigError(f"--fresh: all {len(all_prompts)} prompts of {prompts_spec} were used by earlier rounds "
+                          f"({pipeline / USED_FILE}); bring new prompts, or leave out --fresh to reuse them")
+    prompts = new[skip:]
+    if limit is not None:
+        prompts = prompts[:limit]
     if judge == "gold":
         gold = require_gold_judge("--judge gold", "pass --judge runs/<run>/reward to judge with a reward model")
         without = sum(a is None for _, a in prompts)
@@ -117,8 +153,11 @@ def sample_pairs(policy: str, prompts_spec: str, out: str, judge: str = "gold",
             row["answer"] = answer
         rows.append(row)
     atomic_write_text(out_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    if fresh:
+        _record_used(pipeline, prompts, out_path)
     n_samples = sum(len(t) for t in texts)
-    return {"prompts": len(prompts), "samples": n_samples, "pairs": len(rows),
+    return {"prompts": len(prompts), "skipped_as_used": len(all_prompts) - len(new), "samples": n_samples,
+            "pairs": len(rows),
             "mean_score": sum(all_scores) / len(all_scores) if all_scores else None,
             "no_eos_share": sum(not tok or tok[-1] != eos for a in drawn for _, tok in a) / max(n_samples, 1),
             "generation_seconds": round(gen_seconds, 1), "out": str(out_path)}
