@@ -265,3 +265,37 @@ def test_a_new_round_starts_from_the_champion_held_to_the_chosen_reference(tmp_p
     assert v2["stages"]["sft"]["made_in"] == "v1"  # SFT's inputs did not change
     # the same command again: nothing to do, whatever v2 decided about the champion
     assert run(load_pipeline(None, [*overrides, f"data.preferences={prefs},{more}"])).get("nothing_to_do")
+
+
+def test_a_round_opens_with_pairs_sampled_from_the_champion(tmp_path, tiny_model_dir, monkeypatch):
+    from align.loop import onpolicy
+
+    prefs = write_jsonl(tmp_path / "prefs.jsonl", pair_rows([(a, b) for a in range(2, 8) for b in (3, 7)]))
+    prefs_eval = write_jsonl(tmp_path / "prefs-eval.jsonl", pair_rows(EVAL_NUMBERS[:4], start=1))
+    sft_rows = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": r["prompt"], "completion": r["chosen"]}
+                                                    for r in pair_rows([(2, 3), (4, 5), (6, 7), (8, 9)])])
+    questions = write_jsonl(tmp_path / "questions.jsonl", [{"prompt": f"What is {a} + 10?", "answer": a + 10}
+                                                           for a in range(6)])
+    overrides = [*tiny_overrides(tmp_path, tiny_model_dir, prefs, prefs_eval, sft_rows), "ppo.enabled=false",
+                 "grpo.enabled=false", "pairs.enabled=true", f"pairs.prompts={questions}", "pairs.limit=3",
+                 "pairs.n=2"]
+    asked = []
+
+    def fake(model, tokenizer, messages, sampling, *a, **k):  # the champion: right once, wrong once
+        asked.append([m[-1]["content"] for m in messages])
+        eos = tokenizer.eos_token_id
+        return [[(f"The answer is {int(m[-1]['content'].split()[2]) + 10}.", [5, eos]), ("The answer is 0.", [5, eos])]
+                for m in messages]
+
+    monkeypatch.setattr(onpolicy, "sample_batch", fake)
+    v1 = run(load_pipeline(None, overrides))
+    assert "pairs" not in v1 and asked == []  # no champion before the first round: nothing to sample
+    v2 = run(load_pipeline(None, overrides))  # the same command: a new round, opened by the champion's pairs
+    assert v2["version"] == "v2" and v2["pairs"]["pairs"] == 3
+    assert asked == [[f"What is {a} + 10?" for a in (0, 1, 2)]]
+    pairs = [json.loads(line) for line in Path(v2["pairs"]["file"]).read_text().splitlines()]
+    assert [r["chosen"] for r in pairs] == ["The answer is 10.", "The answer is 11.", "The answer is 12."]
+    assert v2["stages"]["sft"]["made_in"] == "v1" and v2["stages"]["dpo"]["made_in"] == "v2"
+    assert v2["config"]["data"]["preferences"] == f"{v2['pairs']['file']},{prefs}"
+    v3 = run(load_pipeline(None, overrides))
+    assert v3["version"] == "v3" and asked[1] == [f"What is {a} + 10?" for a in (3, 4, 5)]  # new questions

@@ -65,6 +65,7 @@ class StagePlan:
 class Pipeline:
     settings: PipelineSettings
     stages: dict[str, StagePlan]
+    round_pairs: dict[str, Any] | None = None  # this round's on-policy pairs (pairs.enabled): file and summary
 
     @property
     def home(self) -> Home:
@@ -242,6 +243,7 @@ def run(p: Pipeline, start: str | None = None) -> dict[str, Any]:
         raise ConfigError(f"--from {start}: not a step; choose one of {', '.join(STEPS)}")
     home, forced = p.home, set(STEPS[STEPS.index(start):]) if start else set()
     last = home.latest()
+    _round_pairs(p, home, last, fresh_round=start is None)
     policy_start = (last or {}).get("start")  # what the latest version's policies started from
     keys = plan_keys(p, policy_start)
     made = {stage: None if stage in forced else home.known(key) for stage, key in keys.items()}
@@ -259,6 +261,8 @@ def run(p: Pipeline, start: str | None = None) -> dict[str, Any]:
             to_train = [stage for stage, path in made.items() if path is None]
     record = home.open_version(dataclasses.asdict(p.settings), reopen=not to_train)
     record["start"] = policy_start
+    if p.round_pairs:
+        record["pairs"] = p.round_pairs
     if policy_start:
         log.info("DPO, PPO and GRPO start from the champion, %s %s (%s); their reference is %s",
                  policy_start["version"], policy_start["stage"], policy_start["path"],
@@ -275,6 +279,38 @@ def run(p: Pipeline, start: str | None = None) -> dict[str, Any]:
     record["status"] = "done"
     home.write(record)
     return record
+
+
+def _round_pairs(p: Pipeline, home: Home, last: dict[str, Any] | None, fresh_round: bool) -> None:
+    """With pairs.enabled, the on-policy pairs of this round go in front of data.preferences: the latest version's
+    when it is being continued, else new ones sampled from the champion on prompts no earlier round used."""
+    s = p.settings
+    if not s.pairs.enabled:
+        return
+    if last is not None and last["status"] != "done":
+        made = last.get("pairs")
+    elif not fresh_round or home.champion() is None:
+        made = None
+        if home.champion() is None:
+            log.info("pairs: no champion yet to sample; this round trains on data.preferences alone")
+    else:
+        from align.loop.onpolicy import sample_pairs  # loads torch and the champion: only when a round samples
+        from align.modeling.generate import Sampling
+
+        number = int(last["version"][1:]) + 1
+        out = home.root / "pairs" / f"v{number}.jsonl"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        q = s.pairs
+        log.info("pairs: sampling the champion on %d new prompts, %d answers each", q.limit, q.n)
+        summary = sample_pairs(str(home.root), q.prompts or s.data.prompts or s.data.preferences, str(out),
+                               sampling=Sampling(q.temperature, 1.0, q.n), max_new_tokens=q.max_new_tokens,
+                               limit=q.limit, device=s.evaluate.device, force=True, fresh=True)
+        log.info("pairs: %d pairs from %d prompts (%d used before were left out) -> %s", summary["pairs"],
+                 summary["prompts"], summary["skipped_as_used"], out)
+        made = {**summary, "file": str(out)} if summary["pairs"] else None
+    if made:
+        p.round_pairs = made
+        s.data = dataclasses.replace(s.data, preferences=f"{made['file']},{s.data.preferences}")
 
 
 def _step(home: Home, record: dict[str, Any], name: str, fn) -> None:

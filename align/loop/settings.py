@@ -67,6 +67,21 @@ class MergeSection:
 
 
 @dataclass
+class PairsSection:
+    enabled: bool = opt(False, "open each new round by sampling the champion: for prompts no earlier round used, its "
+                        "best and worst of `n` answers (by the gold judge) become preference pairs, read before "
+                        "data.preferences by the reward model and DPO (and PPO's and GRPO's prompts), so one "
+                        "`align run` is one round. Needs a champion (a first run makes one)")
+    prompts: str | None = opt(None, "prompts to draw from, each with an integer 'answer' for the gold judge; empty = "
+                              "data.prompts, else the prompts of data.preferences")
+    limit: int = opt(96, "new prompts per round", lambda v: v >= 1, "must be >= 1")
+    n: int = opt(4, "answers sampled per prompt", lambda v: v >= 2, "must be >= 2 (a pair needs two)")
+    temperature: float = opt(1.0, "sampling temperature (the champion's own distribution at 1.0)", lambda v: v > 0,
+                             "must be > 0")
+    max_new_tokens: int = opt(64, "longest sampled answer", lambda v: v >= 1, "must be >= 1")
+
+
+@dataclass
 class PipelineSettings:
     name: str = opt("demo", "pipeline name: versions go to <runs_dir>/<name>/v1, v2, ...",
                     lambda v: bool(v) and "/" not in v and v not in {".", ".."}, "must be a name without '/'")
@@ -81,6 +96,7 @@ class PipelineSettings:
         "policy they start from, a moving anchor that lets every round move as far again (the lineage's distance "
         "from SFT then adds up round by round)")
     data: PipelineData = field(default_factory=PipelineData, metadata={"help": "data of every stage"})
+    pairs: PairsSection = field(default_factory=PairsSection, metadata={"help": "on-policy pairs that open a round"})
     evaluate: EvalSection = field(default_factory=EvalSection, metadata={"help": "evaluation of new policies"})
     promotion: PromotionRule = field(default_factory=PromotionRule, metadata={"help": "when a policy is promoted"})
     merge: MergeSection = field(default_factory=MergeSection, metadata={"help": "merging the new champion"})
