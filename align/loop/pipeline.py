@@ -283,16 +283,16 @@ def run(p: Pipeline, start: str | None = None) -> dict[str, Any]:
 
 def _round_pairs(p: Pipeline, home: Home, last: dict[str, Any] | None, fresh_round: bool) -> None:
     """With pairs.enabled, the on-policy pairs of this round go in front of data.preferences: the latest version's
-    when it is being continued, else new ones sampled from the champion on prompts no earlier round used."""
+    when it is continued or steps of it run again (--from), else new ones sampled from the champion on prompts no
+    earlier round used."""
     s = p.settings
     if not s.pairs.enabled:
         return
-    if last is not None and last["status"] != "done":
+    if last is not None and (last["status"] != "done" or not fresh_round):  # continued, or --from STEP: as it was
         made = last.get("pairs")
-    elif not fresh_round or home.champion() is None:
+    elif home.champion() is None:
         made = None
-        if home.champion() is None:
-            log.info("pairs: no champion yet to sample; this round trains on data.preferences alone")
+        log.info("pairs: no champion yet to sample; this round trains on data.preferences alone")
     else:
         from align.loop.onpolicy import sample_pairs  # loads torch and the champion: only when a round samples
         from align.modeling.generate import Sampling
