@@ -295,7 +295,7 @@ def _round_pairs(p: Pipeline, home: Home, last: dict[str, Any] | None, fresh_rou
         log.info("pairs: no champion yet to sample; this round trains on data.preferences alone")
     else:
         from align.loop.onpolicy import sample_pairs  # loads torch and the champion: only when a round samples
-        from align.modeling.generate import Sampling
+        from align.modeling.generate import Sampling  # (with the sampler above: torch, only when a round samples)
 
         number = int(last["version"][1:]) + 1
         out = home.root / "pairs" / f"v{number}.jsonl"
