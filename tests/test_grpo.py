@@ -136,9 +136,11 @@ def test_resume_continues_the_same_run(tmp_path, peaky, prompts, monkeypatch):  
 
 def test_rloo_dr_grpo_and_constant_normalisation_train(tmp_path, peaky, prompts):  # noqa: F811
     out = grpo.run(make_cfg(tmp_path, peaky, prompts, "grpo.advantage=rloo", "grpo.scale_rewards=false",
-                            "grpo.loss_norm=constant", "grpo.epochs=2", "rewards=[gold]", "grpo.beta=0"))
+                            "grpo.loss_norm=constant", "grpo.epochs=2", "rewards=[gold, format]", "grpo.beta=0",
+                            "grpo.skip_uniform_groups=false"))
     history = json.loads((out / "metrics.json").read_text())["log_history"]
-    assert len(history) == 3 and all("kl" not in h for h in history)  # beta = 0: no reference, no KL
+    assert len(history) == 3 and all(h["trained_answers"] == 16 and "loss" in h for h in history)
+    assert all("kl" not in h for h in history)  # beta = 0: no reference, so no KL (not a KL of 0)
 
 
 @pytest.mark.parametrize("body, says", [

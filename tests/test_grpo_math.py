@@ -62,7 +62,7 @@ def test_the_low_clip_bounds_a_bad_answer_and_k3_kl_is_added_with_beta():
     old, adv, mask = torch.zeros(1, 2), torch.tensor([-1.0]), torch.ones(1, 2)
     # A = −1, r = 0.5: max(0.5, clip(0.5, 0.8, 1.28) = 0.8) = 0.8 (clipped, low side); r = 1: 1.0
     loss, m = grpo_policy_loss(logp, old, adv, mask, 0.2, 0.28)
-    assert loss.item() == pytest.approx((0.8 + 1.0) / 2)
+    assert loss.item() == pytest.approx((0.8 + 1.0) / 2) and "kl" not in m  # no reference, no KL
     assert m["clip_low_fraction"].item() == pytest.approx(0.5) and m["clip_high_fraction"].item() == 0
     # reference log-probs ln 2 above the policy's on token 2: k3 = e^{ln 2} − ln 2 − 1 = 1 − ln 2 = 0.30685
     ref = logp + torch.tensor([[0.0, math.log(2)]])

@@ -169,7 +169,8 @@ def grpo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: tor
       token     sum over every token / the batch's token count (DAPO: every token counts the same)
       constant  sum over every token / (B · max_tokens) (Dr. GRPO: no length bias from the denominator)
     Metrics: clip_low_fraction / clip_high_fraction (tokens where the clipped term won, below / above), kl (the
-    mean k3) and approx_kl = mean ½(logp − old_logp)² (how far the updates moved from the sampling policy).
+    mean k3, only with a reference) and approx_kl = mean ½(logp − old_logp)² (how far the updates moved from the
+    sampling policy).
     """
     if norm not in GRPO_NORMS:
         raise ValueError(f"unknown loss normalisation {norm!r}: use one of {', '.join(GRPO_NORMS)}")
@@ -198,5 +199,7 @@ def grpo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: tor
     won = (clipped > unclipped).float()
     metrics = {"clip_low_fraction": masked_mean(won * (adv < 0).float(), mask).detach(),
                "clip_high_fraction": masked_mean(won * (adv > 0).float(), mask).detach(),
-               "kl": masked_mean(kl.detach(), mask), "approx_kl": masked_mean(0.5 * log_ratio.detach() ** 2, mask)}
+               "approx_kl": masked_mean(0.5 * log_ratio.detach() ** 2, mask)}
+    if ref_logp is not None:  # without a reference there is no KL to report (not a KL of 0)
+        metrics["kl"] = masked_mean(kl.detach(), mask)
     return loss, metrics
