@@ -3,6 +3,8 @@ from each family's documented format (tests/families.py) go through the formatti
 model (its score read at the turn's end, whatever the padding, as `align score` reads it), DPO, PPO, a verified
 merge, and generation that stops at the end of the turn."""
 
+import json
+
 import pytest
 import torch
 from conftest import pair_rows, write_jsonl
@@ -115,3 +117,38 @@ def test_every_stage_runs_and_the_reward_is_read_at_the_turns_end(fam, tmp_path)
     from transformers import GenerationConfig  # plain transformers' generate stops the merged policy at the turn end
     assert GenerationConfig.from_pretrained(tmp_path / "merged").eos_token_id[0] == tok.convert_tokens_to_ids(
         family.turn_end)
+
+
+def test_grpo_answers_end_at_the_turns_end_and_rewards_see_plain_text(fam, tmp_path):
+    """GRPO on every family: sampled answers that ended carry the family's turn end as their last token, the
+    text a reward function receives holds no special token, and a step trains."""
+    from align.runtime.config import GRPOConfig
+    from align.stages import grpo
+
+    family, path, tok = fam
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"What is {a} + 1?", "answer": a + 1}
+                                                       for a in range(4)])
+    fn = tmp_path / "spy.py"  # a user's reward function that writes down the answers it is given
+    fn.write_text(f"import json\ndef r(prompt, answer, row):\n    open({str(tmp_path / 'seen.jsonl')!r}, 'a')"
+                  ".write(json.dumps(answer) + '\\n')\n    return float(len(answer) % 3)\n")
+    cfg = load_config(GRPOConfig, None, [
+        f"model.name_or_path={path}", f"runs_dir={tmp_path / 'runs'}", "run=f", f"data.train={prompts}",
+        "lora.r=4", "lora.alpha=8", "rollout.batch_size=2", "grpo.num_generations=2", "rollout.max_new_tokens=6",
+        "training.batch_size=4", "training.max_steps=1", "grpo.skip_uniform_groups=false", "eval_prompts=",
+        f"rewards=[{fn}:r]"])
+    prep = grpo.setup(cfg)
+    roles = grpo.build_roles(prep)
+    torch.manual_seed(0)
+    batch, groups = grpo.sample_groups(roles, prep, [0, 1])
+    turn_end = tok.convert_tokens_to_ids(family.turn_end)
+    lengths = batch.resp_mask.sum(1).long()
+    for i in range(len(groups.texts)):
+        last = int(batch.responses[i, lengths[i] - 1])
+        assert bool(batch.ended[i]) == (last == turn_end)
+    seen = [json.loads(line) for line in (tmp_path / "seen.jsonl").read_text().splitlines()]
+    assert seen == groups.texts and len(seen) == 4
+    specials = [t for t in tok.all_special_tokens if t]
+    assert not any(s in text for s in specials for text in seen), seen
+    out = grpo.run(cfg)
+    assert (out / "adapter_model.safetensors").is_file()
+    assert load_tokenizer(str(out)).eos_token_id == turn_end
