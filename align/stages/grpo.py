@@ -31,7 +31,7 @@ import torch
 from align.modeling.generate import Sampling, sample_batch
 from align.modeling.models import REFERENCE, adapter_params, add_adapter_from, resolve_quantization
 from align.modeling.recompute import checkpoint_follows_adapters
-from align.modeling.roles import POLICY, REWARD, Batch, Roles, head_from, make_batch
+from align.modeling.roles import POLICY, Batch, Roles, make_batch
 from align.rl.advantages import group_advantages
 from align.rl.losses import grpo_policy_loss
 from align.rl.masked import masked_mean
@@ -46,8 +46,6 @@ from align.stages import online
 from align.stages.common import (
     Prepared,
     build_lora_model,
-    load_separately,
-    on_same_base,
     save_stage,
     use_cuda_defaults,
 )
@@ -65,7 +63,7 @@ def setup(cfg: GRPOConfig) -> Prepared:
 
 def build_roles(prep: Prepared) -> Roles:
     """One base: the policy trainable; the reference (only when β > 0) and a reward model frozen, as adapters."""
-    cfg, rm = prep.cfg, model_term(prep.terms)
+    cfg = prep.cfg
     model = build_lora_model(prep)  # the policy, from SFT when there is one
     checkpointing = use_cuda_defaults(cfg)["gradient_checkpointing"]
     if checkpointing and resolve_quantization(cfg.model) != "nf4":  # (the 4-bit path does it in attach_lora)
@@ -73,12 +71,7 @@ def build_roles(prep: Prepared) -> Roles:
     dev = next(p for p in model.parameters()).device
     if cfg.grpo.beta > 0 and prep.sft is not None:
         add_adapter_from(model, REFERENCE, prep.sft, cfg.lora, trainable=False)
-    score_head, separate, same_base = None, None, rm is not None and on_same_base(rm.model, prep)
-    if same_base:
-        add_adapter_from(model, REWARD, rm.model, cfg.lora, trainable=False)
-        score_head = head_from(rm.model, model.config.hidden_size, torch.float32, dev).requires_grad_(False)
-    elif rm is not None:
-        separate = load_separately(rm.model)
+    same_base, score_head, separate = online.add_reward_model(model, prep, dev)
     model.base_model.set_adapter(POLICY)
     if checkpointing:  # the reward role's forwards run between the policy's, outside any backward: still safe
         checkpoint_follows_adapters(model)
@@ -117,10 +110,10 @@ def sample_groups(roles: Roles, prep: Prepared, rows: list[int]) -> tuple[Batch,
     rows = [i for i in rows for _ in range(g)]
     roles.model.eval()
     start = time.monotonic()
-    prompt_ids = [prep.train.encoded[i] for i in rows]
-    drawn = sample_batch(roles.model, tok, [prep.train.examples[i].prompt for i in rows],
-                         Sampling(temperature, 1.0, 1), cfg.rollout.max_new_tokens, batch_size=len(rows),
-                         encoded=prompt_ids)
+    prompt_ids = [prep.train.encoded[i] for i in rows]  # tokenized once, when the data was loaded
+    prompts = [prep.train.examples[i].prompt for i in rows]
+    drawn = sample_batch(roles.model, tok, prompts, Sampling(temperature, 1.0, 1), cfg.rollout.max_new_tokens,
+                         batch_size=len(rows), encoded=prompt_ids)
     gen_seconds = time.monotonic() - start
     texts = [text for ((text, _),) in drawn]
     dev = next(roles.model.parameters()).device
@@ -132,7 +125,6 @@ def sample_groups(roles: Roles, prep: Prepared, rows: list[int]) -> tuple[Batch,
     def each(fn) -> torch.Tensor:
         return torch.cat([fn(batch.select(s), s.tolist()) for s in slices])
 
-    prompts = [prep.train.examples[i].prompt for i in rows]
     with torch.no_grad():
         old_logp = None if on_policy(cfg, len(rows)) else each(lambda b, _: roles.policy_logps(b, temperature))
         ref_logp = None
@@ -330,7 +322,7 @@ def train_loop(prep: Prepared, roles: Roles, resume_from: Path | None) -> dict[s
         if state.step % t.save_steps == 0 and state.step < t.max_steps:
             checkpoint(prep.paths.work, state, named, optimizer, t.save_total_limit, accelerator)
     bar.close()
-    return {"steps": t.max_steps, "log_history": state.log_history, "_named": named}
+    return {"steps": t.max_steps, "log_history": state.log_history}
 
 
 def train(prep: Prepared) -> Path:
@@ -353,8 +345,7 @@ def train(prep: Prepared) -> Path:
                         f"{answers} answers of up to rollout.max_new_tokens={cfg.rollout.max_new_tokens} at once"):
         metrics.update(train_loop(prep, roles, ckpt))
     metrics["train_seconds"] = time.time() - start
-    named = metrics.pop("_named")
-    metrics.update(processes=world_size(), rank_weight_spread=weights_spread(named))
+    metrics.update(processes=world_size(), rank_weight_spread=weights_spread(adapter_params(roles.model, (POLICY,))))
     if not is_main():  # the main process evaluates and writes the output
         return prep.paths.out
     history = metrics["log_history"]

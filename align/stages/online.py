@@ -11,11 +11,13 @@ import torch
 from align.data.rows import Example, _as_messages, char_bound, chars, load_rows
 from align.modeling.formatting import encode_prompt
 from align.modeling.generate import Sampling
+from align.modeling.models import add_adapter_from
+from align.modeling.roles import REWARD, head_from
 from align.runtime.checkpoint import save_checkpoint
 from align.runtime.distributed import any_rank, sharded_by
 from align.runtime.errors import ConfigError, FormatError, RowError, TrainingStopped
 from align.serving.trained import open_run
-from align.stages.common import Prepared, prepare
+from align.stages.common import Prepared, load_separately, on_same_base, prepare
 from align.stages.rewards import Term, check_row, combine, model_term, reward_inputs, terms_of
 
 
@@ -43,6 +45,18 @@ def setup(cfg: Any) -> Prepared:
     prep.inputs.update(reward_inputs(terms))
     prep.terms = terms
     return prep
+
+
+def add_reward_model(model, prep: Prepared, dev) -> tuple[bool, torch.nn.Linear | None, Any]:
+    """The rewards' reward model, if they name one: (on the same base, frozen score head, separate model). A reward
+    run on this base becomes the frozen REWARD adapter plus its score head; any other is loaded on its own."""
+    rm = model_term(prep.terms)
+    if rm is None:
+        return False, None, None
+    if not on_same_base(rm.model, prep):
+        return False, None, load_separately(rm.model)
+    add_adapter_from(model, REWARD, rm.model, prep.cfg.lora, trainable=False)
+    return True, head_from(rm.model, model.config.hidden_size, torch.float32, dev).requires_grad_(False), None
 
 
 def prompt_loader(cfg: Any, terms: list[Term] = ()):

@@ -41,7 +41,7 @@ from align.modeling.models import (
     resolve_quantization,
 )
 from align.modeling.recompute import checkpoint_follows_adapters
-from align.modeling.roles import POLICY, REWARD, VALUE, Batch, Roles, head_from, make_batch
+from align.modeling.roles import POLICY, VALUE, Batch, Roles, head_from, make_batch
 from align.rl.advantages import (
     KLController,
     RunningMoments,
@@ -70,8 +70,6 @@ from align.stages import online
 from align.stages.common import (
     Prepared,
     build_lora_model,
-    load_separately,
-    on_same_base,
     save_stage,
     use_cuda_defaults,
 )
@@ -104,19 +102,13 @@ def build_roles(prep: Prepared) -> Roles:
     dev = next(p for p in model.parameters()).device
     if prep.sft is not None:
         add_adapter_from(model, REFERENCE, prep.sft, cfg.lora, trainable=False)
-    same_base = rm is not None and on_same_base(rm.model, prep)
-    separate = None
-    score_head = None
+    same_base, score_head, separate = online.add_reward_model(model, prep, dev)
     if same_base:
-        add_adapter_from(model, REWARD, rm.model, cfg.lora, trainable=False)
-        score_head = head_from(rm.model, hidden, torch.float32, dev).requires_grad_(False)
         add_adapter_from(model, VALUE, rm.model, cfg.lora, trainable=True)  # the value model starts as the RM
         value_head = head_from(rm.model, hidden, torch.float32, dev)
         if cfg.ppo.normalize_reward:  # its targets are normalised returns, not the RM's raw scores: see above
             torch.nn.init.zeros_(value_head.weight)
     else:
-        if rm is not None:
-            separate = load_separately(rm.model)
         model.add_adapter(VALUE, peft_lora_config(lora))  # no reward model to start from: a fresh value model
         value_head = torch.nn.Linear(hidden, 1, bias=False, device=dev)
         torch.nn.init.zeros_(value_head.weight)
