@@ -49,6 +49,7 @@ from align.runtime.config import (
 from align.runtime.errors import ConfigError
 from align.runtime.runs import json_hash
 from align.stages import dpo, grpo, ppo, reward, sft
+from align.stages.rewards import names_reward_model
 
 log = logging.getLogger(__name__)
 OPT_IN = ("grpo",)  # stages a pipeline runs only when its file (or an override) names them
@@ -226,7 +227,7 @@ def plan_keys(p: Pipeline, start: dict[str, Any] | None = None) -> dict[str, str
 def uses_reward_model(p: Pipeline, stage: str) -> bool:
     """Whether an RL stage's rewards name the reward stage's model (PPO by default; GRPO when asked)."""
     cfg = stage_config(p, stage, "v0", {q: Path("<parent>") for q in STAGE_ORDER})
-    return any((r if isinstance(r, str) else r.source).strip() == "reward_model" for r in cfg.rewards)
+    return names_reward_model(cfg.rewards)
 
 
 def parents_of(p: Pipeline, stage: str) -> tuple[str, ...]:

@@ -101,14 +101,25 @@ def _user_function(source: str) -> Fn:
     return fn
 
 
+def spec_of(item: RewardTerm | str) -> RewardTerm:
+    """A configured reward as {source, weight}: a bare source weighs 1."""
+    spec = item if isinstance(item, RewardTerm) else RewardTerm(source=item)
+    return RewardTerm(source=spec.source.strip(), weight=spec.weight)
+
+
+def names_reward_model(rewards: list[RewardTerm | str]) -> bool:
+    """Whether the rewards name the stage's reward_model= (the pipeline's reward stage)."""
+    return any(spec_of(r).source == REWARD_MODEL for r in rewards)
+
+
 def terms_of(rewards: list[RewardTerm | str], reward_model: str | None) -> list[Term]:
     """The configured rewards, resolved and checked: functions imported, directories found."""
     if not rewards:
         raise ConfigError("rewards is empty: name at least one, e.g. rewards=[gold] or rewards=[reward_model]")
     terms: list[Term] = []
     for item in rewards:
-        spec = item if isinstance(item, RewardTerm) else RewardTerm(source=item)
-        source = spec.source.strip()
+        spec = spec_of(item)
+        source = spec.source
         if source == "gold":
             term = Term("gold", spec.weight, _gold(), needs=_int_answer)
         elif source == "format":
