@@ -11,6 +11,7 @@ import warnings
 from pathlib import Path
 
 from align.cli import loop as cli_pipeline
+from align.cli import people as cli_people
 from align.runtime.config import STAGES, ModelConfig, describe, load_config, to_yaml
 from align.runtime.errors import AlignError, ConfigError
 from align.runtime.runs import atomic_write_json
@@ -52,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     _eval_parser(sub)
     _score_parser(sub)
     _serve_parser(sub)
+    cli_people.add_parsers(sub)
     m = sub.add_parser("model", help="prepare a base model (converts the embedded default once) and print its path")
     m.add_argument("name_or_path", nargs="?", help="model dir, hub id or .gguf (default: embedded SmolLM2)")
     return parser
@@ -356,7 +358,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.verb in STAGES:
             return _run_stage(args.verb, args)
         verbs = {"run": cli_pipeline.run_command, "runs": cli_pipeline.runs_command, "pairs": _pairs,
-                 "merge": _merge, "eval": _eval, "score": _score, "serve-rm": _serve, "model": _model}
+                 "merge": _merge, "eval": _eval, "score": _score, "serve-rm": _serve, "model": _model,
+                 "chat": cli_people.chat_command}
         return verbs[args.verb](args)
     except AlignError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -94,14 +94,15 @@ def _bare_generation_config(model):
 
 @torch.no_grad()
 def draw(model, ids: torch.Tensor, mask: torch.Tensor, sampling: Sampling, max_new_tokens: int, stop_id: int,
-         pad_id: int, scores: bool = False):
+         pad_id: int, scores: bool = False, streamer=None):
     """Every generate() call of align: (rows × n, prompt + answer) token ids, or with `scores` the generate output
-    holding the processed logits each token was drawn from (tests compare them with the RL log-probs)."""
+    holding the processed logits each token was drawn from (tests compare them with the RL log-probs). `streamer`
+    (one row only) is handed each token as it is drawn (`align chat` shows them as they come)."""
     config = sampling.generation_config(max_new_tokens, stop_id, pad_id)
     if scores:
         config.update(return_dict_in_generate=True, output_scores=True)
     with _bare_generation_config(model):
-        return model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+        return model.generate(input_ids=ids, attention_mask=mask, generation_config=config, streamer=streamer)
 
 
 @torch.no_grad()
