@@ -70,3 +70,86 @@ def chat_command(args: argparse.Namespace) -> int:
     if failed:
         print(f"{failed} input lines failed (see the errors above)", file=sys.stderr)
     return 1 if failed else 0
+
+
+LABEL_EPILOG = """\
+what to label (one of):
+  --pairs FILE                            review preference data: each row's chosen and rejected, in random order
+  --policy RUN --prompts FILE             collect preferences: the policy answers each prompt twice (sampled)
+  --policy RUN --against OTHER --prompts FILE
+                                          human evaluation: both policies answer each prompt; the page shows the
+                                          answers blind and in random order (`align eval --human OUT` reads them)
+
+the file written (--out):
+  one line per judgement, appended as it is made (a kill never leaves half a line): a preference row
+  {"prompt", "chosen", "rejected"} when one answer won, that `align reward`, `align dpo` and
+  `align run data.preferences=OUT` read as it is; ties and "both bad" keep their "label" and both answers and are
+  left out of the pairs. Every row also says who judged it ("annotator"), when, and which side wrote which answer
+  ("written_by"). OUT.items.jsonl keeps the answers shown and OUT.skips.jsonl the skipped items: the same command
+  again resumes where each annotator stopped.
+
+several annotators:
+  open the page in several browsers (each asks for a name, or add &annotator=NAME to the address); they see the
+  same items, and `align eval --human OUT` reports their agreement (Cohen's kappa).
+
+keys on the page: A/1 answer A is better, B/2 answer B, T/3 tie, X/4 both bad, S skip.
+the page listens on 127.0.0.1; to open it to other machines set ALIGN_API_KEY and give --host (they then open
+http://HOST:PORT/?key=KEY).
+"""
+
+
+def add_label_parser(sub) -> None:
+    p = sub.add_parser("label", help="a local web page where people judge two answers (review data, collect "
+                       "preferences, blind human evaluation)", description="Judge pairs of answers in a browser.",
+                       epilog=LABEL_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pairs", metavar="FILE", help="a preference file to review")
+    p.add_argument("--policy", metavar="DIR", help=MODEL_HELP)
+    p.add_argument("--against", metavar="DIR", help="the policy --policy is compared with, blind (e.g. the champion)")
+    p.add_argument("--prompts", metavar="FILE", help="prompts to draw answers for ('prompt' rows; an integer "
+                   "'answer' lets `align eval --human` check the gold judge against people)")
+    p.add_argument("--out", required=True, metavar="FILE.jsonl", help="the judgements (appended; resumed)")
+    p.add_argument("--limit", type=int, metavar="N", help="at most N rows / prompts (default: all)")
+    p.add_argument("--temperature", type=float, help="sampling temperature of the answers (default: 0.7 when one "
+                   "policy answers twice, 0 = greedy when two policies are compared, as `align eval` does)")
+    p.add_argument("--max-new-tokens", type=int, default=128, metavar="N", help="answer budget (default 128)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8100, help="port (default 8100)")
+    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N")
+
+
+def label_command(args: argparse.Namespace) -> int:
+    # loaded for this verb only: the server and the models, which `align --help` does not need
+    import os
+    from pathlib import Path
+
+    from align.evaluation.human import agreement
+    from align.serving.label_app import make_server
+    from align.serving.label_items import Setup
+    from align.serving.label_session import LabelSession
+    from align.serving.serve import API_KEY_ENV, check_bind
+    from align.serving.trained import load_any_policy
+
+    setup = Setup(args.pairs, args.policy, args.against, args.prompts, args.limit, args.temperature,
+                  args.max_new_tokens, args.seed)
+    setup.check()
+    api_key = os.environ.get(API_KEY_ENV) or None
+    check_bind(args.host, api_key)
+    session = LabelSession(setup, Path(args.out), lambda spec: load_any_policy(spec, args.device, "--policy"))
+    session.start()
+    server = make_server(session, args.host, args.port, api_key, agreement)
+    shown_host = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"label page: http://{shown_host}:{args.port}/{'?key=KEY' if api_key else ''}  (Ctrl-C to stop; "
+          f"judgements go to {args.out})", file=sys.stderr, flush=True)
+    try:
+        server.run()
+    finally:
+        session.stop()
+        n = len(session.judgements)
+        print(f"{n} judgements in {args.out}", file=sys.stderr)
+        summary = agreement(session.judgements)
+        for pair in summary["pairs"]:
+            kappa = "undefined (one label only)" if pair["kappa"] is None else f"{pair['kappa']:.2f}"
+            print(f"  agreement {pair['annotators'][0]} / {pair['annotators'][1]}: kappa {kappa}, raw "
+                  f"{pair['raw']:.0%} on {pair['items']} shared items", file=sys.stderr)
+    return 0

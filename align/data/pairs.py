@@ -14,10 +14,12 @@ from typing import Any
 
 from align.data.rows import Loaded, _as_messages, char_bound, chars, check_messages, load_rows, shown, type_name
 from align.modeling.formatting import Messages, encode_whole
-from align.runtime.errors import RowError
+from align.runtime.errors import NotAPair, RowError
 
 IDENTICAL = "'chosen' and 'rejected' are identical: the pair teaches nothing"
 _HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
+# labels of a person's judgement (align label) that prefer neither answer: such rows are kept, not used as pairs
+NOT_PAIRS = ("tie", "both_bad")
 
 
 @dataclass
@@ -47,6 +49,8 @@ def parse_pair(row: Any) -> tuple[Messages, Messages, Messages]:
     """
     if not isinstance(row, dict):
         raise RowError(f"a row must be a JSON object, got {type_name(row)}")
+    if row.get("label") in NOT_PAIRS and "chosen" not in row:
+        raise NotAPair(row["label"])
     for key in ("chosen", "rejected"):
         if key not in row:
             raise RowError(f"missing key '{key}' (a preference row needs 'chosen' and 'rejected', and may have "
@@ -68,10 +72,6 @@ def _answer(value: Any, key: str) -> Messages:
     if [m["role"] for m in answer] != ["assistant"]:
         raise RowError(f"'{key}' must be one assistant answer (a string or one assistant message)")
     return answer
-
-
-IDENTICAL = "'chosen' and 'rejected' are identical: the pair teaches nothing"
-_HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
 
 
 def _conversation(value: Any, key: str) -> Messages:

@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import io
 import json
+import logging
 import re
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -21,9 +22,10 @@ from typing import IO, Any
 
 from align.data.shipped import locate
 from align.modeling.formatting import Encoded, Messages, encode
-from align.runtime.errors import DataError, FormatError, RowError
+from align.runtime.errors import DataError, FormatError, NotAPair, RowError
 from align.runtime.runs import atomic_write_text, json_hash, sha256_path
 
+log = logging.getLogger(__name__)
 ROLES = ("system", "user", "assistant")
 SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 
@@ -345,12 +347,13 @@ class Loaded:
     examples: list[Any]
     rejects: list[Reject]
     total: int
+    left_out: int = 0  # valid rows that hold no example (NotAPair), counted apart from rejects
 
 
 def load_rows(spec: str, convert: Callable[[Any], tuple[Any, Any]], split: str = "train",
               limit: int | None = None) -> Loaded:
     """Read every row and convert it (parse + encode); a RowError or FormatError rejects the row with its reason."""
-    encoded, examples, rejects, total = [], [], [], 0
+    encoded, examples, rejects, total, left_out = [], [], [], 0, 0
     for source, row_no, raw in read_rows(spec, split):
         if limit is not None and len(encoded) >= limit:
             break
@@ -359,14 +362,23 @@ def load_rows(spec: str, convert: Callable[[Any], tuple[Any, Any]], split: str =
             if isinstance(raw, RowError):
                 raise raw
             enc, example = convert(raw)
+        except NotAPair:
+            total -= 1
+            left_out += 1
+            continue
         except (RowError, FormatError) as e:
             rejects.append(Reject(source, row_no, str(e), _preview(raw)))
             continue
         encoded.append(enc)
         examples.append(dataclasses.replace(example, source=source, row=row_no))
     if total == 0:
-        raise DataError(f"{spec}: no rows (the file is empty)")
-    return Loaded(encoded, examples, rejects, total)
+        held = f" ({left_out} rows are ties or 'both bad' judgements, which hold no pair)" if left_out else \
+            " (the file is empty)"
+        raise DataError(f"{spec}: no rows{held}")
+    if left_out:
+        log.info("%s: %d rows judged a tie or 'both bad' are kept in the file but hold no pair: left out", spec,
+                 left_out)
+    return Loaded(encoded, examples, rejects, total, left_out)
 
 
 def load_sft_data(spec: str, tokenizer, max_length: int, completion_only: bool, split: str = "train",

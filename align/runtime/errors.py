@@ -43,6 +43,10 @@ class RowError(ValueError):
     """Why one row cannot be used."""
 
 
+class NotAPair(Exception):
+    """A valid row that holds no preference (a person's tie or "both bad"): left out, neither used nor rejected."""
+
+
 class FormatError(ValueError):
     """An example this tokenizer/template cannot turn into a training sequence; the message is the reason."""
 
