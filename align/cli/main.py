@@ -112,6 +112,15 @@ def _serve_parser(sub) -> None:
     p.add_argument("--max-items", type=int, default=64, metavar="N", help="items per request (default 64)")
     p.add_argument("--max-body-bytes", type=int, default=2 * 1024 * 1024, metavar="N",
                    help="request body limit in bytes (default 2 MB)")
+    p.add_argument("--queue-size", type=int, default=1024, metavar="N",
+                   help="sequences waiting to be scored (a pair is 2); past it requests get 503 + Retry-After "
+                        "(default 1024)")
+    p.add_argument("--max-batch-tokens", type=int, default=16384, metavar="N",
+                   help="padded tokens per forward pass, across requests (default 16384)")
+    p.add_argument("--max-wait-ms", type=float, default=5.0, metavar="MS",
+                   help="how long a pass that is not full waits for more requests (default 5)")
+    p.add_argument("--max-connections", type=int, default=1024, metavar="N",
+                   help="open connections; past it uvicorn answers a plain 503 (default 1024)")
 
 
 PAIRS_EPILOG = """\
@@ -276,11 +285,15 @@ def _serve(args: argparse.Namespace) -> int:
     from align.serving.score import load_reward_model
     from align.serving.serve import API_KEY_ENV, Limits, check_bind, make_server
 
-    _positive_args(args, ["batch_size", "max_length", "max_items", "max_body_bytes"])
+    _positive_args(args, ["batch_size", "max_length", "max_items", "max_body_bytes", "queue_size",
+                          "max_batch_tokens", "max_connections"])
+    if args.max_wait_ms < 0:
+        raise ConfigError(f"--max-wait-ms must be >= 0, got {args.max_wait_ms}")
     api_key = os.environ.get(API_KEY_ENV) or None
     check_bind(args.host, api_key)  # before the minutes of model loading
     rm = load_reward_model(args.model, args.device)
-    limits = Limits(args.max_body_bytes, args.max_items, args.batch_size, args.max_length)
+    limits = Limits(args.max_body_bytes, args.max_items, args.batch_size, args.max_length, args.queue_size,
+                    args.max_batch_tokens, args.max_wait_ms, args.max_connections)
     make_server(rm, args.host, args.port, limits, api_key).run()
     return 0
 

@@ -3,24 +3,30 @@
     POST /score   {"items": [{"prompt": "...", "response": "..."}, {"messages": [...]},
                              {"prompt": "...", "chosen": "...", "rejected": "..."}]}
               →   {"scores": [1.23, ..., {"chosen_score": .., "rejected_score": .., "margin": .., "correct": ..}]}
-    GET  /health  {"status": "ok", "model": ..., "max_length": .., "max_items": .., "max_body_bytes": ..}
+    GET  /health  {"status": "ok", "model": ..., "max_length": .., "max_items": .., "max_body_bytes": ..,
+                   "queue": {"queued": .., "queue_size": .., "scored": .., "dropped": .., ...}}
 
-Scores are the CLI's (same encoding, same batching code). Errors are JSON {"error": "..."} with no traceback:
-400 malformed JSON, 401 missing/wrong API key, 413 body or item count over the limit, 422 a bad item (named
-by its index) or one longer than the max length. The server listens on loopback unless an API key is set.
+Scores are the CLI's (same encoding, same scoring code). Requests are scored together: each one's sequences go
+into one bounded queue that a single worker thread batches across requests (batcher.py says why and how).
+Errors are JSON {"error": "..."} with no traceback: 400 malformed JSON, 401 missing/wrong API key, 413 body or
+item count over the limit, 422 a bad item (named by its index) or one longer than the max length, 503 with
+Retry-After when the queue is full. Past --max-connections open connections uvicorn itself answers a plain 503.
+The server listens on loopback unless an API key is set.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
 import ipaddress
 import json
 import logging
-import threading
 from dataclasses import dataclass
 from typing import Any
 
 from align.runtime.errors import ConfigError
+from align.serving.batcher import Batcher, Job, QueueFull, Stopped
 from align.serving.score import RewardModel, encode_rows, fill_scores
 
 log = logging.getLogger(__name__)
@@ -31,8 +37,12 @@ API_KEY_ENV = "ALIGN_API_KEY"
 class Limits:
     max_body_bytes: int = 2 * 1024 * 1024
     max_items: int = 64
-    batch_size: int = 8
+    batch_size: int = 8  # sequences per forward pass
     max_length: int | None = None  # None = the length the model was trained with
+    queue_size: int = 1024  # sequences waiting to be scored; past it a request gets 503 + Retry-After
+    max_batch_tokens: int = 16384  # padded tokens per forward pass (sequences x the longest): bounds memory
+    max_wait_ms: float = 5.0  # how long a pass that is not full waits for more requests
+    max_connections: int = 1024  # open connections (uvicorn's limit_concurrency); past it a plain 503
 
 
 class _Reject(Exception):
@@ -116,14 +126,53 @@ def _items(payload: Any, limits: Limits) -> list[Any]:
     return items
 
 
-def create_app(rm: RewardModel, limits: Limits | None = None, api_key: str | None = None):
-    from anyio import to_thread
-    from starlette.applications import Starlette
+async def _client_left(request) -> None:
+    """Returns when the client disconnects (the body is already read, so the next ASGI message is the disconnect;
+    servers also send it once the response is complete, by which time nobody waits on this)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _scores_unless_left(request, batcher: Batcher, job: Job) -> list[float] | None:
+    """The job's scores, or None when the client went away first — then its queued sequences are dropped."""
+    answer = asyncio.wrap_future(job.future)
+    left = asyncio.ensure_future(_client_left(request))
+    try:
+        done, _ = await asyncio.wait({answer, left}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        batcher.cancel(job)
+        raise
+    finally:
+        left.cancel()
+    if answer in done:
+        return answer.result()
+    batcher.cancel(job)
+    return None
+
+
+def _busy(message: str, retry_after: int, **extra: Any):
     from starlette.responses import JSONResponse
+
+    return JSONResponse({"error": message, "retry_after": retry_after, **extra}, status_code=503,
+                        headers={"Retry-After": str(retry_after)})
+
+
+def create_app(rm: RewardModel, limits: Limits | None = None, api_key: str | None = None):
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse, Response
     from starlette.routing import Route
 
     limits = limits or Limits()
-    lock = threading.Lock()  # one model, one batch at a time; requests queue here rather than contend for memory
+    # one thread owns the model and scores every request's sequences in shared passes (batcher.py)
+    batcher = Batcher(lambda seqs: rm.score(seqs, len(seqs)), limits.batch_size, limits.max_batch_tokens,
+                      limits.max_wait_ms / 1000, limits.queue_size)
+    served = {"requests": 0, "items": 0}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        # uvicorn runs this after the open requests were answered: the worker has nothing left to do
+        batcher.stop()
 
     def denied():
         return JSONResponse({"error": "missing or wrong API key"}, status_code=401,
@@ -133,11 +182,9 @@ def create_app(rm: RewardModel, limits: Limits | None = None, api_key: str | Non
         if not _authorized(request.headers, api_key):
             return denied()
         return JSONResponse({"status": "ok", "model": rm.source, "max_length": limits.max_length or rm.max_length,
-                             "max_items": limits.max_items, "max_body_bytes": limits.max_body_bytes})
-
-    def run_model(seqs: list[list[int]]) -> list[float]:
-        with lock:
-            return rm.score(seqs, limits.batch_size)
+                             "max_items": limits.max_items, "max_body_bytes": limits.max_body_bytes,
+                             "queue": batcher.stats(), "requests_answered": served["requests"],
+                             "items_scored": served["items"]})
 
     async def score(request):
         if not _authorized(request.headers, api_key):
@@ -151,9 +198,21 @@ def create_app(rm: RewardModel, limits: Limits | None = None, api_key: str | Non
             if bad:
                 raise _Reject(422, "; ".join(f"item {i}: {why}" for i, why in bad[:5]),
                               items=[{"item": i, "error": why} for i, why in bad])
+            job = batcher.submit(seqs)
         except _Reject as e:
             return JSONResponse({"error": e.message, **e.extra}, status_code=e.status)
-        fill_scores(results, slots, await to_thread.run_sync(run_model, seqs))
+        except QueueFull as e:
+            return _busy(f"{e}: the server is busy, retry after {e.retry_after} s", e.retry_after,
+                         queued=e.depth, queue_size=e.limit)
+        try:
+            scored = await _scores_unless_left(request, batcher, job)
+        except Stopped:
+            return _busy("the server is shutting down", 5)
+        if scored is None:
+            return Response(status_code=499)  # nobody reads it: the client is gone
+        fill_scores(results, slots, scored)
+        served["requests"] += 1
+        served["items"] += len(items)
         scores = [r["score"] if "score" in r else {k: r[k] for k in ("chosen_score", "rejected_score", "margin",
                                                                          "correct")} for r in results]
         return JSONResponse({"scores": scores})
@@ -162,8 +221,10 @@ def create_app(rm: RewardModel, limits: Limits | None = None, api_key: str | Non
         log.exception("scoring failed")
         return JSONResponse({"error": f"internal error: {type(exc).__name__}"}, status_code=500)
 
-    return Starlette(routes=[Route("/health", health, methods=["GET"]), Route("/score", score, methods=["POST"])],
-                     exception_handlers={Exception: failed})
+    app = Starlette(routes=[Route("/health", health, methods=["GET"]), Route("/score", score, methods=["POST"])],
+                    exception_handlers={Exception: failed}, lifespan=lifespan)
+    app.state.batcher = batcher
+    return app
 
 
 def make_server(rm: RewardModel, host: str = "127.0.0.1", port: int = 8000, limits: Limits | None = None,
@@ -172,6 +233,8 @@ def make_server(rm: RewardModel, host: str = "127.0.0.1", port: int = 8000, limi
     import uvicorn
 
     check_bind(host, api_key)
+    limits = limits or Limits()
     config = uvicorn.Config(create_app(rm, limits, api_key), host=host, port=port, log_level=log_level,
-                            limit_concurrency=64, timeout_keep_alive=5, server_header=False)
+                            limit_concurrency=limits.max_connections, backlog=max(2048, limits.max_connections),
+                            timeout_keep_alive=5, server_header=False)
     return uvicorn.Server(config)
