@@ -107,6 +107,7 @@ function start(name) {
   localStorage.setItem("align-annotator", name);
   $("who").textContent = `annotator: ${name}`;
   $("name-form").hidden = true;
+  if (document.activeElement) document.activeElement.blur();  // the name box is gone: keys are shortcuts again
   loadNext();
 }
 
