@@ -37,7 +37,7 @@ def test_judgements_are_preference_rows_and_ties_are_left_out_of_pairs(tmp_path,
         shown = []
         for label in ("a", "b", "tie", "both_bad", "skip"):
             body = srv.wait_for_item("ana")
-            assert body["status"] == "item" and set(body["item"]) == {"id", "prompt", "a", "b"}  # nothing else shown
+            assert body["status"] == "item" and set(body["item"]) == {"id", "prompt", "a", "b", "same"}
             shown.append(body["item"])
             status, reply = judge(srv, body["item"]["id"], label, comment="  checked  " if label == "a" else "")
             assert status == 200 and reply["status"] == "recorded", reply

@@ -105,9 +105,14 @@ def print_version(record: dict[str, Any], champion: dict[str, Any] | None) -> No
         print(f"  {name} vs {evaluation.get('baseline_name')}: gold win-rate {_pct(m.get('gold_win_rate'))} ({gold}), "
               f"RM win-rate {_pct(m.get('rm_win_rate'))}{f' ({rm})' if rm else ''}, KL to reference "
               f"{_num(m.get('kl_to_reference'))}")
+        if m.get("human_n"):
+            print(f"    people: win-rate {_pct(m.get('human_win_rate'))} ({_counts(m, 'human')}) over "
+                  f"{m['human_n']} items")
     decision = record.get("decision") or {}
     if decision:
         print(f"  decision: {decision.get('reason')}")
+    for name, command in (decision.get("label") or {}).items():
+        print(f"  {name} awaits people's judgements: {command}\n  then run `align run` again to decide")
     if champion:
         print(f"  champion: {champion['version']} {champion['stage']} ({champion['path']})")
     if record.get("merged"):
@@ -142,6 +147,8 @@ def runs_command(args: argparse.Namespace) -> int:
         decision = (r.get("decision") or {}).get("promote") or ("kept" if r.get("decision") else "—")
         if r.get("decision", {}) and r["decision"].get("changed") and r["decision"]["champion"]["stage"] == "sft":
             decision = "sft (first champion)"
+        if (r.get("decision") or {}).get("awaiting"):
+            decision = f"awaiting human evaluation ({', '.join(r['decision']['awaiting'])})"
         gold = {s: _pct(pol.get(s, {}).get("gold_win_rate")) for s in ("dpo", "ppo", "grpo")}
         champ = progress.get(name, {})
         print(f"{mark} {name:<8} {r['status']:<8} {r['created']:<21} {trained:<24} "

@@ -54,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     _score_parser(sub)
     _serve_parser(sub)
     cli_people.add_parsers(sub)
+    cli_people.add_label_parser(sub)
     m = sub.add_parser("model", help="prepare a base model (converts the embedded default once) and print its path")
     m.add_argument("name_or_path", nargs="?", help="model dir, hub id or .gguf (default: embedded SmolLM2)")
     return parser
@@ -221,9 +222,13 @@ def _merge(args: argparse.Namespace) -> int:
 def _eval_parser(sub) -> None:
     p = sub.add_parser("eval", help="evaluate a policy run against a baseline policy (win-rates, KL, perplexity, "
                        "BLEU/ROUGE)", description="Evaluate a policy run against a baseline policy run.")
-    p.add_argument("--policy", required=True, metavar="DIR",
+    p.add_argument("--policy", metavar="DIR",
                    help="a policy stage output (runs/<run>/sft, dpo, ppo, grpo), or a pipeline directory (its "
                    "champion)")
+    p.add_argument("--human", metavar="FILE", help="instead of answering prompts: people's judgements from `align "
+                   "label` (a blind comparison of two policies gives a human win-rate with its interval and sign "
+                   "test); reports the annotators' agreement (Cohen's kappa), the gold judge's agreement with people "
+                   "on items with gold answers, and the reward model's with --reward-model")
     p.add_argument("--baseline", metavar="DIR", help="the policy to beat: a stage output or a pipeline directory "
                    "(its champion); default: the policy's SFT parent, else the base model")
     p.add_argument("--reward-model", metavar="DIR", help="also judge the win-rate with this reward run")
@@ -242,14 +247,27 @@ def _eval(args: argparse.Namespace) -> int:
     from align.evaluation.evaluate import evaluate_policy
 
     _positive_args(args, ["limit", "max_new_tokens"])
+    if bool(args.policy) == bool(args.human):
+        raise ConfigError("name what to evaluate: --policy DIR (answers judged automatically) or --human FILE "
+                          "(people's judgements from align label)")
+    if args.human:
+        from align.evaluation.human import evaluate_human
+
+        report = evaluate_human(args.human, args.reward_model, args.device)
+        _write_report(report, args.out)
+        return 0
     report = evaluate_policy(args.policy, args.baseline, args.reward_model, args.prompts, args.sft_data or None,
                              args.limit, args.max_new_tokens, args.device)
-    if args.out == "-":
+    _write_report(report, args.out)
+    return 0
+
+
+def _write_report(report: dict, out: str) -> None:
+    if out == "-":
         print(json.dumps(report, indent=2, ensure_ascii=False))
     else:
-        atomic_write_json(args.out, report)
-        print(f"report written to {args.out}", file=sys.stderr)
-    return 0
+        atomic_write_json(out, report)
+        print(f"report written to {out}", file=sys.stderr)
 
 
 def _positive_args(args: argparse.Namespace, names: list[str]) -> None:
@@ -372,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
             return _run_stage(args.verb, args)
         verbs = {"run": cli_pipeline.run_command, "runs": cli_pipeline.runs_command, "pairs": _pairs,
                  "merge": _merge, "eval": _eval, "score": _score, "serve-rm": _serve, "model": _model,
-                 "chat": cli_people.chat_command}
+                 "chat": cli_people.chat_command, "label": cli_people.label_command}
         return verbs[args.verb](args)
     except AlignError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,7 +1,8 @@
 """The promotion rule: does a newly trained policy replace the champion? Pure: evaluation reports in, decision out.
 
 A candidate passes when its win-rate against the baseline (the champion, or SFT on the first round) is above
-50% by a margin — judged by the gold judge when the prompts have gold answers, else by the reward model — and
+50% by a margin — judged by the gold judge when the prompts have gold answers, else by the reward model, or by
+people's blind judgements (judge: human, which waits until enough items are judged) — and
 its KL to the reference it trained against is within budget (a policy that won by drifting far is not trusted).
 Of the candidates that pass, the one with the highest win-rate is promoted. The decision says why, in words.
 """
@@ -17,9 +18,13 @@ from align.runtime.config import opt
 
 @dataclass
 class PromotionRule:
-    judge: Literal["auto", "gold", "reward_model"] = opt(
-        "auto", "who judges the win-rate: gold (the gold judge; needs prompts with gold answers), reward_model, or "
-        "auto = gold when the prompts have gold answers, else the reward model")
+    judge: Literal["auto", "gold", "reward_model", "human"] = opt(
+        "auto", "who judges the win-rate: gold (the gold judge; needs prompts with gold answers), reward_model, "
+        "human (people's blind judgements from `align label`: the version waits, 'awaiting human evaluation', until "
+        "min_human items are judged, then `align run` again decides), or auto = gold when the prompts have gold "
+        "answers, else the reward model")
+    min_human: int = opt(30, "with judge: human, the blind items people must have judged before a decision (12 wins "
+                         "to 2 losses is the smallest clear split at max_p 0.05)", lambda v: v >= 1, "must be >= 1")
     metric: Literal["win_rate", "lc_win_rate"] = opt(
         "win_rate", "win_rate, or lc_win_rate (length-controlled: longer answers do not win by length alone)")
     margin: float = opt(0.02, "promote only when the win-rate is above 0.5 + margin", lambda v: 0 <= v < 0.5,
@@ -44,7 +49,7 @@ def judged_rate(report: dict[str, Any], rule: PromotionRule) -> tuple[str, float
     judge = rule.judge
     if judge == "auto":
         judge = "gold" if report.get("gold_win_rate") is not None else "reward_model"
-    prefix = "gold" if judge == "gold" else "rm"
+    prefix = {"gold": "gold", "human": "human"}.get(judge, "rm")
     key = f"{prefix}_win_rate" if rule.metric == "win_rate" else f"{prefix}_lc_win_rate"
     return key, report.get(key)
 
@@ -56,8 +61,12 @@ def check(report: dict[str, Any], rule: PromotionRule, candidates: int = 1) -> d
     p = report.get(f"{key.split('_')[0]}_sign_test_p")
     kl = report.get("kl_to_reference")
     why_not = []
+    if rule.judge == "human" and (report.get("human_n") or 0) < rule.min_human:
+        return {"metric": key, "value": rate, "p": p, "alpha": None, "kl_to_reference": kl, "passed": False,
+                "awaiting": True, "why_not": [f"awaiting human evaluation: {report.get('human_n') or 0} of "
+                                              f"{rule.min_human} items judged"]}
     if rate is None:
-        missing = "gold answers" if key.startswith("gold") else "reward model"
+        missing = {"gold": "gold answers", "rm": "reward model"}.get(key.split("_")[0], "judgements")
         why_not.append(f"no {key} in its evaluation (no {missing})")
     elif rate <= 0.5 + rule.margin:
         why_not.append(f"{key} {rate:.3f} is not above 0.5 + margin {rule.margin:g}")
@@ -78,6 +87,11 @@ def check(report: dict[str, Any], rule: PromotionRule, candidates: int = 1) -> d
 def decide(reports: dict[str, dict[str, Any]], rule: PromotionRule, baseline: str) -> dict[str, Any]:
     """{promote: candidate name or None, reason: a sentence, checks: per candidate} for reports against `baseline`."""
     checks = {name: check(report, rule, len(reports)) for name, report in reports.items()}
+    waiting = [name for name, c in checks.items() if c.get("awaiting")]
+    if waiting:  # no decision on part of the candidates: the best of all is chosen once all are judged
+        reasons = "; ".join(f"{name}: {checks[name]['why_not'][0]}" for name in waiting)
+        return {"promote": None, "awaiting": waiting, "checks": checks,
+                "reason": f"awaiting human evaluation against {baseline}: {reasons}"}
     passed = [name for name, c in checks.items() if c["passed"]]
     if not passed:
         if not checks:

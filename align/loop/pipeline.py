@@ -249,7 +249,8 @@ def run(p: Pipeline, start: str | None = None) -> dict[str, Any]:
     keys = plan_keys(p, policy_start)
     made = {stage: None if stage in forced else home.known(key) for stage, key in keys.items()}
     to_train = [stage for stage, path in made.items() if path is None]
-    if not to_train and last is not None and last["status"] == "done" and not forced:
+    awaiting = bool(((last or {}).get("decision") or {}).get("awaiting"))  # people may have judged since
+    if not to_train and last is not None and last["status"] == "done" and not forced and not awaiting:
         where = ", ".join(f"{stage} ({path})" for stage, path in made.items())
         log.info("nothing to do: every stage is up to date: %s", where)
         return {**last, "nothing_to_do": True}

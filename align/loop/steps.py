@@ -13,7 +13,7 @@ from align.evaluation.promotion import decide
 from align.evaluation.report import write_report
 from align.loop.settings import POLICIES
 from align.loop.versions import Home, now
-from align.runtime.runs import atomic_write_json, json_hash
+from align.runtime.runs import atomic_write_json, json_hash, sha256_path
 from align.serving.merge import merge
 
 log = logging.getLogger(__name__)
@@ -23,7 +23,8 @@ HEADLINE = ("gold_win_rate", "gold_lc_win_rate", "rm_win_rate", "rm_lc_win_rate"
             "gold_right_policy", "gold_right_reference", "kl_to_sft",
             "reference_words_mean", "policy_no_eos_share", "perplexity_policy", "perplexity_baseline",
             "gold_wins", "gold_ties", "gold_losses", "gold_ci95", "gold_sign_test_p", "rm_wins", "rm_ties", "rm_losses",
-            "rm_ci95", "rm_sign_test_p")
+            "rm_ci95", "rm_sign_test_p", "human_win_rate", "human_n", "human_wins", "human_ties", "human_losses",
+            "human_ci95", "human_sign_test_p")
 
 
 def headline(report: dict[str, Any]) -> dict[str, Any]:
@@ -64,7 +65,9 @@ def candidates(record: dict[str, Any], baseline: str | None) -> list[str]:
 
 
 def evaluate_step(p, home: Home, record: dict[str, Any], force: bool = False) -> None:
-    """Each new policy against the baseline on held-out prompts, then the promotion decision (and champion)."""
+    """Each new policy against the baseline on held-out prompts, then the promotion decision (and champion). With
+    judge: human, people's judgements (OUT/<version>/human/<policy>.jsonl, from `align label`) join each report;
+    when only they changed, the automatic evaluation is not run again."""
 
     stages, version, s = record["stages"], record["version"], p.settings
     champion = home.champion()
@@ -74,28 +77,70 @@ def evaluate_step(p, home: Home, record: dict[str, Any], force: bool = False) ->
     new = candidates(record, baseline)
     rm = stages.get("reward", {}).get("path")
     e, d = s.evaluate, s.data
-    key = json_hash({"policies": {c: stages[c]["key"] for c in new}, "baseline": baseline,
-                     "reward_model": stages.get("reward", {}).get("key"), "settings": [e.limit, e.max_new_tokens],
-                     "rule": vars(s.promotion), "prompts": data_hash(d.eval_prompts),
-                     "sft_eval": data_hash(d.sft_eval) if d.sft_eval else None})
+    auto_key = json_hash({"policies": {c: stages[c]["key"] for c in new}, "baseline": baseline,
+                          "reward_model": stages.get("reward", {}).get("key"), "settings": [e.limit, e.max_new_tokens],
+                          "prompts": data_hash(d.eval_prompts),
+                          "sft_eval": data_hash(d.sft_eval) if d.sft_eval else None})
+    files = human_files(home, version, new) if s.promotion.judge == "human" else {}
+    key = json_hash({"auto": auto_key, "rule": vars(s.promotion),
+                     "human": {n: sha256_path(f) if f.is_file() else None for n, f in files.items()}})
     previous = record.get("evaluation") or {}
     if previous.get("key") == key and record.get("decision") and not force:
         log.info("evaluate: already done for these policies, baseline and settings")
         return
     reports: dict[str, dict[str, Any]] = {}
-    if new:
+    saved = {n: home.root / version / "eval" / f"{n}.json" for n in new}
+    if new and previous.get("auto_key") == auto_key and not force and all(f.is_file() for f in saved.values()):
+        log.info("evaluate: the automatic evaluation is up to date; reading people's judgements again")
+        reports = {n: json.loads(f.read_text(encoding="utf-8")) for n, f in saved.items()}
+    elif new:
         log.info("evaluate: %s against %s on %d held-out prompts", " and ".join(new), baseline_name, e.limit)
         found = evaluate_policies([stages[n]["path"] for n in new], baseline, rm, d.eval_prompts, d.sft_eval,
                                   e.limit, e.max_new_tokens, e.device)
         for name, report in zip(new, found):
-            atomic_write_json(home.root / version / "eval" / f"{name}.json", report)
+            atomic_write_json(saved[name], report)
             reports[name] = report
-    record["evaluation"] = {"key": key, "baseline": baseline, "baseline_name": baseline_name,
+    for name, path in files.items():
+        reports[name] = {**reports[name], **human_part(path, stages[name]["path"], baseline)}
+    record["evaluation"] = {"key": key, "auto_key": auto_key, "baseline": baseline, "baseline_name": baseline_name,
                             "reward_model": reward_summary(stages),
                             "policies": {n: headline(r) for n, r in reports.items()},
-                            "files": {n: str(home.root / version / "eval" / f"{n}.json") for n in reports}}
+                            "files": {n: str(f) for n, f in saved.items() if n in reports}}
     record["decision"] = promote(home, record, reports, s.promotion, champion, baseline_name)
+    if record["decision"].get("awaiting"):
+        record["decision"]["label"] = {n: label_command(stages[n]["path"], baseline, d.eval_prompts, files[n],
+                                                        e.limit, e.max_new_tokens)
+                                       for n in record["decision"]["awaiting"]}
+        for n, command in record["decision"]["label"].items():
+            log.warning("%s %s awaits human evaluation; people judge it against %s with:\n  %s\nthen `align run` "
+                        "again decides", version, n, baseline_name, command)
     home.write(record)
+
+
+def human_files(home: Home, version: str, new: list[str]) -> dict[str, Path]:
+    return {n: home.root / version / "human" / f"{n}.jsonl" for n in new}
+
+
+def _same(a: Any, b: Any) -> bool:
+    return a is not None and b is not None and Path(a).resolve() == Path(b).resolve()
+
+
+def human_part(path: Path, policy: str, baseline: str | None) -> dict[str, Any]:
+    """The human_… keys of the judgements in `path` that compare `policy` with `baseline` (human_n 0 when none)."""
+    from align.evaluation.human import human_report
+    from align.serving.label_store import read_lines
+
+    rows = [r for r in read_lines(path) if _same(r.get("candidate"), policy) and _same(r.get("baseline"), baseline)]
+    if not rows:
+        return {"human_n": 0}
+    return {k: v for k, v in human_report(rows).items() if k.startswith("human_")}
+
+
+def label_command(policy: str, baseline: str | None, prompts: str, out: Path, limit: int, max_new_tokens: int) -> str:
+    """The `align label` command that shows people the evaluation's own prompts, answered as it answered them."""
+    against = f" --against {baseline}" if baseline else ""
+    return (f"align label --policy {policy}{against} --prompts {prompts} --limit {limit} --max-new-tokens "
+            f"{max_new_tokens} --out {out}")
 
 
 def promote(home: Home, record: dict[str, Any], reports: dict[str, dict[str, Any]], rule,

@@ -123,8 +123,10 @@ def prompt_list(setup: Setup) -> list[tuple[str, Messages, int | None]]:
 
 def drawn_item(setup: Setup, key: str, messages: Messages, gold: int | None, first: str, second: str
                ) -> dict[str, Any] | None:
-    """An item from two drawn answers (None when they are the same text: there is nothing to choose)."""
-    if first.strip() == second.strip():
+    """An item from two drawn answers. Two samples of one policy that came out the same give none (nothing to
+    choose); two policies that answer the same are shown all the same, as the automatic evaluation counts them (a
+    tie), so that people's win-rate is over the same prompts."""
+    if first.strip() == second.strip() and setup.mode != "compare":
         return None
     item: dict[str, Any] = {"id": key, "prompt": shown_prompt(messages)}
     if setup.mode == "compare":

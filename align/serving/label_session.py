@@ -173,7 +173,8 @@ class LabelSession:
     @staticmethod
     def _public(item: dict[str, Any]) -> dict[str, Any]:
         """What the page may show: never who wrote which answer (the comparison is blind)."""
-        return {"id": item["id"], "prompt": item["prompt"], "a": item["a"], "b": item["b"]}
+        return {"id": item["id"], "prompt": item["prompt"], "a": item["a"], "b": item["b"],
+                "same": item["a"].strip() == item["b"].strip()}
 
     def _progress(self, annotator: str) -> dict[str, Any]:
         mine = [s for (a, _), s in self.done.items() if a == annotator]
@@ -195,6 +196,8 @@ class LabelSession:
             if previous is not None:
                 raise Rejected(409, f"{annotator} has already {previous} this item; the first answer is kept: "
                                     "reload the page for the next item")
+            if label in ("a", "b") and item["a"].strip() == item["b"].strip():
+                raise Rejected(422, "answers A and B are the same text: choose tie or both bad")
             if label == "skip":
                 self.skips_log.append({"item": item_key, "annotator": annotator, "time": _now()})
                 self.done[(annotator, item_key)] = "skipped"

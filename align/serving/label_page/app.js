@@ -62,6 +62,7 @@ function render(item) {
   $("answer-b").textContent = item.b;
   $("comment").value = "";
   $("task").hidden = false;
+  say(item.same ? "A and B are the same text: tie or both bad" : "");
   for (const b of document.querySelectorAll(".choices button")) { b.disabled = false; b.classList.remove("picked"); }
 }
 
@@ -70,7 +71,7 @@ async function loadNext() {
   const r = await api(`/api/next?annotator=${encodeURIComponent(annotator)}`);
   if (!r.ok) { say(r.data.error || `error ${r.status}`, true); return; }
   showProgress(r.data);
-  if (r.data.status === "item") { say(""); render(r.data.item); return; }
+  if (r.data.status === "item") { render(r.data.item); return; }
   current = null;
   $("task").hidden = true;
   if (r.data.status === "waiting") {
