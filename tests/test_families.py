@@ -152,3 +152,32 @@ def test_grpo_answers_end_at_the_turns_end_and_rewards_see_plain_text(fam, tmp_p
     out = grpo.run(cfg)
     assert (out / "adapter_model.safetensors").is_file()
     assert load_tokenizer(str(out)).eos_token_id == turn_end
+
+
+def test_chat_talks_to_every_family_through_its_template(fam):
+    """Two turns of `align chat` on a family's plain model directory (as a merged model is loaded): each turn's
+    answer ends at the turn's end, holds no special token, goes back into the next prompt through the family's
+    template; greedy means greedy, whatever sampling the model's generation_config.json ships."""
+    import io
+
+    from align.serving.chat import Speaker, interactive, reply
+    from align.serving.trained import load_any_policy
+
+    family, path, _ = fam
+    model, tok = load_any_policy(path, "cpu")
+    speaker = Speaker(str(path), model, tok)
+    inputs = iter(["What is 2 + 3?", "And 4 + 5?", "/exit"])
+    out = io.StringIO()
+    system = "Be brief." if family.system else None
+    assert interactive([speaker], Sampling(), 6, system, lambda _: next(inputs), out) == 0
+    roles = [m["role"] for m in speaker.history]
+    assert roles == (["system"] if system else []) + ["user", "assistant"] * 2
+    answers = [m["content"] for m in speaker.history if m["role"] == "assistant"]
+    specials = [t for t in tok.all_special_tokens if t]
+    assert not any(s in a for a in answers for s in specials)
+    for answer in answers:
+        assert answer in out.getvalue() or not answer
+    follow_up = speaker.history + [{"role": "user", "content": "Thanks"}]
+    assert answers[0] in tok.decode(encode_prompt(tok, follow_up))
+    again = reply(speaker, speaker.history[:-1], Sampling(), 6)  # the last question once more, greedily
+    assert again == answers[1] == reply(speaker, speaker.history[:-1], Sampling(), 6)
