@@ -212,3 +212,17 @@ def test_label_command_refuses_a_bad_setup_before_loading_anything(tmp_path):
     assert ran.returncode == 2 and "--prompts" in ran.stderr and "Traceback" not in ran.stderr
     ran = run_align("label", "--help")
     assert ran.returncode == 0 and "--against" in ran.stdout and "Cohen" in ran.stdout
+
+
+def test_a_port_in_use_is_named_before_anything_loads(tmp_path):
+    import socket
+
+    from conftest import run_align
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        ran = run_align("label", "--pairs", pairs_file(tmp_path), "--out", tmp_path / "o.jsonl", "--port", port)
+    assert ran.returncode == 2 and f"127.0.0.1:{port}" in ran.stderr and "--port" in ran.stderr
+    assert not (tmp_path / "o.jsonl").exists()

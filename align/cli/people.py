@@ -118,6 +118,19 @@ def add_label_parser(sub) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N")
 
 
+def _check_port_free(host: str, port: int) -> None:
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise ConfigError(f"cannot listen on {host}:{port} ({e.strerror}): another program (another align label?) "
+                              "has it; choose another --port") from None
+
+
 def label_command(args: argparse.Namespace) -> int:
     # loaded for this verb only: the server and the models, which `align --help` does not need
     import os
@@ -135,6 +148,7 @@ def label_command(args: argparse.Namespace) -> int:
     setup.check()
     api_key = os.environ.get(API_KEY_ENV) or None
     check_bind(args.host, api_key)
+    _check_port_free(args.host, args.port)  # before loading a model for minutes
     session = LabelSession(setup, Path(args.out), lambda spec: load_any_policy(spec, args.device, "--policy"))
     session.start()
     server = make_server(session, args.host, args.port, api_key, agreement)

@@ -77,6 +77,8 @@ class LabelSession:
             self.by_id[item["id"]] = item
             if self.first_item_s is None:
                 self.first_item_s = time.monotonic() - self.started
+                if self.setup.mode != "review":
+                    log.info("the first pair is ready, %.1f s after the start", self.first_item_s)
 
     def start(self) -> None:
         """Make the items: at once from a pairs file, else in a background thread."""
