@@ -212,6 +212,17 @@ def test_a_pipeline_directory_stands_for_its_champion(loop):
     assert champion_or(home.root / "v1" / "sft") == home.root / "v1" / "sft"
 
 
+def test_a_pipeline_directory_finds_its_champion_from_any_working_directory(tmp_path, monkeypatch):
+    from align.serving.trained import champion_or
+
+    root = tmp_path / "work" / "runs" / "demo"
+    (root / "v2" / "dpo").mkdir(parents=True)
+    # `align run` in tmp/work recorded the path relative to there
+    (root / "champion.json").write_text(json.dumps({"version": "v2", "stage": "dpo", "path": "runs/demo/v2/dpo"}))
+    monkeypatch.chdir(tmp_path)
+    assert champion_or(root) == root / "v2" / "dpo"
+
+
 def test_a_new_round_starts_from_the_champion_held_to_the_chosen_reference(tmp_path, tiny_model_dir, monkeypatch):
     from safetensors.torch import load_file
 

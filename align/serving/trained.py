@@ -65,8 +65,12 @@ def champion_or(path: str | Path) -> Path:
     pointer = path / CHAMPION_FILE
     if pointer.is_file():
         champion = json.loads(pointer.read_text(encoding="utf-8"))
-        log.info("%s: its champion, %s %s (%s)", path, champion["version"], champion["stage"], champion["path"])
-        return Path(champion["path"])
+        # the recorded path is relative to where `align run` ran; the champion's place inside the pipeline directory
+        # holds wherever this command runs
+        inside = path / champion["version"] / champion["stage"]
+        found = inside if inside.is_dir() else Path(champion["path"])
+        log.info("%s: its champion, %s %s (%s)", path, champion["version"], champion["stage"], found)
+        return found
     return path
 
 
