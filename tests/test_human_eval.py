@@ -101,14 +101,10 @@ def test_a_human_judged_candidate_waits_for_enough_items_then_decides():
 
 @pytest.fixture(scope="module")
 def tiny_pipeline_overrides(tmp_path_factory, tiny_model_dir):
-    from test_pipeline import tiny_overrides
+    from test_pipeline import loop_files, tiny_overrides
 
     tmp = tmp_path_factory.mktemp("human-loop")
-    prefs = write_jsonl(tmp / "prefs.jsonl", pair_rows([(a, b) for a in range(2, 8) for b in (3, 7)]))
-    prefs_eval = write_jsonl(tmp / "prefs-eval.jsonl", pair_rows(EVAL_NUMBERS[:4], start=1))
-    sft = write_jsonl(tmp / "sft.jsonl", [{"prompt": r["prompt"], "completion": r["chosen"]}
-                                          for r in pair_rows([(2, 3), (4, 5), (6, 7), (8, 9)])])
-    return tmp, [*tiny_overrides(tmp, tiny_model_dir, prefs, prefs_eval, sft), "ppo.enabled=false",
+    return tmp, [*tiny_overrides(tmp, tiny_model_dir, *loop_files(tmp)), "ppo.enabled=false",
                  "grpo.enabled=false", "promotion.judge=human", "promotion.min_human=6", "promotion.max_kl=",
                  "merge.enabled=false"]
 

@@ -31,14 +31,20 @@ def tiny_overrides(tmp: Path, tiny: Path, prefs: Path, prefs_eval: Path, sft: Pa
             "grpo.training.batch_size=4", "merge.dtype=fp32"]
 
 
-@pytest.fixture(scope="module")
-def loop(tmp_path_factory, tiny_model_dir):
-    """Version 1 of a tiny pipeline (made once for the module); the tests below that change it work on a copy."""
-    tmp = tmp_path_factory.mktemp("loop")
+def loop_files(tmp: Path) -> tuple[Path, Path, Path]:
+    """The tiny loop's preference, held-out preference and SFT files."""
     prefs = write_jsonl(tmp / "prefs.jsonl", pair_rows([(a, b) for a in range(2, 8) for b in (3, 7)]))
     prefs_eval = write_jsonl(tmp / "prefs-eval.jsonl", pair_rows(EVAL_NUMBERS[:4], start=1))
     sft = write_jsonl(tmp / "sft.jsonl", [{"prompt": r["prompt"], "completion": r["chosen"]}
                                           for r in pair_rows([(2, 3), (4, 5), (6, 7), (8, 9)])])
+    return prefs, prefs_eval, sft
+
+
+@pytest.fixture(scope="module")
+def loop(tmp_path_factory, tiny_model_dir):
+    """Version 1 of a tiny pipeline (made once for the module); the tests below that change it work on a copy."""
+    tmp = tmp_path_factory.mktemp("loop")
+    prefs, prefs_eval, sft = loop_files(tmp)
     overrides = tiny_overrides(tmp, tiny_model_dir, prefs, prefs_eval, sft)
     record = run(load_pipeline(None, overrides))
     return {"tmp": tmp, "overrides": overrides, "record": record, "home": Home(tmp / "runs" / "t"), "prefs": prefs}
