@@ -8,7 +8,8 @@
 The server is the real command (`python -m align.cli serve-rm`) in its own process on a loopback port; the
 clients are threads here, each opening a connection per request (as a scattered PPO/GRPO job or evaluation
 worker would). Each level sends max(--requests, clients) requests of --sizes items drawn from a fixed pool of
-the demo's preference rows (answers and pairs), so every level has one request per client at least. Scores the
+the demo's preference rows (answers and pairs), so every level has one request per client at least; a level's
+requests are the first ones of a larger level's, and the score path scores the 64-request set. Scores the
 server returns are checked against `RewardModel.score` over the same items; a mismatch is reported, not hidden.
 """
 
@@ -184,8 +185,10 @@ def main() -> int:
     level_results = []
     try:
         post(port, pool[:2], args.timeout)  # warm-up: the first pass pays one-off costs
-        for i, clients in enumerate(levels):
-            reqs = make_requests(pool, max(args.requests, clients), (lo, hi), args.seed + i)
+        for clients in levels:
+            # the same seed at every level: a level's requests are the first of the next one's, so levels differ
+            # in concurrency, not in rows
+            reqs = make_requests(pool, max(args.requests, clients), (lo, hi), args.seed)
             res = run_level(port, reqs, clients, args.timeout)
             level_results.append(res)
             print(f"  level {clients}: {res['answered']}/{res['sent']} answered in {res['wall_s']:.1f} s "
@@ -193,7 +196,7 @@ def main() -> int:
     finally:
         proc.terminate()
         proc.wait(timeout=60)
-    rows = [it for req in make_requests(pool, max(args.requests, 64), (lo, hi), args.seed + 1000) for it in req]
+    rows = [it for req in make_requests(pool, max(args.requests, 64), (lo, hi), args.seed) for it in req]
     seconds, expected = score_path(run, rows, args.batch_size)
     lines += [f"# load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", "",
               "| path | clients | answered / sent | status counts | req/s | items/s | p50 s | p99 s |",
