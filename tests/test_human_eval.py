@@ -81,6 +81,8 @@ def test_align_eval_human_reports_people_and_the_reward_models_agreement(tmp_pat
     assert report["human_sign_test_p"] == pytest.approx(2 / 64)
     assert report["gold_agrees_with_people"] == 1.0 and report["gold_agreement_n"] == 6  # people chose the right
     assert report["rm_agreement_n"] == 6 and 0 <= report["rm_agrees_with_people"] <= 1
+    assert "human win-rate of P against Q: 100.0% (95% 100.0%–100.0%; 6/0/0, sign test p = 0.031)" in ran.stderr
+    assert "the gold judge prefers the answer people preferred on 100% of 6 items" in ran.stderr
     bad = write_jsonl(tmp_path / "bad.jsonl", [rows[0], {"item": "x", "label": "a"}])
     ran = run_align("eval", "--human", bad)
     assert ran.returncode == 2 and f"{bad}:2" in ran.stderr and "Traceback" not in ran.stderr

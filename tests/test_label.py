@@ -12,7 +12,7 @@ import time
 
 import pytest
 from conftest import ROOT, pair_rows, write_jsonl
-from label_server import RunningLabel
+from servers import RunningLabel
 
 from align.runtime.errors import ConfigError, DataError
 from align.serving.label_items import Setup

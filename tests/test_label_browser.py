@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from conftest import pair_rows, reward_overrides, write_jsonl
-from label_server import RunningLabel
+from servers import RunningLabel
 
 from align.serving.label_items import Setup
 from align.serving.label_session import LabelSession

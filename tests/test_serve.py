@@ -5,13 +5,13 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
 
 import pytest
 from conftest import run_align
+from servers import ServerThread
 
 from align.runtime.errors import ConfigError
 from align.serving.score import load_reward_model, score_rows
@@ -26,35 +26,9 @@ def rm(tiny_reward_run):
     return load_reward_model(tiny_reward_run, "cpu")
 
 
-class Running:
+class Running(ServerThread):
     def __init__(self, rm, limits=None, api_key=None):
-        self.server = make_server(rm, "127.0.0.1", 0, limits, api_key, log_level="warning")
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started:
-            assert time.time() < deadline and self.thread.is_alive(), "server did not start"
-            time.sleep(0.05)
-        self.port = self.server.servers[0].sockets[0].getsockname()[1]
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-        assert not self.thread.is_alive()
-
-    def call(self, path, body=None, headers=None, raw=None):
-        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-        req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=data,
-                                     headers={"Content-Type": "application/json", **(headers or {})},
-                                     method="POST" if data is not None else "GET")
-        try:
-            with urllib.request.urlopen(req, timeout=60) as resp:
-                return resp.status, json.loads(resp.read())
-        except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read())
+        super().__init__(make_server(rm, "127.0.0.1", 0, limits, api_key, log_level="warning"))
 
 
 def test_scores_equal_the_cli_and_errors_are_json(rm):

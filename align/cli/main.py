@@ -255,6 +255,7 @@ def _eval(args: argparse.Namespace) -> int:
 
         report = evaluate_human(args.human, args.reward_model, args.device)
         _write_report(report, args.out)
+        print(cli_people.human_summary(report), file=sys.stderr)
         return 0
     report = evaluate_policy(args.policy, args.baseline, args.reward_model, args.prompts, args.sft_data or None,
                              args.limit, args.max_new_tokens, args.device)

@@ -131,6 +131,27 @@ def _check_port_free(host: str, port: int) -> None:
                               "has it; choose another --port") from None
 
 
+def human_summary(report: dict) -> str:
+    """`align eval --human` in a few lines: the win-rate with its certainty, the judges' agreement with people."""
+    lines = [f"{report['human_judgements']} judgements of {report['human_items']} items "
+             f"({', '.join(f'{k} {v}' for k, v in sorted(report['human_labels'].items()))})"]
+    if report.get("human_win_rate") is not None:
+        low, high = report["human_ci95"]
+        counts = f"{report['human_wins']}/{report['human_ties']}/{report['human_losses']}"
+        lines.append(f"human win-rate of {report['candidate']} against {report['baseline']}: "
+                     f"{report['human_win_rate']:.1%} (95% {low:.1%}–{high:.1%}; {counts}, sign test p = "
+                     f"{report['human_sign_test_p']:.2g})")
+    for prefix, judge in (("gold", "the gold judge"), ("rm", "the reward model")):
+        if report.get(f"{prefix}_agreement_n"):
+            lines.append(f"{judge} prefers the answer people preferred on {report[f'{prefix}_agrees_with_people']:.0%}"
+                         f" of {report[f'{prefix}_agreement_n']} items people decided")
+    for pair in report["human_agreement"]["pairs"]:
+        kappa = "undefined (one label only)" if pair["kappa"] is None else f"{pair['kappa']:.2f}"
+        lines.append(f"agreement {pair['annotators'][0]} / {pair['annotators'][1]}: Cohen's kappa {kappa}, raw "
+                     f"{pair['raw']:.0%} on {pair['items']} shared items")
+    return "\n".join(lines)
+
+
 def label_command(args: argparse.Namespace) -> int:
     # loaded for this verb only: the server and the models, which `align --help` does not need
     import os
@@ -157,6 +178,8 @@ def label_command(args: argparse.Namespace) -> int:
           f"judgements go to {args.out})", file=sys.stderr, flush=True)
     try:
         server.run()
+    except KeyboardInterrupt:  # Ctrl-C is how a labelling session ends: every judgement is already on disk
+        pass
     finally:
         session.stop()
         n = len(session.judgements)
