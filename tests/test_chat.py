@@ -21,7 +21,7 @@ from conftest import ROOT, run_align
 @pytest.fixture(scope="module")
 def speaker(sft_run):
     from align.serving.chat import Speaker
-    from align.serving.trained import load_any_policy
+    from align.serving.policies import load_any_policy
 
     model, tok = load_any_policy(sft_run, "cpu")
     return Speaker(str(sft_run), model, tok)
@@ -91,7 +91,7 @@ def test_escaped_one_line_answers_round_trip():
 
 def test_every_kind_of_policy_directory_loads_or_says_why(sft_run, tmp_path):
     from align.runtime.errors import ModelError
-    from align.serving.trained import load_any_policy
+    from align.serving.policies import load_any_policy
 
     run_dir = sft_run.parent  # runs/<run>/ holding one policy stage
     model, _ = load_any_policy(run_dir, "cpu")
@@ -176,3 +176,31 @@ def test_interactive_keeps_each_models_side(speaker):
     assert "(conversation reset)" in out.getvalue()
     assert speaker.history == [{"role": "system", "content": "Be brief."}]
     assert torch.is_grad_enabled()  # generation's no_grad did not leak
+
+
+def test_two_adapters_on_one_base_share_it_and_each_answers_as_itself(sft_run, tmp_path):
+    """--compare (and align label's comparison) of two adapters on the same base loads the base once; each policy
+    still gives exactly the logits it gives when loaded alone."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from align.serving.policies import load_any_policy, load_policies
+
+    other = tmp_path / "other"
+    shutil.copytree(sft_run, other)
+    weights = load_file(str(other / "adapter_model.safetensors"))
+    save_file({k: v * 3 + 0.01 if "lora_B" in k else v for k, v in weights.items()},
+              str(other / "adapter_model.safetensors"))
+    first, second = load_policies([("--model", str(sft_run)), ("--compare", str(other))], "cpu")
+    assert first.model is second.model and {first.adapter, second.adapter} == {"policy_0", "policy_1"}
+    ids = torch.tensor([first.tokenizer("What is 2 + 3?").input_ids])
+    for policy, path in ((first, sft_run), (second, other)):
+        policy.activate()
+        with torch.no_grad():
+            shared = policy.model(input_ids=ids).logits
+            alone = load_any_policy(path, "cpu")[0](input_ids=ids).logits
+        assert torch.allclose(shared, alone, atol=1e-5)
+    first.activate()
+    with torch.no_grad():
+        assert not torch.allclose(first.model(input_ids=ids).logits, shared, atol=1e-3)  # the adapters differ

@@ -161,7 +161,7 @@ def test_chat_talks_to_every_family_through_its_template(fam):
     import io
 
     from align.serving.chat import Speaker, interactive, reply
-    from align.serving.trained import load_any_policy
+    from align.serving.policies import load_any_policy
 
     family, path, _ = fam
     model, tok = load_any_policy(path, "cpu")

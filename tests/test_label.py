@@ -134,10 +134,10 @@ def prompts_file(tmp_path_factory):
     return write_jsonl(d / "prompts.jsonl", [{"prompt": f"What is {a} + 4?", "answer": a + 4} for a in range(2, 8)])
 
 
-def policy_loader(spec):
-    from align.serving.trained import load_any_policy
+def policy_loader(specs):
+    from align.serving.policies import load_policies
 
-    return load_any_policy(spec, "cpu")
+    return load_policies([("--policy", s) for s in specs], "cpu")
 
 
 def test_two_policies_are_compared_blind_with_answers_drawn_ahead(tmp_path, sft_run, prompts_file):

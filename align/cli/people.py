@@ -50,7 +50,7 @@ def chat_command(args: argparse.Namespace) -> int:
     # loaded for this verb only: it brings torch and the models, which `align --help` does not need
     from align.modeling.generate import Sampling
     from align.serving import chat
-    from align.serving.trained import load_any_policy
+    from align.serving.policies import load_policies
 
     if args.temperature < 0:
         raise ConfigError(f"--temperature must be >= 0, got {args.temperature}")
@@ -58,11 +58,9 @@ def chat_command(args: argparse.Namespace) -> int:
         raise ConfigError(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    speakers = []
-    for flag, spec in (("--model", args.model), ("--compare", args.compare)):
-        if spec:
-            model, tokenizer = load_any_policy(spec, args.device, flag)
-            speakers.append(chat.Speaker(spec, model, tokenizer))
+    named = [(flag, spec) for flag, spec in (("--model", args.model), ("--compare", args.compare)) if spec]
+    speakers = [chat.Speaker(p.name, p.model, p.tokenizer, adapter=p.adapter)
+                for p in load_policies(named, args.device)]
     sampling = Sampling(temperature=args.temperature, top_p=args.top_p)
     if sys.stdin.isatty():
         return chat.interactive(speakers, sampling, args.max_new_tokens, args.system, seed=args.seed)
@@ -161,8 +159,8 @@ def label_command(args: argparse.Namespace) -> int:
     from align.serving.label_app import make_server
     from align.serving.label_items import Setup
     from align.serving.label_session import LabelSession
+    from align.serving.policies import load_policies
     from align.serving.serve import API_KEY_ENV, check_bind
-    from align.serving.trained import load_any_policy
 
     setup = Setup(args.pairs, args.policy, args.against, args.prompts, args.limit, args.temperature,
                   args.max_new_tokens, args.seed)
@@ -170,7 +168,9 @@ def label_command(args: argparse.Namespace) -> int:
     api_key = os.environ.get(API_KEY_ENV) or None
     check_bind(args.host, api_key)
     _check_port_free(args.host, args.port)  # before loading a model for minutes
-    session = LabelSession(setup, Path(args.out), lambda spec: load_any_policy(spec, args.device, "--policy"))
+    flags = {args.policy: "--policy", args.against: "--against"}
+    session = LabelSession(setup, Path(args.out),
+                           lambda specs: load_policies([(flags.get(s, "--policy"), s) for s in specs], args.device))
     session.start()
     server = make_server(session, args.host, args.port, api_key, agreement)
     shown_host = f"[{args.host}]" if ":" in args.host else args.host

@@ -33,6 +33,7 @@ class Speaker:
     model: Any
     tokenizer: Any
     history: Messages = field(default_factory=list)
+    adapter: str | None = None  # the adapter to answer with when several policies share the model
 
     @property
     def context(self) -> int:
@@ -90,6 +91,8 @@ def reply(speaker: Speaker, messages: Messages, sampling: Sampling, max_new_toke
           write: Callable[[str], None] | None = None, seed: int | None = None) -> str:
     """One answer to `messages` (whose last message is the user's), shown piece by piece through `write`."""
     ids, _ = fit_context(speaker, messages, max_new_tokens)
+    if speaker.adapter is not None:
+        speaker.model.set_adapter(speaker.adapter)
     device = next(speaker.model.parameters()).device
     tensor = torch.tensor([ids], device=device)
     if seed is not None:

@@ -24,7 +24,7 @@ from align.serving.label_items import Setup, drawn_item, prompt_list, review_ite
 from align.serving.label_store import AppendLog, Rejected, check_submission, judgement_row
 
 log = logging.getLogger(__name__)
-Loader = Callable[[str], tuple[Any, Any]]  # policy spec -> (model, tokenizer)
+Loader = Callable[[list[str]], list[Any]]  # policy specs -> loaded policies (align.serving.policies.Policy)
 
 
 def _now() -> str:
@@ -125,7 +125,7 @@ class LabelSession:
             return
         setup = self.setup
         specs = [setup.policy] + ([setup.against] if setup.against else [])
-        models = [self.loader(spec) for spec in specs]  # type: ignore[misc]
+        policies = self.loader(specs)  # type: ignore[misc]
         n = 1 if setup.against else 2
         sampling = Sampling(temperature=setup.sampling_temperature, n=n)
         with self.lock:
@@ -142,8 +142,11 @@ class LabelSession:
             import torch
 
             torch.manual_seed(setup.seed + len(self.items))
-            answers = [sample_batch(model, tok, [m for _, m, _ in chunk], sampling, setup.max_new_tokens)
-                       for model, tok in models]
+            answers = []
+            for policy in policies:
+                policy.activate()
+                answers.append(sample_batch(policy.model, policy.tokenizer, [m for _, m, _ in chunk], sampling,
+                                            setup.max_new_tokens))
             for i, (key, messages, gold) in enumerate(chunk):
                 texts = [a[0] for per_model in answers for a in per_model[i]]
                 item = drawn_item(setup, key, messages, gold, texts[0], texts[1])

@@ -74,7 +74,7 @@ def champion_or(path: str | Path) -> Path:
     return path
 
 
-def load_policy(path: str | Path, device: str = "auto", flag: str = "--policy"):
+def load_policy(path: str | Path, device: str = "auto", flag: str = "--policy", adapter_name: str = "default"):
     """(model, tokenizer, stage config) of a policy stage output (SFT, DPO or PPO adapter over its base), or of
     a pipeline's champion when `path` is the pipeline's directory."""
     from peft import PeftModel
@@ -84,49 +84,8 @@ def load_policy(path: str | Path, device: str = "auto", flag: str = "--policy"):
     manifest, cfg, ref = open_run(path, POLICY_STAGES, flag)
     model_cfg = model_config_for(cfg, manifest, dev)
     tokenizer = load_tokenizer(str(path))
-    model = PeftModel.from_pretrained(load_base(ref.path, model_cfg), str(path))
+    model = PeftModel.from_pretrained(load_base(ref.path, model_cfg), str(path), adapter_name=adapter_name)
     if model_cfg.quantization == "none":
         model.to(dev)
     return model.eval(), tokenizer, cfg
 
-
-def _policy_outputs(path: Path) -> list[Path]:
-    return sorted(p for p in path.iterdir() if (p / MANIFEST).is_file() and (p / "adapter_config.json").is_file()
-                  and read_manifest(p).get("stage") in POLICY_STAGES)
-
-
-def load_any_policy(spec: str | Path, device: str = "auto", flag: str = "--model"):
-    """(model, tokenizer) of whatever names a policy: a stage output (runs/<run>/dpo), a pipeline directory (its
-    champion), a run directory holding one policy stage (runs/<run>), or a merged model directory (`align merge`'s
-    output, or any plain Hugging Face causal LM directory with safetensors weights)."""
-    from transformers import AutoModelForCausalLM
-
-    path = Path(spec).expanduser()
-    if not path.is_dir():
-        raise ModelError(f"{flag} {spec}: no such directory; name a stage output (runs/<run>/dpo), a pipeline "
-                         "directory (runs/<name>: its champion) or a merged model directory")
-    if (path / CHAMPION_FILE).is_file() or (path / MANIFEST).is_file():
-        model, tokenizer, _ = load_policy(path, device, flag)
-        return model, tokenizer
-    if (path / "config.json").is_file():
-        weights = list(path.glob("*.safetensors"))
-        if not weights:
-            pickles = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl"))
-            raise ModelError(f"{flag} {spec}: no .safetensors weights"
-                             + (f" (only {', '.join(pickles)}: pickle files, which align never loads)" if pickles
-                                else "") + "; merge with `align merge`, which writes safetensors")
-        dev = pick_device(device)
-        tokenizer = load_tokenizer(str(path))
-        try:
-            model = AutoModelForCausalLM.from_pretrained(str(path), use_safetensors=True)
-        except (OSError, ValueError) as e:
-            raise ModelError(f"{flag} {spec}: could not load the model: {e}") from e
-        return model.to(dev).eval(), tokenizer
-    found = _policy_outputs(path)
-    if len(found) == 1:
-        log.info("%s: its %s policy, %s", path, read_manifest(found[0])["stage"], found[0])
-        model, tokenizer, _ = load_policy(found[0], device, flag)
-        return model, tokenizer
-    choices = f"it holds several: {', '.join(str(p) for p in found)}; name one" if found else \
-        "it holds no finished policy stage (sft, dpo, ppo, grpo), no champion.json and no model"
-    raise ModelError(f"{flag} {spec}: which policy? {choices}")
