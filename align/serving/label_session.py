@@ -32,7 +32,7 @@ def _now() -> str:
 
 
 class LabelSession:
-    def __init__(self, setup: Setup, out: Path, loader: Loader | None = None, ahead: int = 4, batch: int = 4):
+    def __init__(self, setup: Setup, out: Path, loader: Loader | None = None, ahead: int = 8, batch: int = 4):
         setup.check()
         self.setup, self.out = setup, Path(out)
         self.judged_log = AppendLog(self.out)
