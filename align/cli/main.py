@@ -251,6 +251,7 @@ def _eval(args: argparse.Namespace) -> int:
         raise ConfigError("name what to evaluate: --policy DIR (answers judged automatically) or --human FILE "
                           "(people's judgements from align label)")
     if args.human:
+        # loaded for this verb only: with --reward-model it brings torch and the model
         from align.evaluation.human import evaluate_human
 
         report = evaluate_human(args.human, args.reward_model, args.device)

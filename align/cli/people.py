@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
 from align.runtime.errors import ConfigError
 
@@ -152,9 +154,6 @@ def human_summary(report: dict) -> str:
 
 def label_command(args: argparse.Namespace) -> int:
     # loaded for this verb only: the server and the models, which `align --help` does not need
-    import os
-    from pathlib import Path
-
     from align.evaluation.human import agreement
     from align.serving.label_app import make_server
     from align.serving.label_items import Setup

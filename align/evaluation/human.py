@@ -14,6 +14,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from align.data.rows import _as_messages
+from align.data.shipped import require_gold_judge
 from align.evaluation.winrate import judged
 from align.runtime.errors import DataError
 from align.serving.label_store import LABELS, read_lines
@@ -131,8 +133,6 @@ def human_report(rows: Sequence[dict[str, Any]], rm_prefers_a: Callable[[dict[st
 
 
 def _messages(row: dict[str, Any]):
-    from align.data.rows import _as_messages
-
     return _as_messages(row["prompt"], "prompt", "user")
 
 
@@ -142,8 +142,6 @@ def evaluate_human(path: str | Path, reward_model: str | None = None, device: st
     rows = read_judgements(path)
     gold = None
     if any(r.get("gold") is not None for r in rows):
-        from align.data.shipped import require_gold_judge
-
         judge = require_gold_judge("checking the gold judge against people on items with a gold 'answer'",
                                    "judge without gold answers")
 
@@ -154,6 +152,7 @@ def evaluate_human(path: str | Path, reward_model: str | None = None, device: st
 
     rm = None
     if reward_model:
+        # the reward model brings torch: only when one is named
         from align.serving.score import load_reward_model
 
         model = load_reward_model(reward_model, device)

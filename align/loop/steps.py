@@ -9,11 +9,13 @@ from typing import Any
 
 from align.data.rows import data_hash
 from align.evaluation.evaluate import evaluate_policies
+from align.evaluation.human import human_report
 from align.evaluation.promotion import decide
 from align.evaluation.report import write_report
 from align.loop.settings import POLICIES
 from align.loop.versions import Home, now
 from align.runtime.runs import atomic_write_json, json_hash, sha256_path
+from align.serving.label_store import read_lines
 from align.serving.merge import merge
 
 log = logging.getLogger(__name__)
@@ -127,9 +129,6 @@ def _same(a: Any, b: Any) -> bool:
 
 def human_part(path: Path, policy: str, baseline: str | None) -> dict[str, Any]:
     """The human_… keys of the judgements in `path` that compare `policy` with `baseline` (human_n 0 when none)."""
-    from align.evaluation.human import human_report
-    from align.serving.label_store import read_lines
-
     rows = [r for r in read_lines(path) if _same(r.get("candidate"), policy) and _same(r.get("baseline"), baseline)]
     if not rows:
         return {"human_n": 0}

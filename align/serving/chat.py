@@ -18,9 +18,10 @@ from typing import IO, Any
 import torch
 from transformers.generation.streamers import BaseStreamer
 
+from align.data.rows import check_messages
 from align.modeling.formatting import Messages, encode_prompt
 from align.modeling.generate import Sampling, draw
-from align.runtime.errors import AlignError, FormatError
+from align.runtime.errors import AlignError, FormatError, RowError
 
 HELP = "commands: /reset (forget the conversation), /exit (or Ctrl-D), /help"
 
@@ -176,9 +177,6 @@ def _prompt_of(line: str, number: int, as_json: bool, system: str | None) -> tup
     if isinstance(row, dict) and isinstance(row.get("prompt"), str) and row["prompt"].strip():
         return _start(system) + [{"role": "user", "content": row["prompt"]}], row
     if isinstance(row, dict) and isinstance(row.get("messages"), list):
-        from align.data.rows import check_messages
-        from align.runtime.errors import RowError
-
         try:
             messages = check_messages(row["messages"], "messages")
         except RowError as e:

@@ -114,6 +114,7 @@ class LabelSession:
                 self.status, self.error = "failed", str(e)
 
     def _draw(self) -> None:
+        # torch and generation: only when answers are drawn (reviewing a pairs file needs neither)
         from align.modeling.generate import Sampling, sample_batch
 
         prompts = prompt_list(self.setup)
