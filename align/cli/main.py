@@ -78,8 +78,12 @@ SERVE_EPILOG = """\
   POST /score  {"items": [{"prompt": "...", "response": "..."}, ...]}  ->  {"scores": [s, ...]}
                (pair items {"prompt", "chosen", "rejected"} get {"chosen_score", "rejected_score", "margin",
                "correct"}; messages items as in `align score`)
-  GET  /health ->  {"status": "ok", ...}
-Errors: 400 malformed JSON, 401 API key, 413 body or item count over the limit, 422 a bad item.
+  GET  /health ->  {"status": "ok", "queue": {"queued": .., "scored": .., ...}, ...}  (answers while busy)
+Errors: 400 malformed JSON, 401 API key, 413 body or item count over the limit, 422 a bad item; 503 with a
+Retry-After header and a JSON message when --queue-size sequences already wait (retry after that many seconds).
+Concurrent requests are scored together: their sequences join one queue and one worker scores them in passes
+of --batch-size, each request answered with its own scores in its own order (the same as `align score`).
+On a CPU a pass takes seconds: a smaller --queue-size (e.g. 64) turns long waits into quick 503s.
 Listening beyond loopback needs an API key in $ALIGN_API_KEY; clients send "Authorization: Bearer <key>".
 """
 
