@@ -101,7 +101,9 @@ def test_the_command_serves_and_refuses_an_open_host(tiny_reward_run, monkeypatc
         while True:
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as resp:
-                    assert json.loads(resp.read())["status"] == "ok"
+                    health = json.loads(resp.read())
+                    assert health["status"] == "ok"
+                    assert health["queue"]["queue_size"] == 64  # on a CPU: a short queue, quick 503s
                     break
             except (urllib.error.URLError, ConnectionError):
                 assert proc.poll() is None, proc.stderr.read()

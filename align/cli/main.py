@@ -83,7 +83,6 @@ Errors: 400 malformed JSON, 401 API key, 413 body or item count over the limit, 
 Retry-After header and a JSON message when --queue-size sequences already wait (retry after that many seconds).
 Concurrent requests are scored together: their sequences join one queue and one worker scores them in passes
 of --batch-size, each request answered with its own scores in its own order (the same as `align score`).
-On a CPU a pass takes seconds: a smaller --queue-size (e.g. 64) turns long waits into quick 503s.
 Listening beyond loopback needs an API key in $ALIGN_API_KEY; clients send "Authorization: Bearer <key>".
 """
 
@@ -117,9 +116,9 @@ def _serve_parser(sub) -> None:
     p.add_argument("--max-items", type=int, default=64, metavar="N", help="items per request (default 64)")
     p.add_argument("--max-body-bytes", type=int, default=2 * 1024 * 1024, metavar="N",
                    help="request body limit in bytes (default 2 MB)")
-    p.add_argument("--queue-size", type=int, default=1024, metavar="N",
+    p.add_argument("--queue-size", type=int, metavar="N",
                    help="sequences waiting to be scored (a pair is 2); past it requests get 503 + Retry-After "
-                        "(default 1024)")
+                        "(default 1024 on a GPU, 64 on a CPU, where a pass takes seconds)")
     p.add_argument("--max-batch-tokens", type=int, default=16384, metavar="N",
                    help="padded tokens per forward pass, across requests (default 16384)")
     p.add_argument("--max-wait-ms", type=float, default=5.0, metavar="MS",
@@ -307,7 +306,7 @@ def _score(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     # loaded for this verb only: it brings torch and the models, which `align --help` does not need
     from align.serving.score import load_reward_model
-    from align.serving.serve import API_KEY_ENV, Limits, check_bind, make_server
+    from align.serving.serve import API_KEY_ENV, Limits, check_bind, default_queue_size, make_server
 
     _positive_args(args, ["batch_size", "max_length", "max_items", "max_body_bytes", "queue_size",
                           "max_batch_tokens", "max_connections"])
@@ -316,7 +315,8 @@ def _serve(args: argparse.Namespace) -> int:
     api_key = os.environ.get(API_KEY_ENV) or None
     check_bind(args.host, api_key)  # before the minutes of model loading
     rm = load_reward_model(args.model, args.device)
-    limits = Limits(args.max_body_bytes, args.max_items, args.batch_size, args.max_length, args.queue_size,
+    queue_size = args.queue_size or default_queue_size(rm)
+    limits = Limits(args.max_body_bytes, args.max_items, args.batch_size, args.max_length, queue_size,
                     args.max_batch_tokens, args.max_wait_ms, args.max_connections)
     make_server(rm, args.host, args.port, limits, api_key).run()
     return 0

@@ -33,6 +33,16 @@ log = logging.getLogger(__name__)
 API_KEY_ENV = "ALIGN_API_KEY"
 
 
+# sequences that may wait, by device: a GPU scores hundreds a second, so a deep queue drains in seconds; on a CPU
+# a pass of 8 sequences of the 135M demo model took ~2 s on 2 cores (bench/results/serve_load_after.txt), so 1024
+# queued would mean minutes of waiting where a quick 503 + Retry-After serves a client better
+QUEUE_SIZE = {"cuda": 1024, "cpu": 64}
+
+
+def default_queue_size(rm: RewardModel) -> int:
+    return QUEUE_SIZE.get(next(rm.model.parameters()).device.type, QUEUE_SIZE["cpu"])
+
+
 @dataclass
 class Limits:
     max_body_bytes: int = 2 * 1024 * 1024
