@@ -64,11 +64,10 @@ class _Stream(BaseStreamer):
         self._show(final=True)  # whatever is left, an unfinished character included: the answer has ended
 
     def _show(self, final: bool) -> None:
-        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True).strip()
-        if not final:
-            text = self.tokenizer.decode(self.tokens, skip_special_tokens=True).lstrip()
-            if text.endswith("\ufffd"):
-                return
+        decoded = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        text = decoded.strip() if final else decoded.lstrip()
+        if not final and text.endswith("\ufffd"):
+            return
         if len(text) > self.shown:
             self.write(text[self.shown:])
             self.shown = len(text)
@@ -89,9 +88,11 @@ def fit_context(speaker: Speaker, messages: Messages, max_new_tokens: int) -> tu
 
 
 def reply(speaker: Speaker, messages: Messages, sampling: Sampling, max_new_tokens: int,
-          write: Callable[[str], None] | None = None, seed: int | None = None) -> str:
-    """One answer to `messages` (whose last message is the user's), shown piece by piece through `write`."""
-    ids, _ = fit_context(speaker, messages, max_new_tokens)
+          write: Callable[[str], None] | None = None, seed: int | None = None, ids: list[int] | None = None) -> str:
+    """One answer to `messages` (whose last message is the user's), shown piece by piece through `write`; `ids`:
+    the prompt's tokens when the caller already fitted them (fit_context)."""
+    if ids is None:
+        ids, _ = fit_context(speaker, messages, max_new_tokens)
     if speaker.adapter is not None:
         speaker.model.set_adapter(speaker.adapter)
     device = next(speaker.model.parameters()).device
@@ -153,11 +154,11 @@ def _answer_turn(s: Speaker, text: str, sampling: Sampling, max_new_tokens: int,
     if labelled:
         print(f"[{s.name}]", file=out, flush=True)
     try:
-        _, dropped = fit_context(s, messages, max_new_tokens)
+        ids, dropped = fit_context(s, messages, max_new_tokens)
         if dropped:
             print(f"(the oldest {dropped} messages no longer fit {s.name}'s context and are left out)", file=out)
         answer = reply(s, messages, sampling, max_new_tokens, lambda piece: print(piece, end="", file=out,
-                                                                                 flush=True), seed)
+                                                                                 flush=True), seed, ids)
     except FormatError as e:
         print(f"(cannot answer that: {e})", file=out, flush=True)
         return

@@ -115,7 +115,9 @@ class LabelSession:
 
     def _draw(self) -> None:
         # torch and generation: only when answers are drawn (reviewing a pairs file needs neither)
-        from align.modeling.generate import Sampling, sample_batch
+        import torch
+
+        from align.modeling.generate import Sampling, sample_batch  # with torch: only when answers are drawn
 
         prompts = prompt_list(self.setup)
         with self.lock:
@@ -140,8 +142,6 @@ class LabelSession:
                     return
             chunk, todo = todo[:size], todo[size:]
             size = self.batch
-            import torch
-
             torch.manual_seed(setup.seed + len(self.items))
             answers = []
             for policy in policies:

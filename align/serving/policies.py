@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from align.modeling.models import load_tokenizer
+from align.modeling.models import PICKLE_SUFFIXES, load_tokenizer
 from align.runtime.errors import ModelError
 from align.runtime.runs import CHAMPION_FILE, MANIFEST, read_manifest
 from align.serving.trained import POLICY_STAGES, champion_or, load_policy, pick_device
@@ -49,7 +49,7 @@ def locate(spec: str | Path, flag: str = "--model") -> tuple[str, Path]:
         return "adapter", champion_or(path)
     if (path / "config.json").is_file():
         if not list(path.glob("*.safetensors")):
-            pickles = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl"))
+            pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
             raise ModelError(f"{flag} {spec}: no .safetensors weights"
                              + (f" (only {', '.join(pickles)}: pickle files, which align never loads)" if pickles
                                 else "") + "; merge with `align merge`, which writes safetensors")
