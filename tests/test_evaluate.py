@@ -85,7 +85,7 @@ def test_align_eval_reports_a_policy_against_its_baseline(tmp_path, sft_run):
                                              for a in range(3)])
     out = tmp_path / "report.json"
     proc = run_align("eval", "--policy", sft_run, "--prompts", prompts, "--sft-data", sft, "--max-new-tokens", "4",
-                     "--out", out)
+                     "--kl-limit", "2", "--out", out)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(out.read_text())
     assert report["baseline"] == "base model (adapters off)" and report["n_prompts"] == 3
@@ -93,12 +93,13 @@ def test_align_eval_reports_a_policy_against_its_baseline(tmp_path, sft_run):
     assert report["perplexity_policy"] > 1 and report["perplexity_baseline"] > 1
     assert report["perplexity_policy"] != report["perplexity_baseline"]  # the adapter changes the model
     assert {"bleu", "rouge_l"} <= set(report["overlap_policy"]) and "kl_estimate" in report
+    assert report["kl_prompts"] == 2  # --kl-limit: the KL from the first 2 of the 3 prompts
     # against itself as the baseline: every answer ties and the KL is zero
     same = run_align("eval", "--policy", sft_run, "--baseline", sft_run, "--prompts", prompts, "--sft-data", "",
                      "--max-new-tokens", "4")
     assert same.returncode == 0, same.stderr[-2000:]
     mirror = json.loads(same.stdout)
-    assert mirror["gold_win_rate"] == 0.5 and mirror["kl_estimate"] == 0.0
+    assert mirror["gold_win_rate"] == 0.5 and mirror["kl_estimate"] == 0.0 and mirror["kl_prompts"] == 3
 
 
 class FixedLogits(torch.nn.Module):
@@ -164,3 +165,28 @@ def test_the_lineage_root_is_found_through_policy_parents(tmp_path):
     dpo2 = stage("dpo2", "dpo", "dpo1")  # round 2, held to the round-1 champion (reference: champion)
     assert lineage_sft(sft) == sft and lineage_sft(dpo2) == sft
     assert lineage_sft(None) is None and lineage_sft(str(tmp_path / "nowhere")) is None
+
+
+def test_reward_model_part_scores_the_baseline_once_and_only_answers_that_differ():
+    from align.evaluation.judges import reward_model_part
+
+    class Scorer:  # a reward model whose score is the answer's length; None (too long) for "xxxxxxxx"
+        def __init__(self):
+            self.scored = []
+
+        def score_answers(self, prompts, answers):
+            self.scored += answers
+            return [None if a == "x" * 8 else float(len(a)) for a in answers]
+
+    scorer = Scorer()
+    shared = {"reward_model": scorer}
+    messages = [[{"role": "user", "content": f"q{i}"}] for i in range(4)]
+    baseline = [("same", []), ("short", []), ("longer", []), ("kept", [])]
+    first = reward_model_part("rm", messages, [("same", []), ("much longer", []), ("s", []), ("x" * 8, [])],
+                              baseline, shared)
+    # tie (same text, same score), win (11 > 5), loss (1 < 6); the unscorable answer leaves its prompt out
+    assert (first["rm_wins"], first["rm_ties"], first["rm_losses"], first["rm_n"]) == (1, 1, 1, 3)
+    assert first["rm_score_policy"] == pytest.approx((4 + 11 + 1) / 3)
+    assert scorer.scored == ["same", "short", "longer", "kept", "much longer", "s", "x" * 8]
+    second = reward_model_part("rm", messages, baseline, baseline, shared)  # a policy answering as the baseline
+    assert second["rm_ties"] == 4 and len(scorer.scored) == 7  # nothing scored again

@@ -164,6 +164,23 @@ def test_from_forces_a_step_and_everything_after_it(loop, monkeypatch):
     shutil.rmtree(home.root / latest["version"])  # leave the module's pipeline as it was
 
 
+def test_an_evaluation_without_the_reward_judge_and_with_the_kl_on_fewer_prompts(loop, tmp_path):
+    """evaluate.reward_judge=false: the gold judge decides alone (no rm_ keys); evaluate.kl_limit: the KL from the
+    first N prompts. A copy of the module's pipeline, evaluated again."""
+    runs = tmp_path / "runs"
+    shutil.copytree(loop["tmp"] / "runs", runs)
+    overrides = [o for o in loop["overrides"] if not o.startswith("runs_dir=")]
+    overrides += [f"runs_dir={runs}", "evaluate.reward_judge=false", "evaluate.kl_limit=2"]
+    record = run(load_pipeline(None, overrides), start="evaluate")
+    files = record["evaluation"]["files"]
+    assert files
+    for name, path in files.items():
+        full = json.loads(Path(path).read_text())
+        assert full["gold_n"] == 3 and not any(k.startswith("rm_") for k in full), name
+        assert full["n_prompts"] == 3 and full["kl_prompts"] == 2
+    assert record["decision"]["reason"]
+
+
 def test_pipeline_config_errors_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match="dpo.betta"):
         load_pipeline(None, ["dpo.betta=0.1"])
@@ -186,7 +203,7 @@ def test_stage_config_takes_data_and_parents_from_the_pipeline(tmp_path):
     cfg = stage_config(p, "ppo", "v3", {"sft": Path("x/sft"), "reward": Path("y/reward")})
     assert (cfg.run, cfg.runs_dir) == ("v3", str(tmp_path / "demo"))
     assert (cfg.init_from_sft, cfg.reward_model, cfg.eval_prompts) == ("x/sft", "y/reward", None)
-    assert cfg.data.train == "a.jsonl,b.jsonl" and cfg.training.max_steps == 3
+    assert cfg.data.train == "a.jsonl,b.jsonl" and cfg.training.max_steps == 2 and cfg.ppo.epochs == 1
     dpo = stage_config(p, "dpo", "v3", {"sft": Path("x/sft")})
     assert dpo.data.eval is None and dpo.loss == "ipo"  # the pipeline file's stage keys win over the data default
 

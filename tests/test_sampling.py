@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from align.modeling.generate import Sampling, draw, sample_batch
+from align.modeling.generate import Sampling, draw, generation_batch, sample_batch
 from align.modeling.heads import pad_batch, states_logps
 from align.modeling.models import attach_lora, load_base, load_tokenizer
 from align.modeling.roles import Roles, make_batch
@@ -142,3 +142,21 @@ def test_the_generation_config_states_every_logits_setting():
     assert (cfg.do_sample, cfg.temperature, cfg.top_k, cfg.top_p, cfg.repetition_penalty) == (True, 0.7, 0, 1.0, 1.0)
     assert (cfg.eos_token_id, cfg.pad_token_id, cfg.num_return_sequences, cfg.max_new_tokens) == (5, 0, 2, 16)
     assert Sampling(0.7).exact and not Sampling(0.7, 0.9).exact and not Sampling(0.0).exact
+
+
+def test_generation_batch_follows_the_device_and_the_length():
+    """On a CPU up to 64 answers share a decoding step, fewer as answers grow long; elsewhere 16."""
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert generation_batch(cpu, 57 + 48) == 64
+    assert generation_batch(cpu, 1000 + 64) == 7
+    assert generation_batch(cpu, 20000) == 1
+    assert generation_batch(gpu, 57 + 48) == 16
+
+
+def test_greedy_answers_do_not_depend_on_the_batch(policy):
+    """The default batch (all three prompts at once here) answers as one prompt at a time does."""
+    model, tok = policy
+    alone = sample_batch(model, tok, PROMPTS, Sampling(), max_new_tokens=8, batch_size=1)
+    together = sample_batch(model, tok, PROMPTS, Sampling(), max_new_tokens=8)
+    assert [a[0][1] for a in together] == [a[0][1] for a in alone]
+    assert any(len(a[0][1]) > 1 for a in alone)

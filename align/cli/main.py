@@ -241,6 +241,8 @@ def _eval_parser(sub) -> None:
                    help="held-out SFT rows for perplexity and BLEU/ROUGE ('' = skip)")
     p.add_argument("--limit", type=int, default=64, metavar="N", help="prompts / rows used from each (default 64)")
     p.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="answer budget (default 64)")
+    p.add_argument("--kl-limit", type=int, default=None, metavar="N",
+                   help="estimate the KL on the first N prompts only (default: all of --limit)")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N")
     p.add_argument("--out", default="-", metavar="FILE.json", help="write the report here (default: stdout)")
 
@@ -249,7 +251,7 @@ def _eval(args: argparse.Namespace) -> int:
     # loaded for this verb only: it brings torch and the models, which `align --help` does not need
     from align.evaluation.evaluate import evaluate_policy
 
-    _positive_args(args, ["limit", "max_new_tokens"])
+    _positive_args(args, ["limit", "max_new_tokens", "kl_limit"])
     if bool(args.policy) == bool(args.human):
         raise ConfigError("name what to evaluate: --policy DIR (answers judged automatically) or --human FILE "
                           "(people's judgements from align label)")
@@ -262,7 +264,7 @@ def _eval(args: argparse.Namespace) -> int:
         print(cli_people.human_summary(report), file=sys.stderr)
         return 0
     report = evaluate_policy(args.policy, args.baseline, args.reward_model, args.prompts, args.sft_data or None,
-                             args.limit, args.max_new_tokens, args.device)
+                             args.limit, args.max_new_tokens, args.device, args.kl_limit)
     _write_report(report, args.out)
     return 0
 

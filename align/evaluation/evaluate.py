@@ -27,9 +27,10 @@ log = logging.getLogger(__name__)
 
 
 def win_rate_report(model, tokenizer, prompts_spec: str, limit: int, max_new_tokens: int, reward_model: str | None,
-                    reference_ctx, shared: dict | None = None) -> dict[str, Any]:
+                    reference_ctx, shared: dict | None = None, kl_limit: int | None = None) -> dict[str, Any]:
     """Policy (the model's active adapter) against the reference (inside `reference_ctx(model)`). `shared` keeps
-    the reference's answers and the loaded reward model for the next policy judged against the same reference."""
+    the reference's answers and the loaded reward model for the next policy judged against the same reference.
+    `kl_limit`: the KL is estimated on the first N prompts only (sampling and two log-prob passes per prompt)."""
     shared = {} if shared is None else shared
     prompts = load_prompts(prompts_spec, limit)
     if not prompts:
@@ -45,7 +46,8 @@ def win_rate_report(model, tokenizer, prompts_spec: str, limit: int, max_new_tok
     report: dict[str, Any] = {
         "prompts": prompts_spec,
         "n_prompts": len(prompts),
-        "kl_estimate": sampled_kl(model, tokenizer, messages, max_new_tokens, reference_ctx),
+        "kl_estimate": sampled_kl(model, tokenizer, messages[:kl_limit], max_new_tokens, reference_ctx),
+        "kl_prompts": len(messages[:kl_limit]),
         "policy_words_mean": sum(len(t.split()) for t, _ in policy) / len(policy),
         "reference_words_mean": sum(len(t.split()) for t, _ in ref) / len(ref),
         "policy_no_eos_share": sum(not a or a[-1] != eos for _, a in policy) / len(policy),
@@ -89,19 +91,21 @@ def evaluate_stage_output(out: str | Path, prompts: str, limit: int, max_new_tok
 def evaluate_policy(policy: str, baseline: str | None = None, reward_model: str | None = None,
                     prompts: str = "reward_data/prefs/prompts.jsonl",
                     sft_data: str | None = "reward_data/sft/eval.jsonl", limit: int = 64, max_new_tokens: int = 64,
-                    device: str = "auto") -> dict:
+                    device: str = "auto", kl_limit: int | None = None) -> dict:
     """A policy run against a baseline policy run (default: the policy's SFT parent, else the base model):
     win-rates (gold judge, reward model, both also length-controlled), answer lengths, sampled KL, perplexity on
     held-out SFT data, BLEU / ROUGE-L of answers against the SFT data's reference answers."""
-    return evaluate_policies([policy], baseline, reward_model, prompts, sft_data, limit, max_new_tokens, device)[0]
+    return evaluate_policies([policy], baseline, reward_model, prompts, sft_data, limit, max_new_tokens, device,
+                             kl_limit)[0]
 
 
 def evaluate_policies(policies: list[str], baseline: str | None = None, reward_model: str | None = None,
                       prompts: str = "reward_data/prefs/prompts.jsonl",
                       sft_data: str | None = "reward_data/sft/eval.jsonl", limit: int = 64, max_new_tokens: int = 64,
-                      device: str = "auto") -> list[dict]:
+                      device: str = "auto", kl_limit: int | None = None) -> list[dict]:
     """Several policies (adapters on one base, loaded once) against one baseline; the baseline's answers,
-    perplexity and overlap are computed once and shared. Default baseline: the first policy's SFT parent."""
+    perplexity and overlap are computed once and shared. Default baseline: the first policy's SFT parent.
+    `kl_limit`: how many of the prompts estimate each KL (default: all of them)."""
     paths = [champion_or(p) for p in policies]
     baseline = champion_or(baseline) if baseline else None
     model, tokenizer, cfg = load_policy(paths[0], device)
@@ -121,7 +125,7 @@ def evaluate_policies(policies: list[str], baseline: str | None = None, reward_m
         base_name = "baseline"
     ctx = lambda m: adapter_role(m, base_name, trainable=())  # noqa: E731
     job = _Job(model, tokenizer, cfg.data.max_length, str(baseline) if baseline else None, ctx, reward_model,
-               prompts, sft_data, limit, max_new_tokens)
+               prompts, sft_data, limit, max_new_tokens, kl_limit)
     reports = []
     for path, manifest, name in zip(paths, manifests, names):
         with adapter_role(model, name, trainable=()):
@@ -146,11 +150,11 @@ class _Job:
     """One evaluation session: the settings, and what is computed once for the baseline."""
 
     def __init__(self, model, tokenizer, max_length, baseline, ctx, reward_model, prompts, sft_data, limit,
-                 max_new_tokens):
+                 max_new_tokens, kl_limit=None):
         self.model, self.tokenizer, self.max_length, self.baseline, self.ctx = model, tokenizer, max_length, \
             baseline, ctx
         self.reward_model, self.prompts, self.sft_data = reward_model, prompts, sft_data
-        self.limit, self.max_new_tokens = limit, max_new_tokens
+        self.limit, self.max_new_tokens, self.kl_limit = limit, max_new_tokens, kl_limit
         self.shared: dict = {}
 
     def evaluate(self, policy, parent: str | None) -> dict:
@@ -158,7 +162,7 @@ class _Job:
         model, tok = self.model, self.tokenizer
         report = {"policy": str(policy), "baseline": self.baseline or "base model (adapters off)",
                   **win_rate_report(model, tok, self.prompts, self.limit, self.max_new_tokens, self.reward_model,
-                                    self.ctx, self.shared)}
+                                    self.ctx, self.shared, self.kl_limit)}
         report["kl_to_reference"] = self._kl_to_reference(parent, report)
         sft = lineage_sft(parent)
         # with a moving reference (a round held to the champion it started from) the distance from SFT is its own
@@ -196,7 +200,7 @@ class _Job:
         baseline = self.baseline
         if (parent and baseline and Path(parent).resolve() == Path(baseline).resolve()) or not (parent or baseline):
             return report.get("kl_estimate")
-        messages = [p for p, _ in load_prompts(self.prompts, self.limit)]
+        messages = [p for p, _ in load_prompts(self.prompts, self.limit)][:self.kl_limit]
         if not messages:
             return None
         name = None

@@ -41,14 +41,22 @@ def _right_share(judge, rows: list[tuple[str, str, int]]) -> float:
 def reward_model_part(path: str, messages: list[Messages], policy: Answers, baseline: Answers, shared: dict
                       ) -> dict[str, Any]:
     """rm_… keys: both answers of each prompt scored by the reward model at `path` (kept in `shared`); a prompt
-    is judged only when both answers fit the reward model."""
+    is judged only when both answers fit the reward model. The baseline's scores are kept in `shared` for the
+    next policy, and a policy answer equal to the baseline's takes its score: greedy answers of a policy close
+    to its baseline are mostly identical, and scoring is a forward pass per answer."""
     if "reward_model" not in shared:
         log.info("judging with the reward model %s (loaded separately for evaluation)", path)
         shared["reward_model"] = load_reward_model(path)
-    flat = shared["reward_model"].score_answers([m for m in messages for _ in range(2)],
-                                                [t for (pt, _), (bt, _) in zip(policy, baseline) for t in (pt, bt)])
-    kept = [i for i in range(len(messages)) if flat[2 * i] is not None and flat[2 * i + 1] is not None]
-    pol, base = [flat[2 * i] for i in kept], [flat[2 * i + 1] for i in kept]
+    scorer = shared["reward_model"]
+    texts = [bt for bt, _ in baseline]
+    if shared.get("rm_baseline", (None,))[0] != texts:
+        shared["rm_baseline"] = (texts, scorer.score_answers(messages, texts))
+    base_scores = shared["rm_baseline"][1]
+    differ = [i for i, ((pt, _), bt) in enumerate(zip(policy, texts)) if pt != bt]
+    own = dict(zip(differ, scorer.score_answers([messages[i] for i in differ], [policy[i][0] for i in differ])))
+    pol_scores = [own.get(i, base_scores[i]) for i in range(len(messages))]
+    kept = [i for i in range(len(messages)) if pol_scores[i] is not None and base_scores[i] is not None]
+    pol, base = [pol_scores[i] for i in kept], [base_scores[i] for i in kept]
     verdicts = [1 if a > b else -1 if a < b else 0 for a, b in zip(pol, base)]
     return {**judged("rm", verdicts, [policy[i][0] for i in kept], [baseline[i][0] for i in kept]),
             "rm_score_policy": sum(pol) / len(pol) if pol else None,

@@ -57,6 +57,13 @@ class PipelineData:
 class EvalSection:
     limit: int = opt(64, "held-out prompts (and SFT rows) used by the evaluation", lambda v: v >= 1, "must be >= 1")
     max_new_tokens: int = opt(64, "longest answer generated in the evaluation", lambda v: v >= 1, "must be >= 1")
+    reward_judge: bool = opt(True, "judge with the reward model as well when the gold judge decides (a second "
+                             "opinion: where the two disagree a policy may be gaming the reward model); false "
+                             "saves a forward pass per answer. Where prompts carry no gold answers, or "
+                             "promotion.judge is reward_model, the reward model judges either way")
+    kl_limit: int | None = opt(None, "the first N of those prompts estimate each policy's KL (one sampled answer "
+                               "and two log-prob passes each: the dearest part of an evaluation on a CPU); "
+                               "empty = all", lambda v: v is None or v >= 1, "must be >= 1 or empty")
     device: str = opt("auto", "auto (CUDA if present), cpu, cuda or cuda:N")
 
 

@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from align.data.prompts import load_prompts
 from align.data.rows import data_hash
 from align.evaluation.evaluate import evaluate_policies
 from align.evaluation.human import human_report
@@ -77,10 +78,13 @@ def evaluate_step(p, home: Home, record: dict[str, Any], force: bool = False) ->
         champion = (record.get("decision") or {}).get("previous_champion")
     baseline, baseline_name = _baseline(stages, champion)
     new = candidates(record, baseline)
-    rm = stages.get("reward", {}).get("path")
     e, d = s.evaluate, s.data
+    rm = stages.get("reward", {}).get("path")
+    if rm and not e.reward_judge and s.promotion.judge != "reward_model" and gold_decides(d.eval_prompts, e.limit):
+        rm = None
     auto_key = json_hash({"policies": {c: stages[c]["key"] for c in new}, "baseline": baseline,
-                          "reward_model": stages.get("reward", {}).get("key"), "settings": [e.limit, e.max_new_tokens],
+                          "reward_model": stages.get("reward", {}).get("key") if rm else None,
+                          "settings": [e.limit, e.max_new_tokens, e.kl_limit],
                           "prompts": data_hash(d.eval_prompts),
                           "sft_eval": data_hash(d.sft_eval) if d.sft_eval else None})
     files = human_files(home, version, new) if s.promotion.judge == "human" else {}
@@ -98,7 +102,7 @@ def evaluate_step(p, home: Home, record: dict[str, Any], force: bool = False) ->
     elif new:
         log.info("evaluate: %s against %s on %d held-out prompts", " and ".join(new), baseline_name, e.limit)
         found = evaluate_policies([stages[n]["path"] for n in new], baseline, rm, d.eval_prompts, d.sft_eval,
-                                  e.limit, e.max_new_tokens, e.device)
+                                  e.limit, e.max_new_tokens, e.device, e.kl_limit)
         for name, report in zip(new, found):
             atomic_write_json(saved[name], report)
             reports[name] = report
@@ -117,6 +121,11 @@ def evaluate_step(p, home: Home, record: dict[str, Any], force: bool = False) ->
             log.warning("%s %s awaits human evaluation; people judge it against %s with:\n  %s\nthen `align run` "
                         "again decides", version, n, baseline_name, command)
     home.write(record)
+
+
+def gold_decides(prompts: str | None, limit: int) -> bool:
+    """Whether the held-out prompts carry gold answers, so that the gold judge can decide without the RM."""
+    return bool(prompts) and any(answer is not None for _, answer in load_prompts(prompts, limit))
 
 
 def human_files(home: Home, version: str, new: list[str]) -> dict[str, Path]:
