@@ -166,12 +166,17 @@ def test_from_forces_a_step_and_everything_after_it(loop, monkeypatch):
 
 def test_an_evaluation_without_the_reward_judge_and_with_the_kl_on_fewer_prompts(loop, tmp_path):
     """evaluate.reward_judge=false: the gold judge decides alone (no rm_ keys); evaluate.kl_limit: the KL from the
-    first N prompts. A copy of the module's pipeline, evaluated again."""
+    first N prompts. v1 of a copy of the module's pipeline (other tests may have added versions) evaluated again."""
+    from align.evaluation.report import write_report
+    from align.loop.steps import evaluate_step
+
     runs = tmp_path / "runs"
     shutil.copytree(loop["tmp"] / "runs", runs)
     overrides = [o for o in loop["overrides"] if not o.startswith("runs_dir=")]
     overrides += [f"runs_dir={runs}", "evaluate.reward_judge=false", "evaluate.kl_limit=2"]
-    record = run(load_pipeline(None, overrides), start="evaluate")
+    home = Home(runs / "t")
+    record = home.read("v1")
+    evaluate_step(load_pipeline(None, overrides), home, record, force=True)
     files = record["evaluation"]["files"]
     assert files
     for name, path in files.items():
@@ -179,6 +184,9 @@ def test_an_evaluation_without_the_reward_judge_and_with_the_kl_on_fewer_prompts
         assert full["gold_n"] == 3 and not any(k.startswith("rm_") for k in full), name
         assert full["n_prompts"] == 3 and full["kl_prompts"] == 2
     assert record["decision"]["reason"]
+    text = write_report(home.root, record).read_text()
+    assert "KL sampled at temperature 1 on the first 2)" in text and "| gold-judge win-rate |" in text
+    assert "reward-model win-rate" not in text  # a judge that did not judge gets no row of dashes
 
 
 def test_pipeline_config_errors_name_the_key(tmp_path):

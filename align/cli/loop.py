@@ -102,9 +102,10 @@ def print_version(record: dict[str, Any], champion: dict[str, Any] | None) -> No
     for name, m in (evaluation.get("policies") or {}).items():
         gold = "; ".join(x for x in (_counts(m, "gold"), f"length-controlled {_pct(m.get('gold_lc_win_rate'))}") if x)
         rm = _counts(m, "rm")
+        judged_by_rm = "" if m.get("rm_win_rate") is None else \
+            f"RM win-rate {_pct(m.get('rm_win_rate'))}{f' ({rm})' if rm else ''}, "
         print(f"  {name} vs {evaluation.get('baseline_name')}: gold win-rate {_pct(m.get('gold_win_rate'))} ({gold}), "
-              f"RM win-rate {_pct(m.get('rm_win_rate'))}{f' ({rm})' if rm else ''}, KL to reference "
-              f"{_num(m.get('kl_to_reference'))}")
+              f"{judged_by_rm}KL to reference {_num(m.get('kl_to_reference'))}")
         if m.get("human_n"):
             print(f"    people: win-rate {_pct(m.get('human_win_rate'))} ({_counts(m, 'human')}) over "
                   f"{m['human_n']} items")

@@ -62,11 +62,14 @@ def metrics_table(policies: dict[str, dict[str, Any]], baseline_name: str) -> st
     lines = [f"| metric | baseline: {baseline_name} | " + " | ".join(names) + " |",
              "|---|---|" + "---|" * len(names)]
     for label, key, fmt in ROWS:
-        lines.append(f"| {label} | — | " + " | ".join(_cell(fmt, policies[n], key) for n in names) + " |")
+        cells = [_cell(fmt, policies[n], key) for n in names]
+        if any(c != "—" for c in cells):  # a judge or measure this evaluation did not use gets no row
+            lines.append(f"| {label} | — | " + " | ".join(cells) + " |")
     for label, pkey, bkey, fmt in PAIRED:
         base = next((policies[n][bkey] for n in names if policies[n].get(bkey) is not None), None)
-        lines.append(f"| {label} | {_fmt(fmt, base)} | " + " | ".join(_fmt(fmt, policies[n].get(pkey))
-                                                                    for n in names) + " |")
+        cells = [_fmt(fmt, policies[n].get(pkey)) for n in names]
+        if base is not None or any(c != "—" for c in cells):
+            lines.append(f"| {label} | {_fmt(fmt, base)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -264,9 +267,11 @@ def _markdown(home: Path, record: dict[str, Any], reports: dict[str, dict[str, A
         first = next(iter(reports.values()))
         where = f" from `{first['prompts']}`" if first.get("prompts") else ""
         judges = f" Judged by {first['judges']}." if first.get("judges") else ""
+        n, kl_n = first.get("n_prompts"), first.get("kl_prompts")
+        kl_on = f" on the first {kl_n}" if kl_n and n and kl_n < n else ""
         out += ["## Evaluation against the baseline", "",
-                f"New policies against {baseline_name} on {first.get('n_prompts')} held-out prompts{where} (greedy "
-                f"answers; KL sampled at temperature 1).{judges}", "", metrics_table(policies, baseline_name), ""]
+                f"New policies against {baseline_name} on {n} held-out prompts{where} (greedy answers; KL sampled "
+                f"at temperature 1{kl_on}).{judges}", "", metrics_table(policies, baseline_name), ""]
     for title, file in figures:
         out += [f"## {title}", "", f"![{title}]({file})", ""]
     out += _samples(reports, baseline_name)
