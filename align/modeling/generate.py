@@ -109,6 +109,7 @@ def draw(model, ids: torch.Tensor, mask: torch.Tensor, sampling: Sampling, max_n
 # embedded model 64 greedy answers took 23 s in one batch and 36 s in batches of 16 (2 cores). Up to 64 answers
 # share a step there, fewer when prompts are long, so that a larger model's KV cache stays a few GB.
 CPU_BATCH_TOKENS = 8192
+CPU_MAX_BATCH = 64
 GPU_BATCH = 16
 
 
@@ -116,7 +117,7 @@ def generation_batch(device: torch.device, tokens_per_answer: int) -> int:
     """Answers per generate() call when the caller does not say."""
     if device.type != "cpu":
         return GPU_BATCH
-    return max(1, min(64, CPU_BATCH_TOKENS // max(tokens_per_answer, 1)))
+    return max(1, min(CPU_MAX_BATCH, CPU_BATCH_TOKENS // max(tokens_per_answer, 1)))
 
 
 @torch.no_grad()
