@@ -77,6 +77,21 @@ def test_generation_stops_at_the_end_of_the_turn(fam):
     assert tokens == [tok.eos_token_id] and text == ""
 
 
+def test_greedy_answers_drawn_together_equal_those_drawn_alone(fam):
+    """The evaluation draws up to 64 answers per generate() call on a CPU: with left padding under each family's
+    BOS, pad token (or none) and template, a short prompt batched beside a long one answers as it does alone."""
+    from align.modeling.models import ModelConfig, load_base
+
+    family, path, tok = fam
+    torch.manual_seed(0)
+    model = load_base(str(path), ModelConfig())
+    prompts = [[{"role": "user", "content": "Hi"}],
+               [{"role": "user", "content": "What is 12 + 9? Say it in a long sentence, please, with the sum."}]]
+    alone = sample_batch(model, tok, prompts, Sampling(), max_new_tokens=5, batch_size=1)
+    together = sample_batch(model, tok, prompts, Sampling(), max_new_tokens=5)
+    assert [a[0][1] for a in together] == [a[0][1] for a in alone]
+
+
 def test_every_stage_runs_and_the_reward_is_read_at_the_turns_end(fam, tmp_path):
     from align.serving import merge as merging
     from align.serving.score import load_reward_model
