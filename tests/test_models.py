@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -156,3 +157,26 @@ def test_a_role_returns_to_the_adapter_that_was_running(tiny_model_dir):
         assert torch.equal(out(), other)  # back to "other", where the inner roles began
         assert models.active_adapter(model) == "other"
     assert torch.equal(out(), default) and not torch.allclose(other, default) and not torch.allclose(plain, other)
+
+
+def test_one_gguf_parse_shares_a_read_and_restores_gguf(tmp_path):
+    # a conversion reads one parse for config, weights and tokenizer; gguf's own names come back even on failure
+    import gguf as gguf_py
+
+    path = tmp_path / "tiny.gguf"
+    writer = gguf_py.GGUFWriter(str(path), "llama")
+    writer.add_uint32("llama.block_count", 2)
+    writer.add_tensor("token_embd.weight", np.ones((4, 3), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    reader, name_map = gguf_py.GGUFReader, gguf_py.get_tensor_name_map
+    with pytest.raises(RuntimeError), models._one_gguf_parse():
+        first, again = gguf_py.GGUFReader(str(path)), gguf_py.GGUFReader(str(path))
+        assert first is again and first.fields["llama.block_count"].parts[-1][0] == 2
+        table = gguf_py.get_tensor_name_map(gguf_py.MODEL_ARCH.LLAMA, 2)
+        assert gguf_py.get_tensor_name_map(gguf_py.MODEL_ARCH.LLAMA, 2) is table
+        raise RuntimeError("a failed conversion")
+    assert (gguf_py.GGUFReader, gguf_py.get_tensor_name_map) == (reader, name_map)
+    assert gguf_py.GGUFReader(str(path)) is not gguf_py.GGUFReader(str(path))
