@@ -4,7 +4,7 @@ policy kept when its evaluation fails."""
 
 import pytest
 import torch
-from conftest import run_align
+from conftest import ROOT, run_align
 
 from align.modeling.models import adapter_of, adapter_role, add_adapter_from
 from align.modeling.roles import POLICY, REFERENCE, VALUE, head_from, make_batch
@@ -110,3 +110,18 @@ def test_a_failed_evaluation_keeps_the_trained_policy_and_says_how_to_evaluate_i
     assert f"the ppo policy is trained and saved in {out}" in ran.stderr
     assert "align eval --policy" in ran.stderr and "out of memory while answering" in ran.stderr
     assert (out / "adapter_model.safetensors").is_file() and (out / "metrics.json").is_file()
+
+
+def test_only_a_reward_model_the_rewards_used_judges_the_saved_policy(tmp_path):
+    # PPO with rewards: [gold] kept the recipe's reward_model=runs/demo/reward, which need not exist: the
+    # evaluation after training judged with it and failed (2026-12-07); it judges with the rewards' model only
+    from align.cli.main import judging_reward_model
+    from align.runtime.config import GRPOConfig
+
+    recipe = ROOT / "recipes/configs/ppo.yaml"
+    assert judging_reward_model(load_config(PPOConfig, recipe, ["rewards=[gold]"])) is None
+    assert judging_reward_model(load_config(PPOConfig, recipe, [])) == "runs/demo/reward"
+    both = load_config(PPOConfig, recipe, ["rewards=[gold, {source: reward_model, weight: 0.5}]", "reward_model=r"])
+    assert judging_reward_model(both) == "r"
+    grpo_cfg = load_config(GRPOConfig, ROOT / "recipes/configs/grpo.yaml", ["rewards=[gold]", "reward_model=r"])
+    assert judging_reward_model(grpo_cfg) is None

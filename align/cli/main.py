@@ -355,7 +355,7 @@ def _run_stage(stage: str, args: argparse.Namespace) -> int:
 
             try:
                 evaluate_stage_output(out, cfg.eval_prompts, cfg.eval_limit, cfg.max_new_tokens,
-                                      getattr(cfg, "reward_model", None))
+                                      judging_reward_model(cfg))
             except (AlignError, RuntimeError, OSError) as e:  # the trained policy is saved: say so, keep it
                 print(f"error: the {stage} policy is trained and saved in {out}, but its evaluation failed: {e}\n"
                       f"evaluate it again with: align eval --policy {out} --prompts {cfg.eval_prompts}",
@@ -363,6 +363,19 @@ def _run_stage(stage: str, args: argparse.Namespace) -> int:
                 return 1
         _print_summary(stage, out, json.loads((Path(out) / "metrics.json").read_text()))
     return 0
+
+
+def judging_reward_model(cfg) -> str | None:
+    """The reward model that judges a stage's saved policy next to the gold judge: the one its rewards used. A
+    reward_model= the rewards leave out (PPO with rewards: [gold] keeps the recipe's runs/demo/reward) has no
+    say, and may not exist."""
+    # loaded for the RL verbs only, with the stage modules above
+    from align.stages.rewards import names_reward_model
+
+    rewards = getattr(cfg, "rewards", None)
+    if rewards is not None and not names_reward_model(rewards):
+        return None
+    return getattr(cfg, "reward_model", None) or None
 
 
 def _print_summary(stage: str, out: Path, metrics: dict) -> None:
