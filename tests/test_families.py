@@ -92,6 +92,48 @@ def test_greedy_answers_drawn_together_equal_those_drawn_alone(fam):
     assert [a[0][1] for a in together] == [a[0][1] for a in alone]
 
 
+def test_each_prompt_read_once_gives_the_log_probs_and_gradients_of_a_whole_pass(fam):
+    """GRPO's answers to one prompt share that prompt's pass through the decoder (shared_prompt_states): under
+    each family's padding, positions, attention (Gemma-2's sliding window and soft-capping, Phi-3's fused
+    projections) the answers' log-probs and the adapter's gradients are those of one pass over every whole row."""
+    from align.modeling.models import LoraConfig, ModelConfig, attach_lora, load_base
+    from align.modeling.roles import Roles, make_batch
+
+    family, path, tok = fam
+    model = attach_lora(load_base(str(path), ModelConfig()), LoraConfig(r=4, alpha=8, dropout=0.0), False, False)
+    torch.manual_seed(1)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # a fresh adapter adds nothing: give it a real difference from the base
+            p.data.normal_(0, 0.3)
+    questions = ["Hi", "What is 12 + 9? Say it in a long sentence, please.", "Why?"]
+    prompts = [encode_prompt(tok, [{"role": "user", "content": q}]) for q in questions]
+    prompt_of = [0, 0, 1, 1, 1, 2]
+    answers = [list(torch.randint(10, 200, (n,)).tolist()) + [tok.eos_token_id] for n in (3, 7, 1, 5, 2, 6)]
+    roles = Roles(model, None, None)
+    model.train()
+    read: list[int] = []
+    model.get_decoder().register_forward_pre_hook(lambda _m, _a, kw: read.append(kw["input_ids"].numel()),
+                                                  with_kwargs=True)
+    results = []
+    for shared in (None, prompt_of):
+        batch = make_batch([prompts[i] for i in prompt_of], answers, tok.pad_token_id, tok.eos_token_id, "cpu",
+                           prompt_of=shared)
+        read.clear()
+        logp = roles.policy_logps(batch, 0.7)
+        P, T = batch.prompt_len, batch.responses.shape[1]
+        assert sum(read) == (6 * (P + T) if shared is None else 3 * P + 6 * T)
+        (logp * batch.resp_mask).sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad()
+        results.append((logp.detach() * batch.resp_mask, grads))
+    (whole, whole_grads), (once, once_grads) = results
+    assert whole.abs().sum() > 0 and len(whole_grads) > 0
+    torch.testing.assert_close(once, whole, atol=1e-5, rtol=1e-5)
+    assert once_grads.keys() == whole_grads.keys()
+    for n in whole_grads:
+        torch.testing.assert_close(once_grads[n], whole_grads[n], atol=1e-5, rtol=1e-4, msg=n)
+
+
 def test_every_stage_runs_and_the_reward_is_read_at_the_turns_end(fam, tmp_path):
     from align.serving import merge as merging
     from align.serving.score import load_reward_model

@@ -117,7 +117,8 @@ def sample_groups(roles: Roles, prep: Prepared, rows: list[int]) -> tuple[Batch,
     gen_seconds = time.monotonic() - start
     texts = [text for ((text, _),) in drawn]
     dev = next(roles.model.parameters()).device
-    batch = make_batch(prompt_ids, [tokens for ((_, tokens),) in drawn], tok.pad_token_id, tok.eos_token_id, dev)
+    batch = make_batch(prompt_ids, [tokens for ((_, tokens),) in drawn], tok.pad_token_id, tok.eos_token_id, dev,
+                       prompt_of=rows)
     # in slices of the update's batch size: the logits of all B·G answers at once would grow with the batch
     slices = [torch.arange(i, min(i + cfg.training.batch_size, len(rows)), device=dev)
               for i in range(0, len(rows), cfg.training.batch_size)]
