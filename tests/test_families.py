@@ -90,6 +90,12 @@ def test_greedy_answers_drawn_together_equal_those_drawn_alone(fam):
     alone = sample_batch(model, tok, prompts, Sampling(), max_new_tokens=5, batch_size=1)
     together = sample_batch(model, tok, prompts, Sampling(), max_new_tokens=5)
     assert [a[0][1] for a in together] == [a[0][1] for a in alone]
+    # n answers per prompt read the prompt once and hand its cache to n rows: the same draws as n copies of it
+    torch.manual_seed(5)
+    from_cache = [t for a in sample_batch(model, tok, prompts, Sampling(1.0, n=3), max_new_tokens=5) for _, t in a]
+    torch.manual_seed(5)
+    copies = sample_batch(model, tok, [p for p in prompts for _ in range(3)], Sampling(1.0), max_new_tokens=5)
+    assert from_cache == [a[0][1] for a in copies] and len(set(map(tuple, from_cache))) > 2
 
 
 def test_each_prompt_read_once_gives_the_log_probs_and_gradients_of_a_whole_pass(fam):

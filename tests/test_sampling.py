@@ -40,32 +40,37 @@ def policy(tmp_path_factory, tiny_model_dir):
     return model.eval(), tok
 
 
-def drawn_with_scores(model, tok, temperature: float, seed: int = 0):
+def drawn_with_scores(model, tok, temperature: float, seed: int = 0, n: int = 1):
     prompts = [tok.apply_chat_template(p, add_generation_prompt=True) for p in PROMPTS]
     prompts = [p if isinstance(p, list) else p["input_ids"] for p in prompts]
     ids, mask = pad_batch(prompts, tok.pad_token_id, side="left")
     torch.manual_seed(seed)
-    out = draw(model, ids, mask, Sampling(temperature), 12, tok.eos_token_id, tok.pad_token_id, scores=True)
-    return prompts, ids, out
+    out = draw(model, ids, mask, Sampling(temperature, n=n), 12, tok.eos_token_id, tok.pad_token_id, scores=True)
+    return [p for p in prompts for _ in range(n)], ids, out
 
 
-@pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_rl_logps_equal_the_generators_own_scores(policy, temperature):
+@pytest.mark.parametrize("temperature, n", [(1.0, 1), (0.7, 1), (1.0, 3)])
+def test_rl_logps_equal_the_generators_own_scores(policy, temperature, n):
     """log_softmax of the processed logits generate() drew each token from equals the per-token log-probs PPO
-    computes for that token at the same temperature (its ratios and KL assume exactly this)."""
+    computes for that token at the same temperature (its ratios and KL assume exactly this). With n answers per
+    prompt (GRPO) the prompt is read once and its cache handed to the n rows, on both sides."""
     model, tok = policy
-    prompts, ids, out = drawn_with_scores(model, tok, temperature)
+    prompts, ids, out = drawn_with_scores(model, tok, temperature, n=n)
     answers = out.sequences[:, ids.shape[1]:]
+    assert answers.shape[0] == len(PROMPTS) * n
     gen_logps = torch.stack([torch.log_softmax(s.float(), -1) for s in out.scores], 1)  # (B, T, V)
     picked = gen_logps.gather(-1, answers[..., None])[..., 0]
     responses = []
     for row in answers.tolist():  # up to and including the EOS, as the rollout keeps them
         responses.append(row[:row.index(tok.eos_token_id) + 1] if tok.eos_token_id in row else row)
-    batch = make_batch(prompts, responses, tok.pad_token_id, tok.eos_token_id, "cpu")
+    batch = make_batch(prompts, responses, tok.pad_token_id, tok.eos_token_id, "cpu",
+                       prompt_of=[i // n for i in range(len(prompts))] if n > 1 else None)
     with torch.no_grad():
         rl = Roles(model, torch.nn.Linear(64, 1), None).policy_logps(batch, temperature)
     m = batch.resp_mask.bool()
-    assert m.sum() >= 12  # something was drawn
+    assert m.sum() >= 12 * n  # something was drawn
+    if n > 1:  # the n answers to a prompt are drawn apart, not copied
+        assert len({tuple(r) for r in responses}) > len(PROMPTS)
     assert torch.isfinite(picked[:, :m.shape[1]][m]).all()  # no token drawn from outside a top-k
     assert torch.allclose(rl[m], picked[:, :m.shape[1]][m], atol=1e-4)
 

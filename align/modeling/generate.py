@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from align.modeling.formatting import Messages, encode_prompt
-from align.modeling.heads import pad_batch, unwrap
+from align.modeling.heads import cache_name, pad_batch, position_ids, unwrap
 
 
 @torch.no_grad()
@@ -101,8 +101,25 @@ def draw(model, ids: torch.Tensor, mask: torch.Tensor, sampling: Sampling, max_n
     config = sampling.generation_config(max_new_tokens, stop_id, pad_id)
     if scores:
         config.update(return_dict_in_generate=True, output_scores=True)
+    extra = {}
+    if sampling.n > 1 and ids.shape[1] > 1:
+        # generate() would copy each prompt n times and read every copy: read it once, hand the n rows its cache
+        cache = _prompt_cache(model, ids[:, :-1], mask[:, :-1])
+        cache.batch_repeat_interleave(sampling.n)
+        ids, mask = ids.repeat_interleave(sampling.n, 0), mask.repeat_interleave(sampling.n, 0)
+        config.num_return_sequences = 1
+        extra[cache_name(model)] = cache
     with _bare_generation_config(model):
-        return model.generate(input_ids=ids, attention_mask=mask, generation_config=config, streamer=streamer)
+        return model.generate(input_ids=ids, attention_mask=mask, generation_config=config, streamer=streamer,
+                              **extra)
+
+
+def _prompt_cache(model, ids: torch.Tensor, mask: torch.Tensor):
+    """The KV cache of the prompts (all but their last token, which generate() reads to draw the first one)."""
+    name = cache_name(model)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=True,
+                logits_to_keep=1)
+    return getattr(out, name)
 
 
 # On a CPU a decoding step of a small batch is bound by reading every weight once, not by arithmetic: on the

@@ -7,6 +7,8 @@ reads the token before the EOS).
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from align.modeling.formatting import IGNORE
@@ -27,6 +29,12 @@ def score_head(model) -> torch.nn.Module:
         raise ModelError(f"{type(unwrap(model)).__name__} has no 'score' head; a reward model is a "
                          "…ForSequenceClassification model with num_labels=1")
     return head
+
+
+def cache_name(model) -> str:
+    """The keyword a model's forward and generate() take a KV cache by: transformers 5.25 renamed past_key_values
+    to cache (the old name warns), 5.23 knows only the old one."""
+    return "cache" if "cache" in inspect.signature(unwrap(model).forward).parameters else "past_key_values"
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -9,14 +9,13 @@ there, never over the whole vocabulary at prompt positions.
 
 from __future__ import annotations
 
-import inspect
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from align.modeling.heads import pad_batch, position_ids, states_logps, unwrap
+from align.modeling.heads import cache_name, pad_batch, position_ids, states_logps, unwrap
 from align.modeling.models import REFERENCE, adapter_role, reference_role
 from align.rl.losses import last_token_index
 from align.runtime.errors import ModelError
@@ -129,8 +128,7 @@ def shared_prompt_states(model, batch: Batch) -> torch.Tensor | None:
     decoder, positions, P = causal.get_decoder(), position_ids(batch.mask), batch.prompt_len
     prefix = decoder(input_ids=batch.ids[rep, :P], attention_mask=batch.mask[rep, :P], position_ids=positions[rep, :P],
                      use_cache=True)
-    # transformers 5.25 renamed past_key_values to cache (the old name warns); 5.23 knows only the old one
-    name = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+    name = cache_name(model)
     cache = getattr(prefix, name)
     cache.batch_select_indices(inverse)  # indexing: the backward pass sums each row's gradient into its prompt
     rest = decoder(input_ids=batch.ids[:, P:], attention_mask=batch.mask, position_ids=positions[:, P:],

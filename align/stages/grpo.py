@@ -107,17 +107,20 @@ class Groups:
 def sample_groups(roles: Roles, prep: Prepared, rows: list[int]) -> tuple[Batch, Groups]:
     cfg, tok = prep.cfg, prep.tokenizer
     g, temperature = cfg.grpo.num_generations, cfg.rollout.temperature
-    rows = [i for i in rows for _ in range(g)]
+    distinct, rows = rows, [i for i in rows for _ in range(g)]
     roles.model.eval()
     start = time.monotonic()
-    prompt_ids = [prep.train.encoded[i] for i in rows]  # tokenized once, when the data was loaded
-    prompts = [prep.train.examples[i].prompt for i in rows]
-    drawn = sample_batch(roles.model, tok, prompts, Sampling(temperature, 1.0, 1), cfg.rollout.max_new_tokens,
-                         batch_size=len(rows), encoded=prompt_ids)
+    # each prompt read once, its G answers drawn from its cache (tokenized once, when the data was loaded)
+    drawn = [answer for answers in sample_batch(
+        roles.model, tok, [prep.train.examples[i].prompt for i in distinct], Sampling(temperature, 1.0, g),
+        cfg.rollout.max_new_tokens, batch_size=len(rows), encoded=[prep.train.encoded[i] for i in distinct])
+        for answer in answers]
     gen_seconds = time.monotonic() - start
-    texts = [text for ((text, _),) in drawn]
+    prompt_ids = [prep.train.encoded[i] for i in rows]
+    prompts = [prep.train.examples[i].prompt for i in rows]
+    texts = [text for text, _ in drawn]
     dev = next(roles.model.parameters()).device
-    batch = make_batch(prompt_ids, [tokens for ((_, tokens),) in drawn], tok.pad_token_id, tok.eos_token_id, dev,
+    batch = make_batch(prompt_ids, [tokens for _, tokens in drawn], tok.pad_token_id, tok.eos_token_id, dev,
                        prompt_of=rows)
     # in slices of the update's batch size: the logits of all B·G answers at once would grow with the batch
     slices = [torch.arange(i, min(i + cfg.training.batch_size, len(rows)), device=dev)
