@@ -140,6 +140,47 @@ def test_each_prompt_read_once_gives_the_log_probs_and_gradients_of_a_whole_pass
         torch.testing.assert_close(once_grads[n], whole_grads[n], atol=1e-5, rtol=1e-4, msg=n)
 
 
+def test_a_pairs_answers_reading_their_prompt_once_give_dpos_log_probs_and_gradients(fam):
+    """DPO's shared layout (each pair's prompt read once for both answers) against whole right-padded rows: the
+    same summed answer log-probs, answer lengths and adapter gradients, for pairs of different lengths."""
+    from align.data.pairs import EncodedPair
+    from align.modeling.models import LoraConfig, ModelConfig, attach_lora, load_base
+    from align.stages import dpo
+
+    family, path, tok = fam
+    model = attach_lora(load_base(str(path), ModelConfig()), LoraConfig(r=4, alpha=8, dropout=0.0), False, False)
+    torch.manual_seed(2)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.3)
+    pairs = []
+    for q, good, bad in [("What is 2 + 3?", "2 + 3 = 5.", "It is 6, I think, or maybe 7."),
+                         ("Add 12 and 9, then say the sum in words.", "21: twenty-one.", "20.")]:
+        chosen = encode(tok, [{"role": "user", "content": q}], [{"role": "assistant", "content": good}])
+        rejected = encode(tok, [{"role": "user", "content": q}], [{"role": "assistant", "content": bad}])
+        assert chosen.input_ids[:chosen.prompt_len] == rejected.input_ids[:rejected.prompt_len]
+        pairs.append(EncodedPair(chosen.input_ids, rejected.input_ids, 0.0, chosen.prompt_len))
+    read: list[int] = []
+    model.get_decoder().register_forward_pre_hook(lambda _m, _a, kw: read.append(kw["input_ids"].numel()),
+                                                  with_kwargs=True)
+    model.train()
+    results = []
+    for shared in (False, True):
+        batch = dpo._batch(pairs, tok.pad_token_id, "cpu", shared=shared)
+        read.clear()
+        logps, counts = dpo.answer_logps(model, batch)
+        logps.sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad()
+        results.append((logps.detach(), counts, grads, sum(read)))
+    (lp, n, g, whole_read), (lp_s, n_s, g_s, once_read) = results
+    assert n_s.tolist() == n.tolist() and min(n.tolist()) > 0 and len(g) > 0
+    assert once_read < whole_read  # the prompts went through the decoder once, not twice
+    torch.testing.assert_close(lp_s, lp, atol=1e-5, rtol=1e-5)
+    for name in g:
+        torch.testing.assert_close(g_s[name], g[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
 def test_every_stage_runs_and_the_reward_is_read_at_the_turns_end(fam, tmp_path):
     from align.serving import merge as merging
     from align.serving.score import load_reward_model

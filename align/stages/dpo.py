@@ -31,6 +31,7 @@ from align.modeling.models import (
     add_adapter_from,
     reference_role,
 )
+from align.modeling.roles import Batch, Roles
 from align.rl.losses import dpo_loss
 from align.runtime.checkpoint import SafetensorsCheckpoints
 from align.runtime.config import DPOConfig
@@ -43,6 +44,7 @@ from align.stages.common import (
     finish,
     prepare,
     trainer_args,
+    use_cuda_defaults,
 )
 
 log = logging.getLogger(__name__)
@@ -77,14 +79,25 @@ def reference(model):
     return reference_role(model)
 
 
-def _batch(pairs: list[EncodedPair], pad_id: int, device, packed: bool = False) -> dict[str, torch.Tensor]:
-    """Chosen then rejected, right-padded (or end to end in one row when `packed`); labels keep only answer tokens
-    (prompt and padding are IGNORE)."""
+def _batch(pairs: list[EncodedPair], pad_id: int, device, packed: bool = False, shared: bool = False
+           ) -> dict[str, torch.Tensor]:
+    """Chosen then rejected; labels keep only answer tokens (prompt and padding are IGNORE). Three layouts:
+    right-padded whole sequences; end to end in one row (`packed`); or `shared`: each row's prompt left-padded
+    before its right-padded answer, so that a pair's two answers read their prompt once (shared_prompt_states)."""
     seqs = [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs]
     prompt_lens = [p.prompt_len for p in pairs] * 2
     if packed:
         labels = [[IGNORE] * n + s[n:] for s, n in zip(seqs, prompt_lens, strict=True)]
         return pack_batch(seqs, labels, device)
+    if shared and all(prompt_lens):
+        p_ids, p_mask = pad_batch([s[:n] for s, n in zip(seqs, prompt_lens)], pad_id, side="left", device=device)
+        a_ids, a_mask = pad_batch([s[n:] for s, n in zip(seqs, prompt_lens)], pad_id, side="right", device=device,
+                                  min_width=1)
+        ignored = torch.full_like(p_ids, IGNORE)
+        return {"input_ids": torch.cat([p_ids, a_ids], 1), "attention_mask": torch.cat([p_mask, a_mask], 1),
+                "labels": torch.cat([ignored, a_ids.masked_fill(a_mask == 0, IGNORE)], 1),
+                "answer_len": torch.full((len(seqs),), a_ids.shape[1], device=device),
+                "prompt_of": torch.arange(len(pairs), device=device).repeat(2)}
     ids, mask = pad_batch(seqs, pad_id, device=device)
     return {"input_ids": ids, "attention_mask": mask, "labels": answer_labels(ids, mask, prompt_lens)}
 
@@ -94,12 +107,28 @@ def answer_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, t
     if "owner" in batch:
         return packed_logps(model, batch["input_ids"], batch["position_ids"], batch["labels"], batch["owner"],
                             int(batch["owner"][0, -1]) + 1)
+    if "prompt_of" in batch:
+        t = int(batch["answer_len"][0])
+        answers, ids, mask = batch["labels"][:, -t:], batch["input_ids"], batch["attention_mask"]
+        answer_mask = (answers != IGNORE).float()
+        rows = Batch(ids, mask, ids[:, -t:], answer_mask, ids.shape[1] - t, ended=answer_mask.sum(1) > 0,
+                     prompt_of=batch["prompt_of"])
+        return (Roles(model, None, None).policy_logps(rows) * answer_mask).sum(1), answer_mask.sum(1).long()
     return labelled_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
 
 
+def shares_prompts(cfg: DPOConfig) -> bool:
+    """Whether training batches take the shared layout: one process (the decoder is called beneath any DDP
+    wrapper there), no padding-free rows, no compiled layers (a cache would be one more input to recompile for)
+    and no gradient checkpointing (which shares nothing in training: shared_prompt_states)."""
+    t = cfg.training
+    return (world_size() == 1 and not t.padding_free and not t.compile
+            and not use_cuda_defaults(cfg)["gradient_checkpointing"])
+
+
 @torch.no_grad()
-def reference_logps(model, pairs: list[EncodedPair], pad_id: int, batch_size: int, packed: bool = False
-                    ) -> torch.Tensor:
+def reference_logps(model, pairs: list[EncodedPair], pad_id: int, batch_size: int, packed: bool = False,
+                    shared: bool = False) -> torch.Tensor:
     """(N, 2) reference log-probs of (chosen, rejected) for every pair: the only reference forward passes."""
     device = next(model.parameters()).device
     was_training = model.training
@@ -112,7 +141,7 @@ def reference_logps(model, pairs: list[EncodedPair], pad_id: int, batch_size: in
     with reference(model), tqdm(total=len(pairs), desc="reference log-probs", unit="pair", file=sys.stderr) as bar:
         for start in range(0, len(pairs), batch_size):
             chunk = [pairs[i] for i in order[start:start + batch_size]]
-            logps, _ = answer_logps(model, _batch(chunk, pad_id, device, packed))
+            logps, _ = answer_logps(model, _batch(chunk, pad_id, device, packed, shared))
             out.append(torch.stack(logps.float().cpu().chunk(2), dim=1))
             bar.update(len(chunk))
     model.train(was_training)
@@ -123,17 +152,17 @@ def reference_logps(model, pairs: list[EncodedPair], pad_id: int, batch_size: in
     return result
 
 
-def shared_reference_logps(model, pairs: list[EncodedPair], pad_id: int, batch_size: int, packed: bool
-                           ) -> torch.Tensor:
+def shared_reference_logps(model, pairs: list[EncodedPair], pad_id: int, batch_size: int, packed: bool,
+                           shared: bool = False) -> torch.Tensor:
     """reference_logps, with the pairs shared out over the processes of a multi-process run (rank r takes pairs
     r, r + world, ...) and the results gathered: every process ends with all rows, in the data's order."""
     world = world_size()
     if world == 1:
-        return reference_logps(model, pairs, pad_id, batch_size, packed)
+        return reference_logps(model, pairs, pad_id, batch_size, packed, shared)
     rank, n = rank_of(), len(pairs)
     share = -(-n // world)
     mine = torch.zeros(share, 2)
-    part = reference_logps(model, pairs[rank::world], pad_id, batch_size, packed)
+    part = reference_logps(model, pairs[rank::world], pad_id, batch_size, packed, shared)
     mine[:len(part)] = part
     every = gather(mine)  # (world × share, 2): rank r's rows at [r × share, r × share + its count)
     out = torch.empty(n, 2)
@@ -158,8 +187,9 @@ def cached_reference_logps(prep: Prepared, model, loaded: Loaded, spec: str) -> 
         if cached.shape[0] == len(loaded.encoded):
             log.info("reference log-probs of %s from %s", spec, path)
             return cached
+    # no gradients and no DDP wrapper here: each pair's prompt is read once unless the layers are compiled
     logps = shared_reference_logps(model, loaded.encoded, prep.tokenizer.pad_token_id, cfg.training.batch_size,
-                                   cfg.training.padding_free)
+                                   cfg.training.padding_free, not cfg.training.compile)
     if cfg.cache_reference and is_main():
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
@@ -191,12 +221,13 @@ def build_trainer(prep: Prepared):
     return _trainer_class()(
         model=model, args=args, train_dataset=_dataset(prep.train, ref_train),
         eval_dataset=_dataset(prep.eval, ref_eval) if prep.eval else None,
-        data_collator=lambda rows: _collate(rows, prep.tokenizer.pad_token_id, cfg.training.padding_free), cfg=cfg)
+        data_collator=lambda rows: _collate(rows, prep.tokenizer.pad_token_id, cfg.training.padding_free,
+                                            shares_prompts(cfg)), cfg=cfg)
 
 
-def _collate(rows: list[dict], pad_id: int, packed: bool) -> dict[str, torch.Tensor]:
+def _collate(rows: list[dict], pad_id: int, packed: bool, shared: bool = False) -> dict[str, torch.Tensor]:
     pairs = [EncodedPair(r["chosen_ids"], r["rejected_ids"], 0.0, r["prompt_len"]) for r in rows]
-    batch = _batch(pairs, pad_id, "cpu", packed)
+    batch = _batch(pairs, pad_id, "cpu", packed, shared)
     batch["ref_chosen"] = torch.tensor([r["ref_chosen"] for r in rows])
     batch["ref_rejected"] = torch.tensor([r["ref_rejected"] for r in rows])
     return batch
