@@ -104,22 +104,16 @@ def draw(model, ids: torch.Tensor, mask: torch.Tensor, sampling: Sampling, max_n
     extra = {}
     if sampling.n > 1 and ids.shape[1] > 1:
         # generate() would copy each prompt n times and read every copy: read it once, hand the n rows its cache
-        cache = _prompt_cache(model, ids[:, :-1], mask[:, :-1])
+        name = cache_name(model)
+        cache = getattr(model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=position_ids(
+            mask[:, :-1]), use_cache=True, logits_to_keep=1), name)  # the last token is generate()'s to read
         cache.batch_repeat_interleave(sampling.n)
         ids, mask = ids.repeat_interleave(sampling.n, 0), mask.repeat_interleave(sampling.n, 0)
         config.num_return_sequences = 1
-        extra[cache_name(model)] = cache
+        extra[name] = cache
     with _bare_generation_config(model):
         return model.generate(input_ids=ids, attention_mask=mask, generation_config=config, streamer=streamer,
                               **extra)
-
-
-def _prompt_cache(model, ids: torch.Tensor, mask: torch.Tensor):
-    """The KV cache of the prompts (all but their last token, which generate() reads to draw the first one)."""
-    name = cache_name(model)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=True,
-                logits_to_keep=1)
-    return getattr(out, name)
 
 
 # On a CPU a decoding step of a small batch is bound by reading every weight once, not by arithmetic: on the

@@ -31,7 +31,7 @@ from align.modeling.models import (
     add_adapter_from,
     reference_role,
 )
-from align.modeling.roles import Batch, Roles
+from align.modeling.roles import Batch, Roles, make_batch
 from align.rl.losses import dpo_loss
 from align.runtime.checkpoint import SafetensorsCheckpoints
 from align.runtime.config import DPOConfig
@@ -90,14 +90,13 @@ def _batch(pairs: list[EncodedPair], pad_id: int, device, packed: bool = False, 
         labels = [[IGNORE] * n + s[n:] for s, n in zip(seqs, prompt_lens, strict=True)]
         return pack_batch(seqs, labels, device)
     if shared and all(prompt_lens):
-        p_ids, p_mask = pad_batch([s[:n] for s, n in zip(seqs, prompt_lens)], pad_id, side="left", device=device)
-        a_ids, a_mask = pad_batch([s[n:] for s, n in zip(seqs, prompt_lens)], pad_id, side="right", device=device,
-                                  min_width=1)
-        ignored = torch.full_like(p_ids, IGNORE)
-        return {"input_ids": torch.cat([p_ids, a_ids], 1), "attention_mask": torch.cat([p_mask, a_mask], 1),
-                "labels": torch.cat([ignored, a_ids.masked_fill(a_mask == 0, IGNORE)], 1),
-                "answer_len": torch.full((len(seqs),), a_ids.shape[1], device=device),
-                "prompt_of": torch.arange(len(pairs), device=device).repeat(2)}
+        # the RL stages' layout (eos -1: whether an answer ended is not DPO's question)
+        rows = make_batch([s[:n] for s, n in zip(seqs, prompt_lens)], [s[n:] for s, n in zip(seqs, prompt_lens)],
+                          pad_id, -1, device, prompt_of=list(range(len(pairs))) * 2)
+        answers = rows.responses.masked_fill(rows.resp_mask == 0, IGNORE)
+        return {"input_ids": rows.ids, "attention_mask": rows.mask,
+                "labels": torch.cat([torch.full_like(rows.ids[:, :rows.prompt_len], IGNORE), answers], 1),
+                "answer_len": torch.full((len(seqs),), answers.shape[1], device=device), "prompt_of": rows.prompt_of}
     ids, mask = pad_batch(seqs, pad_id, device=device)
     return {"input_ids": ids, "attention_mask": mask, "labels": answer_labels(ids, mask, prompt_lens)}
 
